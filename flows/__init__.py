@@ -1,0 +1,1 @@
+"""Prefect flows composing the influence tasks (importable as ``prefect_influence.flows``)."""

@@ -1,0 +1,95 @@
+"""Every exception prefect-influence raises on purpose: one hierarchy, one module.
+
+Bad input raises a subclass of :class:`InfluenceInputError` (itself a :class:`ValueError`), so
+callers may catch either. Messages say what was wrong and, where there is one, how to fix it.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "PrefectInfluenceError",
+    "InfluenceInputError",
+    "NotFittedError",
+    "ShapeMismatchError",
+    "EmptyDataError",
+    "InputRankError",
+    "NonFiniteError",
+    "InvalidRegularizationError",
+    "InvalidRankError",
+    "InvalidParameterError",
+    "FittedStateError",
+    "UnsupportedInfluenceModeError",
+    "InvalidDimensionChunksError",
+    "UnalignedChunksError",
+    "ThreadSafetyViolationError",
+    "StorageError",
+    "ArrayExistsError",
+]
+
+
+class PrefectInfluenceError(Exception):
+    """Base class of all errors raised by prefect-influence."""
+
+
+class InfluenceInputError(PrefectInfluenceError, ValueError):
+    """Bad input: a value, shape or configuration that cannot be computed with."""
+
+
+class NotFittedError(PrefectInfluenceError, RuntimeError):
+    """A computing method of an influence model was called before :meth:`fit`."""
+
+
+class ShapeMismatchError(InfluenceInputError):
+    """Two inputs that must agree in length or shape do not (e.g. x and y)."""
+
+
+class EmptyDataError(InfluenceInputError):
+    """A data set, batch or data loader holds no samples."""
+
+
+class InputRankError(InfluenceInputError):
+    """An input tensor has the wrong number of dimensions."""
+
+
+class NonFiniteError(InfluenceInputError):
+    """A loss, gradient or input contains NaN or Inf."""
+
+
+class InvalidRegularizationError(InfluenceInputError):
+    """The regularization is negative, or not positive where the method needs it."""
+
+
+class InvalidRankError(InfluenceInputError):
+    """A low-rank method was asked for a rank it cannot deliver (≤ 0 or > n_parameters)."""
+
+
+class InvalidParameterError(InfluenceInputError):
+    """An option of a method is out of its range (maxiter ≤ 0, negative tolerance, ...)."""
+
+
+class FittedStateError(InfluenceInputError):
+    """A fitted state does not belong to this model (missing keys, wrong shapes)."""
+
+
+class UnsupportedInfluenceModeError(InfluenceInputError):
+    """The influence mode is not one of :class:`~prefect_influence.InfluenceMode`."""
+
+
+class InvalidDimensionChunksError(InfluenceInputError):
+    """A dask array is chunked along a dimension other than the first (sample) dimension."""
+
+
+class UnalignedChunksError(InfluenceInputError):
+    """Inputs and labels are chunked differently along the sample dimension."""
+
+
+class ThreadSafetyViolationError(InfluenceInputError):
+    """A model that is not thread-safe would run on Dask workers with more than one thread."""
+
+
+class StorageError(PrefectInfluenceError):
+    """Reading or writing results failed or found inconsistent data."""
+
+
+class ArrayExistsError(StorageError, FileExistsError):
+    """An array exists at the target location and ``overwrite`` was not requested."""

@@ -1,0 +1,139 @@
+"""Derivatives of a model's loss with ``torch.func``: per-sample gradients, Hessian-vector
+products, dense Hessians and mixed (input × parameter) derivatives, over flat parameter vectors.
+
+Only parameters with ``requires_grad=True`` are differentiated ("trainable"); frozen parameters
+and buffers (e.g. BatchNorm running statistics) are passed through unchanged. Flat vectors follow
+the order of ``model.named_parameters()``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable, Iterator
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, jacrev, jvp, vmap
+
+from ..errors import EmptyDataError, NonFiniteError
+
+__all__ = ["LossFunction", "ModelFunctions", "iterate_batches"]
+
+LossFunction = Callable[[Tensor, Tensor], Tensor]
+
+
+class ModelFunctions:
+    """Functional view of ``(model, loss)`` with derivatives of the per-sample loss.
+
+    The per-sample loss is ``loss(model(x_i[None]), y_i[None])``, so a loss with ``mean`` or
+    ``sum`` reduction gives the same value. Batch quantities are sums over samples; callers
+    divide by the number of samples to get means.
+    """
+
+    def __init__(self, model: nn.Module, loss: LossFunction):
+        self.model = model
+        self.loss = loss
+        named = list(model.named_parameters())
+        self.names = [n for n, p in named if p.requires_grad]
+        if not self.names:
+            raise ValueError(
+                "The model has no trainable parameters (all have requires_grad=False)."
+            )
+        self.shapes = [p.shape for n, p in named if p.requires_grad]
+        self.numels = [p.numel() for n, p in named if p.requires_grad]
+        first = next(p for _, p in named if p.requires_grad)
+        self.dtype = first.dtype
+        self.device = first.device
+
+    # -- parameters ---------------------------------------------------------------------------
+    @property
+    def n_parameters(self) -> int:
+        return int(sum(self.numels))
+
+    def _fixed(self) -> dict[str, Tensor]:
+        frozen = {n: p.detach() for n, p in self.model.named_parameters() if not p.requires_grad}
+        frozen.update(dict(self.model.named_buffers()))
+        return frozen
+
+    def params(self) -> dict[str, Tensor]:
+        """Trainable parameters, detached, by name."""
+        named = dict(self.model.named_parameters())
+        return {n: named[n].detach() for n in self.names}
+
+    def flat_params(self) -> Tensor:
+        return torch.cat([p.reshape(-1) for p in self.params().values()])
+
+    def unflatten(self, flat: Tensor) -> dict[str, Tensor]:
+        """Split a flat vector (last dimension ``p``) into a dict shaped like the parameters."""
+        pieces = torch.split(flat, self.numels, dim=-1)
+        lead = flat.shape[:-1]
+        return {n: t.reshape(*lead, *s) for n, t, s in zip(self.names, pieces, self.shapes)}
+
+    @staticmethod
+    def flatten(tensors: dict[str, Tensor], n_lead: int = 0) -> Tensor:
+        """Concatenate a dict of tensors (keeping ``n_lead`` leading dimensions) into flat rows."""
+        return torch.cat(
+            [t.reshape(*t.shape[:n_lead], -1) for t in tensors.values()], dim=n_lead
+        )
+
+    # -- losses -------------------------------------------------------------------------------
+    def sample_loss(self, params: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+        """Loss of one sample (``x`` and ``y`` without batch dimension)."""
+        out = functional_call(self.model, {**params, **self._fixed()}, (x.unsqueeze(0),))
+        return self.loss(out, y.unsqueeze(0))
+
+    def summed_loss(self, params: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+        """Sum of the per-sample losses of a batch."""
+        return vmap(self.sample_loss, in_dims=(None, 0, 0))(params, x, y).sum()
+
+    # -- first derivatives --------------------------------------------------------------------
+    def per_sample_grads(self, x: Tensor, y: Tensor) -> Tensor:
+        """Flat gradient of every sample's loss: shape ``n × p``. Raises on non-finite values."""
+        grads = vmap(grad(self.sample_loss), in_dims=(None, 0, 0))(self.params(), x, y)
+        flat = self.flatten(grads, n_lead=1)
+        check_finite(flat, "per-sample gradients of the loss")
+        return flat
+
+    # -- second derivatives -------------------------------------------------------------------
+    def hvp(self, x: Tensor, y: Tensor, vectors: Tensor) -> Tensor:
+        """``Σ_i ∇²θ ℓ(x_i, y_i) v`` for every row ``v`` of ``vectors`` (``k × p``): ``k × p``."""
+        params = self.params()
+        grad_fn = grad(lambda p: self.summed_loss(p, x, y))
+
+        def one(v: Tensor) -> Tensor:
+            _, hv = jvp(grad_fn, (params,), (self.unflatten(v),))
+            return self.flatten(hv)
+
+        return vmap(one)(vectors)
+
+    def mixed_products(self, factors: Tensor, x: Tensor, y: Tensor) -> Tensor:
+        """``∇_{x_j} ⟨f_i, ∇θ ℓ(x_j, y_j)⟩`` for factors ``k × p``: shape ``k × n × *x.shape[1:]``."""
+        params = self.params()
+
+        def scores(x_j: Tensor, y_j: Tensor) -> Tensor:
+            g = self.flatten(grad(self.sample_loss)(params, x_j, y_j))
+            return factors @ g
+
+        jac = vmap(jacrev(scores, argnums=0))(x, y)  # n × k × *d
+        return jac.transpose(0, 1)
+
+
+def check_finite(t: Tensor, what: str) -> None:
+    if not bool(torch.isfinite(t).all()):
+        n_bad = int((~torch.isfinite(t)).sum())
+        raise NonFiniteError(
+            f"{what} contain {n_bad} non-finite value(s) (NaN or Inf); check the inputs, the "
+            "labels (e.g. class indices out of range) and the model's numerical stability."
+        )
+
+
+def iterate_batches(x: Tensor, y: Tensor, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
+    """Consecutive ``(x, y)`` slices of at most ``batch_size`` samples."""
+    for start in range(0, x.shape[0], batch_size):
+        yield x[start : start + batch_size], y[start : start + batch_size]
+
+
+def count_samples(batches: Iterable[tuple[Tensor, Tensor]]) -> int:
+    n = sum(int(b[0].shape[0]) for b in batches)
+    if n == 0:
+        raise EmptyDataError("The training data holds no samples.")
+    return n

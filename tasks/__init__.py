@@ -1,0 +1,1 @@
+"""Prefect tasks of the influence pipeline (importable as ``prefect_influence.tasks``)."""
