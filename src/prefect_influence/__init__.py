@@ -48,3 +48,44 @@ __all__ = [
     "UnalignedChunksError",
     "UnsupportedInfluenceModeError",
 ]
+
+# -- calculators, lazy chunk sequences and their converters/aggregators ---------------------------
+from .array import (  # noqa: E402
+    LazyChunkSequence,
+    ListAggregator,
+    NestedLazyChunkSequence,
+    NestedListAggregator,
+    NestedSequenceAggregator,
+    NumpyConverter,
+    SequenceAggregator,
+)
+from .calculators import (  # noqa: E402
+    DaskInfluenceCalculator,
+    DisableClientSingleThreadCheck,
+    DisableClientThreadingCheck,
+    SequentialInfluenceCalculator,
+)
+from .torch.util import (  # noqa: E402
+    NestedTorchCatAggregator,
+    TorchCatAggregator,
+    TorchNumpyConverter,
+    torch_dataset_to_dask_array,
+)
+
+__all__ += [
+    "SequentialInfluenceCalculator",
+    "DaskInfluenceCalculator",
+    "DisableClientSingleThreadCheck",
+    "DisableClientThreadingCheck",
+    "NumpyConverter",
+    "SequenceAggregator",
+    "NestedSequenceAggregator",
+    "ListAggregator",
+    "NestedListAggregator",
+    "LazyChunkSequence",
+    "NestedLazyChunkSequence",
+    "TorchNumpyConverter",
+    "TorchCatAggregator",
+    "NestedTorchCatAggregator",
+    "torch_dataset_to_dask_array",
+]

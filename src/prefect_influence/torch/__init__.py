@@ -3,8 +3,20 @@ the inverse Hessian of a trained ``nn.Module``'s mean training loss."""
 
 from .base import TorchInfluenceFunctionModel
 from .direct import DirectInfluence
+from .ekfac import EkfacInfluence
+from .iterative import CgInfluence, LissaInfluence
+from .lowrank import ArnoldiInfluence, NystroemSketchInfluence
+from .preconditioners import JacobiPreconditioner, NystroemPreconditioner, Preconditioner
 
 __all__ = [
     "TorchInfluenceFunctionModel",
     "DirectInfluence",
+    "EkfacInfluence",
+    "CgInfluence",
+    "LissaInfluence",
+    "ArnoldiInfluence",
+    "NystroemSketchInfluence",
+    "Preconditioner",
+    "JacobiPreconditioner",
+    "NystroemPreconditioner",
 ]

@@ -354,7 +354,8 @@ class HessianOperator:
             yield self.x[start : start + self.batch_size], self.y[start : start + self.batch_size]
 
     def hessian_matmul(self, vectors: Tensor) -> Tensor:
-        """Mean Hessian (without λ) times each row of ``vectors``."""
+        """Mean Hessian (without λ) times each row of ``vectors`` (cast to the model's dtype)."""
+        vectors = vectors.to(device=self.fn.device, dtype=self.fn.dtype)
         out = torch.zeros_like(vectors)
         for x, y in self.batches():
             out += self.fn.hvp(x, y, vectors)

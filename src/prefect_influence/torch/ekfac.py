@@ -1,0 +1,405 @@
+"""EK-FAC: a Kronecker-factored, eigenvalue-corrected inverse Hessian for Linear and Conv2d nets."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import (
+    FittedStateError,
+    InfluenceInputError,
+    InvalidParameterError,
+    InvalidRegularizationError,
+)
+from .base import TorchInfluenceFunctionModel, TrainingData
+from .functional import LossFunction, check_finite
+
+__all__ = ["EkfacInfluence"]
+
+LossType = Literal["cross_entropy", "mse"]
+_LOSS_TYPES = ("cross_entropy", "mse")
+
+
+@dataclass
+class _Layer:
+    """One supported layer and where its trainable parameters sit in the flat vector.
+
+    The layer's gradient is handled as an ``out × n_in`` matrix ``[W | b]``: the weight reshaped
+    to ``out × (in·kh·kw)`` (row-major, as in the flat vector), then the bias as a last column.
+    Either part is absent when that parameter is frozen.
+    """
+
+    name: str
+    module: nn.Module
+    weight: Optional[slice]  # slice of the flat vector holding the weight, if trainable
+    bias: Optional[slice]  # slice of the flat vector holding the bias, if trainable
+    n_out: int
+    n_in: int  # columns of the augmented matrix: in·kh·kw (if weight) + 1 (if bias)
+
+    @property
+    def n_weight_cols(self) -> int:
+        return self.n_in - (1 if self.bias is not None else 0)
+
+    def activations(self, inputs: Tensor) -> Tensor:
+        """Layer inputs as ``n × T × n_in`` rows (``T`` positions: conv patches, extra dims)."""
+        n = inputs.shape[0]
+        if isinstance(self.module, nn.Conv2d):
+            m = self.module
+            patches = F.unfold(
+                inputs, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride
+            )  # n × (in·kh·kw) × T, channel-major like weight.reshape(out, -1)
+            a = patches.transpose(1, 2)
+        else:
+            a = inputs.reshape(n, -1, inputs.shape[-1])
+        parts = [a] if self.weight is not None else []
+        if self.bias is not None:
+            parts.append(torch.ones(*a.shape[:2], 1, dtype=a.dtype, device=a.device))
+        return torch.cat(parts, dim=2)
+
+    def output_grads(self, g: Tensor) -> Tensor:
+        """Gradient with respect to the layer's output as ``n × T × out`` rows."""
+        n = g.shape[0]
+        if isinstance(self.module, nn.Conv2d):
+            return g.reshape(n, self.n_out, -1).transpose(1, 2)
+        return g.reshape(n, -1, self.n_out)
+
+    def to_matrix(self, flat: Tensor) -> Tensor:
+        """Rows of the flat vector (``k × p``) to the layer's ``k × out × n_in`` matrices."""
+        k = flat.shape[0]
+        parts = []
+        if self.weight is not None:
+            parts.append(flat[:, self.weight].reshape(k, self.n_out, self.n_weight_cols))
+        if self.bias is not None:
+            parts.append(flat[:, self.bias].reshape(k, self.n_out, 1))
+        return torch.cat(parts, dim=2)
+
+    def from_matrix(self, matrix: Tensor, out: Tensor) -> None:
+        """Write ``k × out × n_in`` matrices into the layer's slices of ``out`` (``k × p``)."""
+        k = matrix.shape[0]
+        if self.weight is not None:
+            out[:, self.weight] = matrix[:, :, : self.n_weight_cols].reshape(k, -1)
+        if self.bias is not None:
+            out[:, self.bias] = matrix[:, :, -1]
+
+
+class EkfacInfluence(TorchInfluenceFunctionModel):
+    """EK-FAC (George et al. 2018; for influence: Grosse et al. 2023) for ``nn.Linear`` and
+    ``nn.Conv2d`` layers, with cross-entropy or mean-squared-error losses.
+
+    The Hessian of the mean training loss is replaced by its Gauss-Newton (Fisher) matrix, taken
+    block-diagonal over layers. Each block is approximated in the eigenbasis ``Q_G ⊗ Q_A`` of the
+    K-FAC factors ``A = E[a aᵀ]`` (layer inputs, with a constant 1 for the bias) and
+    ``G = E[g gᵀ]`` (pseudo-gradients of the layer outputs), with the eigenvalues re-fitted to the
+    exact diagonal of the Gauss-Newton matrix in that basis. The expectation over the model's
+    predictive distribution is exact (one backward pass per output class), no labels are sampled:
+    the fit is deterministic.
+
+    ``fit`` makes two passes over the training data (first ``A`` and ``G``, then the corrected
+    eigenvalues); a solve costs two small matrix products per layer. Memory is
+    ``O(Σ out² + in²)`` over layers. With a single ``nn.Linear`` layer with one output and MSE
+    loss, the result is the exact inverse Hessian.
+
+    Every trainable parameter must belong to an ``nn.Linear`` or ``nn.Conv2d`` (``groups=1``,
+    zero padding) layer, each called once per forward pass; freeze the others
+    (``requires_grad_(False)``), e.g. BatchNorm layers in eval mode.
+
+    Args:
+        model: the trained model (see :class:`TorchInfluenceFunctionModel`).
+        loss: cross-entropy (``F.cross_entropy``, ``nn.CrossEntropyLoss``; outputs ``n × C``)
+            or squared error (``F.mse_loss``, ``nn.MSELoss``); recognised by identity.
+        regularization: ``λ ≥ 0`` added to the approximate Hessian's eigenvalues.
+        loss_type: ``"cross_entropy"`` or ``"mse"`` for a loss not recognised by identity. For
+            ``"mse"`` the loss must be a multiple of ``‖output − y‖²`` (its scale is measured).
+        hessian_regularization: alias of ``regularization``.
+
+    Example:
+        >>> model = EkfacInfluence(net, torch.nn.functional.cross_entropy, regularization=1e-3)
+        >>> model.fit(train_loader).influences(x_test, y_test, x_train, y_train).shape
+        torch.Size([n_test, n_train])
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss: LossFunction,
+        regularization: Optional[float] = None,
+        *,
+        loss_type: Optional[LossType] = None,
+        hessian_regularization: Optional[float] = None,
+    ):
+        super().__init__(
+            model, loss, regularization, hessian_regularization=hessian_regularization
+        )
+        self.loss_type = _loss_type(loss, loss_type)
+        self._layers = _find_layers(model, self._fn.names, self._fn.numels)
+        self._state_keys = tuple(
+            f"layer{i}.{part}" for i in range(len(self._layers)) for part in ("QA", "QG", "lambda")
+        )
+        self._qa: list[Tensor] = []
+        self._qg: list[Tensor] = []
+        self._lambda: list[Tensor] = []
+
+    # -- fitting --------------------------------------------------------------------------------
+    def _fit(self, data: TrainingData) -> None:
+        layers = self._layers
+        kw = dict(dtype=self.dtype, device=self.device)
+        a_sum = [torch.zeros(l.n_in, l.n_in, **kw) for l in layers]
+        g_sum = [torch.zeros(l.n_out, l.n_out, **kw) for l in layers]
+        for acts, columns in self._pseudo_gradients(data):
+            for i, layer in enumerate(layers):
+                a = acts[i]
+                a_sum[i] += torch.einsum("nti,ntj->ij", a, a) / a.shape[1]
+                for gs in columns:
+                    g_sum[i] += torch.einsum("nto,ntq->oq", gs[i], gs[i])
+        n = data.n_samples
+        self._qa, self._qg = [], []
+        for i, layer in enumerate(layers):
+            check_finite(a_sum[i], f"the input covariance of layer {layer.name!r}")
+            check_finite(g_sum[i], f"the output-gradient covariance of layer {layer.name!r}")
+            self._qa.append(torch.linalg.eigh(_symmetric(a_sum[i] / n))[1])
+            self._qg.append(torch.linalg.eigh(_symmetric(g_sum[i] / n))[1])
+
+        lambdas = [torch.zeros(l.n_out, l.n_in, **kw) for l in layers]
+        for acts, columns in self._pseudo_gradients(data):
+            for i in range(len(layers)):
+                a_rot = acts[i] @ self._qa[i]  # n × T × n_in
+                for gs in columns:
+                    g_rot = gs[i] @ self._qg[i]  # n × T × out
+                    dw = torch.einsum("nto,nti->noi", g_rot, a_rot)  # per-sample Q_Gᵀ DW Q_A
+                    lambdas[i] += (dw * dw).sum(dim=0)
+        self._lambda = [lam / n for lam in lambdas]
+        for layer, lam in zip(layers, self._lambda):
+            check_finite(lam, f"the corrected eigenvalues of layer {layer.name!r}")
+        self._check_regularization()
+
+    def _pseudo_gradients(self, data: TrainingData):
+        """Per batch: layer activations and, per column of ``L`` (``H_out = L Lᵀ``), the
+        gradients of ``⟨output, L[:, c]⟩`` with respect to every layer's output."""
+        layers = self._layers
+        inputs: list[list[Tensor]] = [[] for _ in layers]
+        outputs: list[list[Tensor]] = [[] for _ in layers]
+
+        def make_hook(i: int):
+            def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
+                inputs[i].append(args[0].detach())
+                outputs[i].append(output)
+                # a fresh tensor downstream, so in-place ops there leave `output` intact
+                return output.clone()
+
+            return hook
+
+        handles = [l.module.register_forward_hook(make_hook(i)) for i, l in enumerate(layers)]
+        try:
+            for x, y in data:
+                for lst in (*inputs, *outputs):
+                    lst.clear()
+                with torch.enable_grad():
+                    out = self.model(x)
+                    self._check_calls(inputs)
+                    layer_outs = [o[0] for o in outputs]
+                    columns = []
+                    for col in self._output_factor_columns(out.detach(), y):
+                        grads = torch.autograd.grad(
+                            out, layer_outs, grad_outputs=col, retain_graph=True,
+                            allow_unused=True,
+                        )
+                        columns.append(
+                            [
+                                layer.output_grads(
+                                    torch.zeros_like(o) if g is None else g.detach()
+                                )
+                                for layer, o, g in zip(layers, layer_outs, grads)
+                            ]
+                        )
+                acts = [layer.activations(inp[0]) for layer, inp in zip(layers, inputs)]
+                del out, layer_outs
+                yield acts, columns
+        finally:
+            for h in handles:
+                h.remove()
+            for lst in (*inputs, *outputs):
+                lst.clear()
+
+    def _check_calls(self, inputs: list[list[Tensor]]) -> None:
+        for layer, seen in zip(self._layers, inputs):
+            if len(seen) != 1:
+                raise NotImplementedError(
+                    f"EkfacInfluence needs every layer with trainable parameters to be called "
+                    f"exactly once per forward pass; layer {layer.name!r} "
+                    f"({type(layer.module).__name__}) was called {len(seen)} times. Freeze it "
+                    "or use another influence method."
+                )
+
+    def _output_factor_columns(self, out: Tensor, y: Tensor) -> list[Tensor]:
+        """Columns ``L[:, c]`` (each shaped like ``out``) with ``Σ_c L_c L_cᵀ`` the Hessian of
+        one sample's loss with respect to its output (for all samples at once)."""
+        if self.loss_type == "cross_entropy":
+            if out.ndim != 2:
+                raise NotImplementedError(
+                    "EkfacInfluence supports cross-entropy on outputs of shape (n, n_classes); "
+                    f"the model returns shape {tuple(out.shape)}."
+                )
+            p = torch.softmax(out, dim=1)
+            sqrt_p = p.sqrt()
+            eye = torch.eye(out.shape[1], dtype=out.dtype, device=out.device)
+            # sqrt(p_c) (e_c − p): sqrt(p_c) times the logit gradient of CE with label c
+            return [sqrt_p[:, c : c + 1] * (eye[c] - p) for c in range(out.shape[1])]
+        scale = self._mse_scale(out, y)
+        flat = out.reshape(out.shape[0], -1)
+        d = flat.shape[1]
+        cols = []
+        for c in range(d):
+            col = torch.zeros_like(flat)
+            col[:, c] = scale**0.5
+            cols.append(col.reshape(out.shape))
+        return cols
+
+    def _mse_scale(self, out: Tensor, y: Tensor) -> float:
+        """``s`` with ``∇²_out ℓ = s·I`` for one sample, measured (``2/d`` for a mean MSE)."""
+        o, t = out[:1].detach().requires_grad_(True), y[:1]
+        v = torch.ones_like(o) / o.numel() ** 0.5
+        (g,) = torch.autograd.grad(self.loss(o, t), o, create_graph=True)
+        (hv,) = torch.autograd.grad(g, o, grad_outputs=v, allow_unused=True)
+        hv = torch.zeros_like(o) if hv is None else hv.detach()
+        scale = float((hv * v).sum())
+        if not torch.allclose(hv, scale * v, rtol=1e-5, atol=1e-8) or not scale > 0:
+            raise InfluenceInputError(
+                "loss_type='mse' needs a loss proportional to the squared error ‖output − y‖² "
+                "(like F.mse_loss); the given loss's second derivative is not a positive "
+                "multiple of the identity."
+            )
+        return scale
+
+    def _check_regularization(self) -> None:
+        largest = max(float(lam.max()) for lam in self._lambda)
+        smallest = min(float(lam.min()) for lam in self._lambda) + self.regularization
+        scale = max(largest + self.regularization, 1e-300)
+        if smallest <= scale * self.n_parameters * torch.finfo(self.dtype).eps:
+            raise InvalidRegularizationError(
+                f"The EK-FAC Hessian approximation + λI is singular (smallest eigenvalue "
+                f"{smallest:.3g}, largest {scale:.3g}) with regularization="
+                f"{self.regularization}; increase the regularization."
+            )
+
+    # -- solving --------------------------------------------------------------------------------
+    def _solve(self, rhs: Tensor) -> Tensor:
+        out = torch.empty_like(rhs)
+        for layer, qa, qg, lam in zip(self._layers, self._qa, self._qg, self._lambda):
+            v = layer.to_matrix(rhs)  # k × out × n_in
+            rotated = qg.T @ v @ qa
+            rotated = rotated / (lam + self.regularization)
+            layer.from_matrix(qg @ rotated @ qa.T, out)
+        return out
+
+    # -- fitted state ---------------------------------------------------------------------------
+    def _get_state(self) -> dict[str, Tensor]:
+        state = {}
+        for i, (qa, qg, lam) in enumerate(zip(self._qa, self._qg, self._lambda)):
+            state.update({f"layer{i}.QA": qa, f"layer{i}.QG": qg, f"layer{i}.lambda": lam})
+        return state
+
+    def _set_state(self, state: dict[str, Tensor]) -> None:
+        qa, qg, lam = [], [], []
+        for i, layer in enumerate(self._layers):
+            expected = {
+                "QA": (layer.n_in, layer.n_in),
+                "QG": (layer.n_out, layer.n_out),
+                "lambda": (layer.n_out, layer.n_in),
+            }
+            for part, shape in expected.items():
+                got = tuple(state[f"layer{i}.{part}"].shape)
+                if got != shape:
+                    raise FittedStateError(
+                        f"The fitted state's layer{i}.{part} has shape {got}, but layer "
+                        f"{layer.name!r} needs {shape}; was it exported from another model?"
+                    )
+            qa.append(state[f"layer{i}.QA"].to(self.dtype))
+            qg.append(state[f"layer{i}.QG"].to(self.dtype))
+            lam.append(state[f"layer{i}.lambda"].to(self.dtype))
+        self._qa, self._qg, self._lambda = qa, qg, lam
+
+
+def _symmetric(m: Tensor) -> Tensor:
+    return 0.5 * (m + m.T)
+
+
+def _loss_type(loss: LossFunction, loss_type: Optional[str]) -> str:
+    if loss_type is not None:
+        if loss_type not in _LOSS_TYPES:
+            raise InvalidParameterError(
+                f"loss_type must be one of {list(_LOSS_TYPES)} or None, got {loss_type!r}."
+            )
+        detected = loss_type
+    elif loss is F.cross_entropy or isinstance(loss, nn.CrossEntropyLoss):
+        detected = "cross_entropy"
+    elif loss is F.mse_loss or isinstance(loss, nn.MSELoss):
+        detected = "mse"
+    else:
+        raise NotImplementedError(
+            f"EkfacInfluence supports cross-entropy and mean-squared-error losses and did not "
+            f"recognise {getattr(loss, '__name__', type(loss).__name__)!r}; pass "
+            "loss_type='cross_entropy' or loss_type='mse' if the loss is one of them."
+        )
+    if isinstance(loss, nn.CrossEntropyLoss) and loss.weight is not None:
+        raise NotImplementedError(
+            "EkfacInfluence does not support class weights in nn.CrossEntropyLoss."
+        )
+    return detected
+
+
+def _find_layers(model: nn.Module, names: list[str], numels: list[int]) -> list[_Layer]:
+    """Group the trainable parameters (flat-vector order) by layer; refuse unsupported ones."""
+    owners: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(param), []).append(name)
+    params = dict(model.named_parameters())
+    modules = dict(model.named_modules())
+    offsets = torch.tensor([0, *numels]).cumsum(0).tolist()
+    slices: dict[str, dict[str, slice]] = {}
+    for k, name in enumerate(names):
+        shared = owners[id(params[name])]
+        if len(shared) > 1:
+            raise NotImplementedError(
+                f"EkfacInfluence does not support shared (tied) parameters; {shared} are the "
+                "same tensor."
+            )
+        prefix, _, local = name.rpartition(".")
+        module = modules[prefix]
+        _check_supported(prefix, module)
+        slices.setdefault(prefix, {})[local] = slice(offsets[k], offsets[k + 1])
+    layers = []
+    for prefix, parts in slices.items():
+        module = modules[prefix]
+        weight, bias = parts.get("weight"), parts.get("bias")
+        n_out = module.weight.shape[0]
+        n_in = (module.weight[0].numel() if weight is not None else 0) + (bias is not None)
+        layers.append(_Layer(prefix, module, weight, bias, n_out, n_in))
+    return layers
+
+
+def _check_supported(name: str, module: nn.Module) -> None:
+    label = f"layer {name!r} ({type(module).__name__})" if name else f"the model ({type(module).__name__})"
+    if isinstance(module, nn.Linear):
+        return
+    if isinstance(module, nn.Conv2d):
+        problems = []
+        if module.groups != 1:
+            problems.append(f"groups={module.groups}")
+        if module.padding_mode != "zeros":
+            problems.append(f"padding_mode={module.padding_mode!r}")
+        if isinstance(module.padding, str):
+            problems.append(f"padding={module.padding!r}")
+        if problems:
+            raise NotImplementedError(
+                f"EkfacInfluence supports nn.Conv2d with groups=1 and zero padding given as "
+                f"int or tuple; {label} has {', '.join(problems)}."
+            )
+        return
+    raise NotImplementedError(
+        f"EkfacInfluence supports nn.Linear and nn.Conv2d; {label} has trainable parameters. "
+        "Freeze it (requires_grad_(False)) or use another influence method."
+    )

@@ -1,0 +1,70 @@
+"""Tiny, seeded models and data sets shared by the torch tests (float64 throughout)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+DTYPE = torch.float64
+
+
+def loader(x, y, batch_size=16):
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False)
+
+
+def linear_regression(n_train=40, n_test=5, d=3, m=2, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    model = nn.Linear(d, m).to(DTYPE)
+    with torch.no_grad():
+        model.weight.copy_(torch.randn(m, d, generator=gen, dtype=DTYPE))
+        model.bias.copy_(torch.randn(m, generator=gen, dtype=DTYPE))
+    x = torch.randn(n_train, d, generator=gen, dtype=DTYPE)
+    y = torch.randn(n_train, m, generator=gen, dtype=DTYPE)
+    xt = torch.randn(n_test, d, generator=gen, dtype=DTYPE)
+    yt = torch.randn(n_test, m, generator=gen, dtype=DTYPE)
+    return model.eval(), x, y, xt, yt
+
+
+def sum_squared_error(out, target):
+    return ((out - target) ** 2).sum()
+
+
+def train(model, x, y, loss, steps=200, seed=0):
+    torch.manual_seed(seed)
+    opt = torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        value = loss(model(x), y) + 1e-3 * sum((p**2).sum() for p in model.parameters())
+        value.backward()
+        return value
+
+    opt.step(closure)
+    return model.eval()
+
+
+def mlp_classifier(n_train=60, n_test=6, d=4, hidden=6, classes=3, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    centers = 2.0 * torch.randn(classes, d, generator=gen, dtype=DTYPE)
+    def sample(n):
+        labels = torch.arange(n) % classes
+        return centers[labels] + torch.randn(n, d, generator=gen, dtype=DTYPE), labels
+    x, y = sample(n_train)
+    xt, yt = sample(n_test)
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(d, hidden), nn.Tanh(), nn.Linear(hidden, classes)).to(DTYPE)
+    train(model, x, y, nn.functional.cross_entropy)
+    return model, x, y, xt, yt
+
+
+def small_cnn(n_train=40, n_test=4, classes=3, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n_train + n_test, 1, 6, 6, generator=gen, dtype=DTYPE)
+    y = (x[:, 0, :3].sum(dim=(1, 2)) > 0).long() + (x[:, 0, 3:].sum(dim=(1, 2)) > 0).long()
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Conv2d(1, 2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 4 * 4, classes)
+    ).to(DTYPE)
+    train(model, x[:n_train], y[:n_train], nn.functional.cross_entropy, steps=100)
+    return model, x[:n_train], y[:n_train], x[n_train:], y[n_train:]

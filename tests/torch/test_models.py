@@ -1,0 +1,197 @@
+"""Every torch influence method against closed forms (linear regression) and against the exact
+DirectInfluence (small MLP and CNN classifiers), plus fitted-state round trips."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn.functional import cross_entropy
+
+from prefect_influence import InfluenceMode
+from prefect_influence.torch import (
+    ArnoldiInfluence,
+    CgInfluence,
+    DirectInfluence,
+    JacobiPreconditioner,
+    LissaInfluence,
+    NystroemPreconditioner,
+    NystroemSketchInfluence,
+)
+from problems import linear_regression, loader, mlp_classifier, small_cnn, sum_squared_error
+
+REG = 0.1
+
+
+def analytic_linear(model, x, y, xt, yt, reg):
+    """Closed forms for f(x) = Wx + b with per-sample loss ‖f(x) − y‖² (flat order: W row-major, b)."""
+    w, b = model.weight.detach(), model.bias.detach()
+    m, d = w.shape
+
+    def grads(xs, ys):
+        r = xs @ w.T + b - ys  # n × m
+        return torch.cat([2 * (r[:, :, None] * xs[:, None, :]).reshape(len(xs), -1), 2 * r], dim=1)
+
+    sxx = x.T @ x / len(x)
+    mu = x.mean(0)
+    eye_m = torch.eye(m, dtype=x.dtype)
+    hessian = 2 * torch.cat(
+        [
+            torch.cat([torch.kron(eye_m, sxx), torch.kron(eye_m, mu[:, None])], dim=1),
+            torch.cat([torch.kron(eye_m, mu[None, :]), eye_m], dim=1),
+        ]
+    ) + reg * torch.eye(m * d + m, dtype=x.dtype)
+    factors = torch.linalg.solve(hessian, grads(xt, yt).T).T  # n_test × p
+    up = factors @ grads(x, y).T
+    fw, fb = factors[:, : m * d].reshape(-1, m, d), factors[:, m * d :]
+    r = x @ w.T + b - y
+    # ∇_x ⟨F, g(x)⟩ with g = (2 r xᵀ, 2 r): 2 (Wᵀ F_W x + F_Wᵀ r + Wᵀ F_b)
+    pert = 2 * (
+        torch.einsum("md,tmk,nk->tnd", w, fw, x)
+        + torch.einsum("tmd,nm->tnd", fw, r)
+        + torch.einsum("md,tm->td", w, fb)[:, None, :]
+    )
+    return factors, up, pert
+
+
+def linear_methods(model):
+    p = sum(q.numel() for q in model.parameters())
+    return {
+        "cg": CgInfluence(model, sum_squared_error, REG, rtol=1e-12, atol=1e-14),
+        "cg-jacobi": CgInfluence(
+            model, sum_squared_error, REG, rtol=1e-12, atol=1e-14,
+            preconditioner=JacobiPreconditioner(num_samples_estimator=4),
+        ),
+        "cg-nystroem": CgInfluence(
+            model, sum_squared_error, REG, rtol=1e-12, atol=1e-14,
+            preconditioner=NystroemPreconditioner(rank=3),
+        ),
+        # scale above λ_max(H + λI) (≈ 2·λ_max(E[x̃x̃ᵀ]) + λ < 12 here); full-batch iteration
+        "lissa": LissaInfluence(
+            model, sum_squared_error, REG, maxiter=20000, scale=15.0, rtol=1e-13, batch_size=1000
+        ),
+        "arnoldi": ArnoldiInfluence(model, sum_squared_error, REG, rank=p),
+        "nystroem": NystroemSketchInfluence(model, sum_squared_error, REG, rank=p),
+    }
+
+
+def test_direct_matches_closed_form_linear_regression():
+    model, x, y, xt, yt = linear_regression()
+    factors, up, pert = analytic_linear(model, x, y, xt, yt, REG)
+    direct = DirectInfluence(model, sum_squared_error, REG).fit(loader(x, y))
+    # float64 throughout: agreement is limited by round-off (~1e-13); 1e-5 is the issue's bound
+    torch.testing.assert_close(direct.influence_factors(xt, yt), factors, rtol=1e-5, atol=1e-10)
+    torch.testing.assert_close(direct.influences(xt, yt, x, y), up, rtol=1e-5, atol=1e-10)
+    torch.testing.assert_close(
+        direct.influences(xt, yt, x, y, InfluenceMode.Perturbation), pert, rtol=1e-5, atol=1e-10
+    )
+
+
+@pytest.mark.parametrize("name", list(linear_methods(linear_regression()[0])))
+def test_iterative_and_low_rank_methods_match_closed_form(name):
+    model, x, y, xt, yt = linear_regression()
+    _, up, pert = analytic_linear(model, x, y, xt, yt, REG)
+    method = linear_methods(model)[name].fit(loader(x, y))
+    # all methods are exact at full rank / convergence; 1e-4 relative to the largest entry is
+    # the issue's bound and leaves room for the iterative stopping criteria (≤ 1e-12 here)
+    scale = up.abs().max()
+    torch.testing.assert_close(method.influences(xt, yt, x, y), up, rtol=1e-4, atol=1e-4 * scale)
+    torch.testing.assert_close(
+        method.influences(xt, yt, x, y, InfluenceMode.Perturbation),
+        pert, rtol=1e-4, atol=1e-4 * pert.abs().max(),
+    )
+
+
+def classifier_methods(model, p, lam_max):
+    return {
+        "cg": CgInfluence(model, cross_entropy, REG, rtol=1e-12, atol=1e-14),
+        "cg-nystroem": CgInfluence(
+            model, cross_entropy, REG, rtol=1e-12, atol=1e-14,
+            preconditioner=NystroemPreconditioner(rank=5),
+        ),
+        "lissa": LissaInfluence(
+            model, cross_entropy, REG, maxiter=20000, scale=1.2 * lam_max, rtol=1e-10,
+            batch_size=1000,
+        ),
+        "arnoldi": ArnoldiInfluence(model, cross_entropy, REG, rank=p),
+        "nystroem": NystroemSketchInfluence(model, cross_entropy, REG, rank=p),
+    }
+
+
+@pytest.fixture(scope="module", params=["mlp", "cnn"])
+def classifier(request):
+    model, x, y, xt, yt = (mlp_classifier if request.param == "mlp" else small_cnn)()
+    direct = DirectInfluence(model, cross_entropy, REG).fit(loader(x, y))
+    eigenvalues = torch.linalg.eigvalsh(direct.hessian)
+    # CG, LiSSA and Nyström assume H + λI ≻ 0: make sure the problem satisfies that
+    assert eigenvalues.min() > 0
+    return model, x, y, xt, yt, direct, float(eigenvalues.max())
+
+
+@pytest.mark.parametrize("name", ["cg", "cg-nystroem", "lissa", "arnoldi", "nystroem"])
+def test_methods_match_direct_on_classifiers(classifier, name):
+    model, x, y, xt, yt, direct, lam_max = classifier
+    p = sum(q.numel() for q in model.parameters())
+    method = classifier_methods(model, p, lam_max)[name]
+    method.fit(loader(x, y))
+    expected = direct.influences(xt, yt, x, y)
+    got = method.influences(xt, yt, x, y)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * expected.abs().max())
+    exp_p = direct.influences(xt[:2], yt[:2], x[:5], y[:5], InfluenceMode.Perturbation)
+    got_p = method.influences(xt[:2], yt[:2], x[:5], y[:5], InfluenceMode.Perturbation)
+    assert got_p.shape == (2, 5, *x.shape[1:])
+    torch.testing.assert_close(got_p, exp_p, rtol=1e-4, atol=1e-4 * exp_p.abs().max())
+
+
+def test_low_rank_arnoldi_keeps_dominant_curvature(classifier):
+    """Below full rank, Arnoldi agrees with Direct on the dominant eigen-directions."""
+    model, x, y, xt, yt, direct, _ = classifier
+    arnoldi = ArnoldiInfluence(model, cross_entropy, REG, rank=5, krylov_dimension=40).fit(loader(x, y))
+    vals, vecs = torch.linalg.eigh(direct.hessian - REG * torch.eye(direct.n_parameters, dtype=x.dtype))
+    top = torch.argsort(vals.abs(), descending=True)[:5]
+    torch.testing.assert_close(arnoldi._vals.abs().sort().values, vals[top].abs().sort().values, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda m: DirectInfluence(m, cross_entropy, REG),
+        lambda m: CgInfluence(m, cross_entropy, REG, preconditioner=JacobiPreconditioner(2)),
+        lambda m: LissaInfluence(m, cross_entropy, REG, maxiter=50),
+        lambda m: ArnoldiInfluence(m, cross_entropy, REG, rank=4),
+        lambda m: NystroemSketchInfluence(m, cross_entropy, REG, rank=4),
+    ],
+    ids=["direct", "cg-jacobi", "lissa", "arnoldi", "nystroem"],
+)
+def test_fitted_state_round_trip_gives_identical_influences(make):
+    model, x, y, xt, yt = mlp_classifier()
+    fitted = make(model).fit(loader(x, y))
+    state = fitted.fitted_state()
+    assert all(isinstance(v, torch.Tensor) for v in state.values())
+    restored = make(model).load_fitted_state({k: v.clone() for k, v in state.items()})
+    assert restored.is_fitted
+    assert torch.equal(restored.influences(xt, yt, x, y), fitted.influences(xt, yt, x, y))
+
+
+def test_frozen_parameters_and_buffers():
+    """Parameters with requires_grad=False are excluded; BatchNorm buffers in eval mode work."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Tanh(), torch.nn.Linear(4, 2)
+    ).double()
+    net[0].weight.requires_grad_(False)
+    net[1].running_mean.fill_(0.3)
+    net.eval()
+    x = torch.randn(20, 3, dtype=torch.float64)
+    y = torch.randint(0, 2, (20,))
+    model = DirectInfluence(net, cross_entropy, REG).fit(loader(x, y))
+    trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
+    assert model.n_parameters == trainable == 4 + 4 + 4 + 10
+    assert model.influence_factors(x[:3], y[:3]).shape == (3, trainable)
+
+
+def test_dtype_follows_model_float32():
+    model, x, y, xt, yt = mlp_classifier()
+    model32 = model.float()
+    direct = DirectInfluence(model32, cross_entropy, REG).fit(loader(x, y))
+    values = direct.influences(xt, yt, x, y)
+    assert values.dtype == torch.float32
