@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call, jacrev, vmap
 
 from prefect_influence.errors import InvalidParameterError, InvalidRegularizationError
 from prefect_influence.torch import DirectInfluence, EkfacInfluence
@@ -111,6 +112,63 @@ def test_corrected_eigenvalues_are_the_exact_diagonal_in_the_kronecker_basis():
     approx = flat.T @ torch.diag(lam.reshape(-1) + 1e-3) @ flat
     eye = torch.eye(len(flat), dtype=DTYPE)
     torch.testing.assert_close(ekfac._solve(approx), eye, rtol=0, atol=1e-8)
+
+
+def gauss_newton(model, x):
+    """Exact mean Gauss-Newton matrix of cross-entropy, from per-sample Jacobians."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    flat = torch.cat([p.reshape(-1) for p in params.values()])
+    sizes = [p.numel() for p in params.values()]
+
+    def logits(theta, xi):
+        pieces = torch.split(theta, sizes)
+        new = {n: t.reshape(params[n].shape) for n, t in zip(names, pieces)}
+        return functional_call(model, new, (xi[None],))[0]
+
+    jac = vmap(jacrev(logits), in_dims=(None, 0))(flat, x)  # n × C × p
+    prob = torch.softmax(model(x), dim=1).detach()
+    h_out = torch.diag_embed(prob) - prob[:, :, None] * prob[:, None, :]
+    return torch.einsum("ncp,ncd,ndq->pq", jac, h_out, jac) / len(x)
+
+
+def kronecker_basis(model, layer_index, qa, qg):
+    """The flat vectors of the matrices qg[:, i] qa[:, j]ᵀ = [W | b] of one layer (rows)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    layers = list(dict.fromkeys(n.rpartition(".")[0] for n, _ in named))
+    layer = layers[layer_index]
+    mats = torch.einsum("oi,aj->ijoa", qg, qa).reshape(-1, qg.shape[0], qa.shape[0])
+    has_bias = any(n == f"{layer}.bias" for n, _ in named)
+    rows = []
+    for n, p in named:
+        if n.rpartition(".")[0] != layer:
+            rows.append(torch.zeros(len(mats), p.numel(), dtype=DTYPE))
+        elif n.endswith(".bias"):
+            rows.append(mats[:, :, -1])
+        else:
+            w = mats[:, :, :-1] if has_bias else mats
+            rows.append(w.reshape(len(mats), -1))
+    return torch.cat(rows, dim=1)
+
+
+@pytest.mark.parametrize("variant", ["cnn", "dilated, no bias, bias-only Linear"])
+def test_corrected_eigenvalues_are_the_gauss_newton_diagonal(variant):
+    if variant == "cnn":
+        net, x, y, _, _ = cnn_setup()
+    else:
+        x, y = classification_data(50, (2, 7, 7), 3, noise=0.5, seed=0)
+        torch.manual_seed(0)
+        conv = nn.Conv2d(2, 3, 3, dilation=2, padding=(1, 2), bias=False)
+        net = nn.Sequential(conv, nn.Tanh(), nn.Flatten(), nn.Linear(105, 3)).to(DTYPE).eval()
+        net[3].weight.requires_grad_(False)
+    ekfac = EkfacInfluence(net, F.cross_entropy, 1e-1).fit(batches(x, y, 20))
+    ggn = gauss_newton(net, x)
+    state = ekfac.fitted_state()
+    for i in range(2):
+        qa, qg, lam = state[f"layer{i}.QA"], state[f"layer{i}.QG"], state[f"layer{i}.lambda"]
+        basis = kronecker_basis(net, i, qa, qg)
+        projected = torch.einsum("kp,pq,kq->k", basis, ggn, basis).reshape(lam.shape)
+        torch.testing.assert_close(lam, projected, rtol=1e-9, atol=1e-14)
 
 
 # -- approximation quality on small nets -----------------------------------------------------------

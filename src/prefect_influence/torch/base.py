@@ -196,6 +196,11 @@ class TorchInfluenceFunctionModel(InfluenceFunctionModel[Tensor, Batches]):
         x, y = self._prepare(x, y, "input")
         return self._fn.per_sample_grads(x, y)
 
+    def factors_from_grads(self, grads: Tensor) -> Tensor:
+        """``H⁻¹ g`` for every row ``g`` of precomputed per-sample gradients (``k × p``)."""
+        self._require_fitted()
+        return self._solve(self._prepare_factors(grads))
+
     def self_influences(self, x: Tensor, y: Tensor) -> Tensor:
         """``⟨H⁻¹∇θℓ(z_i), ∇θℓ(z_i)⟩`` for every sample: the diagonal, without the full matrix."""
         self._require_fitted()
