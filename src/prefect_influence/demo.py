@@ -1,15 +1,18 @@
-"""The built-in demo: find the flipped labels of the digits example by self-influence."""
+"""The built-in demo: run the pipeline on the digits example, then score how well
+self-influence finds the flipped labels and draw the most helpful and harmful training images."""
 
 from __future__ import annotations
 
+import os
 import time
+from typing import Callable
 
 import numpy as np
-import torch
 
-from .example import load_digits_example, train_model
+from .config import PipelineConfig
+from .example import load_digits_example
 
-__all__ = ["run_demo", "mislabel_auc"]
+__all__ = ["run_demo", "mislabel_auc", "demo_config"]
 
 
 def mislabel_auc(self_influence: np.ndarray, flipped: np.ndarray) -> float:
@@ -19,28 +22,58 @@ def mislabel_auc(self_influence: np.ndarray, flipped: np.ndarray) -> float:
     return float(roc_auc_score(flipped, self_influence))
 
 
-def run_demo(output: str = "influence-output/demo", method: str = "arnoldi") -> dict:
-    from torch.nn.functional import cross_entropy
-    from torch.utils.data import DataLoader, TensorDataset
+def demo_config(output: str) -> PipelineConfig:
+    """Embedded defaults: built-in model and data, Arnoldi (rank 50), local Dask, local files."""
+    return PipelineConfig(output=output, overwrite=False)
 
-    from .torch import ArnoldiInfluence
+
+def run_demo(output: str, run_flow: Callable[[PipelineConfig], dict]) -> dict:
+    from .storage import InfluenceStore
 
     start = time.perf_counter()
+    config = demo_config(output)
+    result = run_flow(config)
+    store = InfluenceStore(output)
     example = load_digits_example()
-    model = train_model(example)
-    x = torch.from_numpy(example.x_train)
-    y = torch.from_numpy(example.y_train)
-    influence = ArnoldiInfluence(model, cross_entropy, 0.01, rank=50)
-    influence.fit(DataLoader(TensorDataset(x, y), batch_size=256))
-    self_infl = influence.self_influences(x, y).detach().numpy()
+    self_infl = np.asarray(store.group["self_influence"][:])
     auc = mislabel_auc(self_infl, example.flipped)
-    xt = torch.from_numpy(example.x_test[:5])
-    yt = torch.from_numpy(example.y_test[:5])
-    values = influence.influences(xt, yt, x, y).detach().numpy()
-    for i in range(len(xt)):
-        print(f"test {i}: most helpful train {np.argsort(-values[i])[:5].tolist()}, "
-              f"most harmful {np.argsort(values[i])[:5].tolist()}")
+    arrays, _ = store.read_summary()
+    png = _draw(example, arrays, os.path.join(output, "top_influences.png")) if "://" not in output else None
     elapsed = time.perf_counter() - start
-    print(f"mislabel-detection AUC from self-influence: {auc:.3f}")
+    print(f"output: {os.path.abspath(output) if '://' not in output else output}")
+    print(f"blocks computed: {result['blocks_computed']}, reused: {result['blocks_reused']}")
+    print(f"mislabel-detection AUC from self-influence: {auc:.3f} "
+          f"({int(example.flipped.sum())} flipped of {len(example.flipped)} training labels)")
+    if png:
+        print(f"picture of most helpful/harmful training images: {png}")
     print(f"run time: {elapsed:.1f} s")
-    return {"auc": auc, "seconds": elapsed}
+    return {"auc": auc, "seconds": elapsed, "png": png, **result}
+
+
+def _draw(example, arrays: dict, path: str, n_test: int = 4, k: int = 4) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(n_test, 1 + 2 * k, figsize=(1.3 * (1 + 2 * k), 1.5 * n_test))
+    for r in range(n_test):
+        row = axes[r]
+        _show(row[0], example.x_test[r], f"test {r}\nlabel {example.y_test[r]}", "black")
+        for c in range(k):
+            h = int(arrays["top_helpful"][r, c])
+            _show(row[1 + c], example.x_train[h], f"+ #{h}\nlabel {example.y_train[h]}", "green")
+            b = int(arrays["top_harmful"][r, c])
+            flip = " (flipped)" if example.flipped[b] else ""
+            _show(row[1 + k + c], example.x_train[b], f"− #{b}\nlabel {example.y_train[b]}{flip}", "red")
+    fig.suptitle("Test images, their most helpful (+) and most harmful (−) training images")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+def _show(ax, image: np.ndarray, title: str, color: str) -> None:
+    ax.imshow(image.reshape(8, 8), cmap="gray_r")
+    ax.set_title(title, fontsize=7, color=color)
+    ax.axis("off")

@@ -1,0 +1,192 @@
+"""The influence pipeline flow: plan → fit → factors per test chunk → one column of blocks per
+train chunk (on a DaskTaskRunner) → summary; resumable from its own storage.
+
+Run it again with the same configuration and output after any interruption: every chunk whose
+completion record validates is reused, everything else is computed, and the result is
+bit-identical to an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import sys
+import time
+from typing import Any, Iterator, Optional
+
+from prefect import flow
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+from prefect.futures import as_completed
+from prefect.logging import get_run_logger
+from prefect_dask import DaskTaskRunner
+
+from prefect_influence import stages
+from prefect_influence.config import PipelineConfig
+from prefect_influence.storage import InfluenceStore
+from prefect_influence.tasks import compute_factors, fit_model, influences_from_factors, write_summary
+
+__all__ = ["influence_pipeline", "compute_grid", "make_task_runner"]
+
+#: set by the CLI to draw a progress bar on the terminal
+PROGRESS_ENV = "PREFECT_INFLUENCE_PROGRESS"
+
+
+def n_local_workers(config: PipelineConfig) -> int:
+    return config.n_workers or os.cpu_count() or 1
+
+
+def make_task_runner(config: PipelineConfig) -> DaskTaskRunner:
+    """An existing Dask scheduler (``dask_address``), or a local cluster of single-threaded
+    worker processes (influence models are not thread-safe)."""
+    if config.dask_address:
+        return DaskTaskRunner(address=config.dask_address)
+    return DaskTaskRunner(
+        cluster_class="distributed.LocalCluster",
+        cluster_kwargs={
+            "n_workers": n_local_workers(config),
+            "threads_per_worker": 1,
+            "processes": True,
+            "dashboard_address": None,
+            "silence_logs": logging.WARNING,
+        },
+    )
+
+
+@contextlib.contextmanager
+def workers_share_api() -> Iterator[None]:
+    """Point local Dask worker processes at this flow's Prefect API while the block is open.
+
+    Without ``PREFECT_API_URL`` in the environment the flow talks to a temporary local server
+    (or a test harness's); worker processes would each start their own (slow, and their task
+    runs would land elsewhere). Exporting the URL before the cluster starts makes the workers
+    inherit it; the variable is restored afterwards.
+    """
+    if os.environ.get("PREFECT_API_URL"):
+        yield
+        return
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        os.environ["PREFECT_API_URL"] = str(client.api_url).rstrip("/")
+    try:
+        yield
+    finally:
+        os.environ.pop("PREFECT_API_URL", None)
+
+
+def _progress_bar(done: int, total: int) -> None:
+    if os.environ.get(PROGRESS_ENV):
+        width = 40
+        filled = int(width * done / max(total, 1))
+        sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} tasks")
+        if done == total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+@flow(name="influence-grid", log_prints=False)
+def compute_grid(config: PipelineConfig) -> dict[str, int]:
+    """Factors, then blocks and self-influences, as Dask-parallel tasks with live progress."""
+    logger = get_run_logger()
+    grid = InfluenceStore(config.output, config.storage_options).grid()
+    n_rows, n_cols = grid.shape
+    total = n_rows + n_cols
+    artifact = create_progress_artifact(0.0, description=f"{n_rows} factor chunks, {n_cols} columns of {n_rows} blocks")
+    done = 0
+
+    def advance() -> None:
+        nonlocal done
+        done += 1
+        update_progress_artifact(artifact, 100.0 * done / total)
+        _progress_bar(done, total)
+
+    factors_reused = 0
+    for future in as_completed([compute_factors.submit(config, i) for i in range(n_rows)]):
+        factors_reused += bool(future.result())
+        advance()
+    counts = {"computed": 0, "reused": 0}
+    for future in as_completed([influences_from_factors.submit(config, j) for j in range(n_cols)]):
+        result = future.result()
+        counts["computed"] += result["computed"]
+        counts["reused"] += result["reused"]
+        advance()
+    logger.info(
+        "factors: %d of %d chunks reused; blocks: %d computed, %d reused",
+        factors_reused, n_rows, counts["computed"], counts["reused"],
+    )
+    return {"factors_computed": n_rows - factors_reused, "factors_reused": factors_reused,
+            "blocks_computed": counts["computed"], "blocks_reused": counts["reused"]}
+
+
+@flow(name="influence-pipeline", log_prints=False)
+def influence_pipeline(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:
+    """Compute influence factors and every test × train influence for ``config``, storing them
+    as zarr under ``config.output``. Rerunning with the same configuration resumes."""
+    logger = get_run_logger()
+    start = time.perf_counter()
+    logger.info("configuration: %s", json.dumps(config.redacted()))
+    plan = stages.plan_job(config, n_workers=1 if config.dask_address else n_local_workers(config))
+    grid = plan.grid
+    logger.info(
+        "grid %d × %d blocks (test chunk %d, train chunk %d, p = %d) at %s%s",
+        *grid.shape, grid.test_chunk, grid.train_chunk, grid.n_parameters, config.output,
+        " (resuming)" if plan.reused_output else "",
+    )
+    fit_reused = fit_model(config)
+    t_fit = time.perf_counter()
+    with workers_share_api():
+        counts = compute_grid.with_options(task_runner=make_task_runner(config))(config)
+    t_grid = time.perf_counter()
+    info = write_summary(config)
+    end = time.perf_counter()
+    result = {
+        "output": config.output,
+        "grid": list(grid.shape),
+        "n_test": grid.n_test,
+        "n_train": grid.n_train,
+        "fit_reused": fit_reused,
+        **counts,
+        "seconds": {"fit": round(t_fit - start, 3), "grid": round(t_grid - t_fit, 3),
+                    "summary": round(end - t_grid, 3), "total": round(end - start, 3)},
+    }
+    _publish(config, grid, result, info)
+    logger.info("done: %s", json.dumps(result))
+    return result
+
+
+def _publish(config: PipelineConfig, grid, result: dict[str, Any], info: dict[str, Any]) -> None:
+    store = InfluenceStore(config.output, config.storage_options)
+    summary = store.read_summary()
+    if summary is not None and "top_helpful" in summary[0]:
+        arrays = summary[0]
+        rows = [
+            {"test_index": i,
+             "most_helpful": ", ".join(map(str, arrays["top_helpful"][i].tolist())),
+             "most_harmful": ", ".join(map(str, arrays["top_harmful"][i].tolist()))}
+            for i in range(min(10, grid.n_test))
+        ]
+        create_table_artifact(rows, key="influence-top-k", description=f"Top {info['top_k']} training indices of the first test points")
+    cfg = json.dumps(config.redacted(), indent=1)
+    seconds = result["seconds"]
+    create_markdown_artifact(
+        key="influence-summary",
+        markdown=(
+            f"# Influence run\n\n"
+            f"* output: `{config.output}` (arrays `factors`, `influences`, `self_influence`, `summary/*`)\n"
+            f"* grid: {grid.shape[0]} × {grid.shape[1]} blocks of {grid.test_chunk} × {grid.train_chunk} "
+            f"({grid.n_test} test × {grid.n_train} train, p = {grid.n_parameters}, mode {grid.mode})\n"
+            f"* fitted state: {'reused' if result['fit_reused'] else 'computed'}\n"
+            f"* factor chunks: {result['factors_computed']} computed, {result['factors_reused']} reused\n"
+            f"* blocks: {result['blocks_computed']} computed, {result['blocks_reused']} reused\n"
+            f"* timings (s): fit {seconds['fit']}, grid {seconds['grid']}, summary {seconds['summary']}, "
+            f"total {seconds['total']}\n\n"
+            f"## Configuration\n\n```json\n{cfg}\n```\n"
+        ),
+    )

@@ -1,0 +1,209 @@
+"""The one configuration of an influence job: a pydantic model that validates parameters and
+renders as the run form of a Prefect deployment (titles, descriptions, enums, defaults)."""
+
+from __future__ import annotations
+
+import json
+from enum import Enum
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from .base import InfluenceMode
+
+__all__ = [
+    "Method",
+    "LossName",
+    "DType",
+    "DeviceName",
+    "PreconditionerName",
+    "ModelSpec",
+    "DataSpec",
+    "MethodSpec",
+    "PipelineConfig",
+    "BUILTIN",
+]
+
+#: the built-in example (digits classifier with flipped labels), usable as model and data
+BUILTIN = "builtin:digits"
+
+_SECRET_KEYS = ("key", "secret", "token", "password", "credential", "session")
+
+
+class Method(str, Enum):
+    direct = "direct"
+    cg = "cg"
+    lissa = "lissa"
+    arnoldi = "arnoldi"
+    nystroem = "nystroem"
+    ekfac = "ekfac"
+
+
+class LossName(str, Enum):
+    cross_entropy = "cross_entropy"
+    mse = "mse"
+
+
+class DType(str, Enum):
+    float32 = "float32"
+    float64 = "float64"
+
+
+class DeviceName(str, Enum):
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class PreconditionerName(str, Enum):
+    none = "none"
+    jacobi = "jacobi"
+    nystroem = "nystroem"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_enum_values=False)
+
+
+class ModelSpec(_Section):
+    factory: str = Field(
+        BUILTIN,
+        title="Model factory",
+        description="Import path 'package.module:function' of a function returning the "
+        "untrained nn.Module, or 'builtin:digits' for the built-in example. Import paths run "
+        "code: a configuration is trusted.",
+    )
+    factory_kwargs: dict[str, Any] = Field(
+        default_factory=dict, title="Factory arguments", description="Keyword arguments for the factory."
+    )
+    checkpoint: Optional[str] = Field(
+        None,
+        title="Checkpoint URL",
+        description="fsspec URL of the trained state_dict (torch.save), loaded with "
+        "weights_only=True. Empty for the built-in example (trained on the fly, seeded).",
+    )
+    loss: str = Field(
+        LossName.cross_entropy.value,
+        title="Loss",
+        description="'cross_entropy', 'mse', or an import path 'module:function' of "
+        "loss(outputs, targets) -> scalar.",
+    )
+
+
+class DataSpec(_Section):
+    train: str = Field(
+        BUILTIN,
+        title="Training data",
+        description="fsspec URL of a zarr group (or directory of x.npy/y.npy, or a .npz file) "
+        "with arrays 'x' and 'y'; or 'module:function' returning a torch Dataset of (x, y); or "
+        "'builtin:digits'.",
+    )
+    test: str = Field(
+        BUILTIN,
+        title="Test data",
+        description="Same forms as the training data.",
+    )
+
+
+class MethodSpec(_Section):
+    name: Method = Field(
+        Method.arnoldi, title="Method", description="How the inverse Hessian is approximated."
+    )
+    regularization: float = Field(
+        0.01, ge=0, title="Regularization", description="λ added to the Hessian diagonal (H + λI)."
+    )
+    rank: int = Field(50, ge=1, title="Rank", description="Rank for arnoldi and nystroem.")
+    krylov_dimension: Optional[int] = Field(
+        None, ge=1, title="Krylov dimension", description="Lanczos subspace size (arnoldi)."
+    )
+    rtol: float = Field(1e-6, gt=0, title="Relative tolerance", description="cg and lissa.")
+    atol: float = Field(1e-8, ge=0, title="Absolute tolerance", description="cg.")
+    maxiter: Optional[int] = Field(
+        None, ge=1, title="Max iterations", description="cg (default n_parameters); lissa (default 1000)."
+    )
+    preconditioner: PreconditionerName = Field(
+        PreconditionerName.none, title="CG preconditioner", description="Preconditioner for cg."
+    )
+    preconditioner_rank: int = Field(10, ge=1, title="Preconditioner rank", description="nystroem preconditioner.")
+    lissa_scale: float = Field(10.0, gt=0, title="LiSSA scale", description="Must exceed λ_max(H + λI).")
+    lissa_dampen: float = Field(0.0, ge=0, title="LiSSA dampening")
+    fit_batch_size: int = Field(
+        256, ge=1, title="Fit batch size", description="Training samples per batch while fitting."
+    )
+
+
+ChunkSize = Union[Literal["auto"], int]
+
+
+class PipelineConfig(_Section):
+    """Everything an influence job needs. Fields marked as determining the numbers enter the
+    output's fingerprint; changing them on an existing output is refused unless ``overwrite``."""
+
+    model: ModelSpec = Field(default_factory=ModelSpec, title="Model")
+    data: DataSpec = Field(default_factory=DataSpec, title="Data")
+    method: MethodSpec = Field(default_factory=MethodSpec, title="Influence method")
+    mode: InfluenceMode = Field(
+        InfluenceMode.Up, title="Mode", description="'up' (n_test × n_train) or 'perturbation' "
+        "(n_test × n_train × input shape)."
+    )
+    test_chunk_size: ChunkSize = Field(
+        "auto", title="Test chunk size", description="Test samples per chunk, or 'auto'."
+    )
+    train_chunk_size: ChunkSize = Field(
+        "auto", title="Train chunk size", description="Training samples per chunk, or 'auto' "
+        "(sized so Prefect's per-task overhead stays ≤ 10% of compute)."
+    )
+    dtype: DType = Field(DType.float32, title="Dtype", description="Computation and storage dtype.")
+    device: DeviceName = Field(DeviceName.cpu, title="Device")
+    output: str = Field(
+        "influence-output/run",
+        title="Output URL",
+        description="fsspec URL (local directory, file://, memory://, s3://bucket/prefix).",
+    )
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict,
+        title="Storage options",
+        description="fsspec options for every URL (e.g. endpoint_url, key, secret for S3). Never "
+        "logged or stored.",
+    )
+    top_k: int = Field(10, ge=1, title="Top k", description="Most helpful/harmful training points kept per test point.")
+    self_influence: bool = Field(True, title="Self-influence", description="Also compute every training point's self-influence.")
+    overwrite: bool = Field(False, title="Overwrite", description="Replace an existing output made with another configuration.")
+    dask_address: Optional[str] = Field(
+        None, title="Dask scheduler", description="Address of an existing Dask scheduler; empty for a local cluster."
+    )
+    n_workers: Optional[int] = Field(
+        None, ge=1, title="Local workers", description="Workers of the local cluster (default: CPU count), one thread each."
+    )
+
+    @field_validator("test_chunk_size", "train_chunk_size")
+    @classmethod
+    def _chunk_positive(cls, value: ChunkSize) -> ChunkSize:
+        if value != "auto" and (isinstance(value, bool) or int(value) < 1):
+            raise ValueError(f"chunk size must be 'auto' or an integer ≥ 1, got {value!r}")
+        return value
+
+    @field_validator("output")
+    @classmethod
+    def _output_nonempty(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("output must be a non-empty URL or path")
+        return value.rstrip("/")
+
+    def redacted(self) -> dict[str, Any]:
+        """The configuration as JSON data with credential-like storage options masked."""
+        data = json.loads(self.model_dump_json())
+        data["storage_options"] = redact(data.get("storage_options", {}))
+        return data
+
+
+def redact(options: dict[str, Any]) -> dict[str, Any]:
+    """Mask values whose key looks like a credential (key, secret, token, password...)."""
+    out: dict[str, Any] = {}
+    for k, v in options.items():
+        if isinstance(v, dict):
+            out[k] = redact(v)
+        elif any(s in k.lower() for s in _SECRET_KEYS):
+            out[k] = "***"
+        else:
+            out[k] = v
+    return out

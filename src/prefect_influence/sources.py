@@ -1,0 +1,293 @@
+"""Where a job's inputs come from: the user's model (factory + checkpoint), its loss, the
+training and test data (zarr groups, .npy/.npz, Dataset factories, the built-in example), and
+the influence model the configuration asks for. Each input also yields a fingerprint."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib
+import io
+import pickle
+from typing import Any, Callable, Optional
+
+import fsspec
+import numpy as np
+import torch
+from torch import nn
+
+from .config import BUILTIN, LossName, Method, PipelineConfig, PreconditionerName
+from .errors import EmptyDataError, InfluenceInputError, ShapeMismatchError, StorageError
+
+__all__ = [
+    "ConfigurationError",
+    "resolve_import",
+    "load_network",
+    "resolve_loss",
+    "DataSource",
+    "open_source",
+    "build_influence_model",
+    "torch_dtype",
+]
+
+_HASH_ROWS = 4096
+
+
+class ConfigurationError(InfluenceInputError):
+    """A configuration entry cannot be resolved (import path, checkpoint, data URL...)."""
+
+
+def torch_dtype(name: Any) -> torch.dtype:
+    return {"float32": torch.float32, "float64": torch.float64}[getattr(name, "value", name)]
+
+
+def resolve_import(path: str, what: str) -> Any:
+    """``'package.module:attribute'`` → the object. The configuration is trusted code."""
+    if ":" not in path:
+        raise ConfigurationError(f"{what} {path!r} must look like 'package.module:attribute'.")
+    module_name, _, attr = path.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigurationError(f"{what} {path!r}: cannot import module {module_name!r}: {exc}") from exc
+    try:
+        obj = module
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except AttributeError as exc:
+        raise ConfigurationError(f"{what} {path!r}: module {module_name!r} has no {attr!r}.") from exc
+    return obj
+
+
+# -- model -----------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=2)
+def _builtin_network() -> tuple[dict[str, torch.Tensor], bytes]:
+    from .example import load_digits_example, train_model
+
+    state = train_model(load_digits_example()).state_dict()
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return state, buffer.getvalue()
+
+
+def _read_bytes(url: str, storage_options: dict, what: str) -> bytes:
+    try:
+        with fsspec.open(url, "rb", **storage_options) as f:
+            return f.read()
+    except FileNotFoundError as exc:
+        raise ConfigurationError(f"{what} {url!r} does not exist.") from exc
+    except Exception as exc:  # network, permissions, bad protocol
+        raise ConfigurationError(f"{what} {url!r} cannot be read: {exc}") from exc
+
+
+def load_network(config: PipelineConfig) -> tuple[nn.Module, str]:
+    """The trained network in eval mode, in the configured dtype and device, and a fingerprint
+    of what determines it (factory + checkpoint bytes)."""
+    spec = config.model
+    if spec.factory == BUILTIN:
+        from .example import build_model
+
+        network = build_model()
+        state, raw = _builtin_network()
+        if spec.checkpoint:
+            raw = _read_bytes(spec.checkpoint, config.storage_options, "checkpoint")
+            state = _load_state_dict(raw, spec.checkpoint)
+    else:
+        factory = resolve_import(spec.factory, "model factory")
+        if not callable(factory):
+            raise ConfigurationError(f"model factory {spec.factory!r} is not callable.")
+        network = factory(**spec.factory_kwargs)
+        if not isinstance(network, nn.Module):
+            raise ConfigurationError(
+                f"model factory {spec.factory!r} returned {type(network).__name__}, not an nn.Module."
+            )
+        if not spec.checkpoint:
+            raise ConfigurationError(
+                "model.checkpoint is empty: influences need the trained weights (a state_dict "
+                "saved with torch.save)."
+            )
+        raw = _read_bytes(spec.checkpoint, config.storage_options, "checkpoint")
+        state = _load_state_dict(raw, spec.checkpoint)
+    try:
+        network.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ConfigurationError(
+            f"checkpoint {spec.checkpoint or BUILTIN!r} does not fit the model from "
+            f"{spec.factory!r}: {exc}"
+        ) from exc
+    network = network.to(device=config.device.value, dtype=torch_dtype(config.dtype)).eval()
+    digest = hashlib.sha256(raw).hexdigest()
+    return network, f"{spec.factory}|{json_kwargs(spec.factory_kwargs)}|sha256:{digest}"
+
+
+def json_kwargs(kwargs: dict) -> str:
+    import json
+
+    return json.dumps(kwargs, sort_keys=True, default=str)
+
+
+def _load_state_dict(raw: bytes, url: str) -> dict[str, torch.Tensor]:
+    try:
+        state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise ConfigurationError(
+            f"checkpoint {url!r} is not a plain state_dict of tensors; it was refused by "
+            f"torch.load(weights_only=True) (it may contain arbitrary Python objects): {exc}"
+        ) from exc
+    except Exception as exc:
+        raise ConfigurationError(f"checkpoint {url!r} cannot be loaded: {exc}") from exc
+    if not isinstance(state, dict):
+        raise ConfigurationError(f"checkpoint {url!r} holds a {type(state).__name__}, not a state_dict.")
+    return state
+
+
+def resolve_loss(name: str) -> Callable:
+    if name == LossName.cross_entropy.value:
+        return nn.functional.cross_entropy
+    if name == LossName.mse.value:
+        return nn.functional.mse_loss
+    loss = resolve_import(name, "loss")
+    if not callable(loss):
+        raise ConfigurationError(f"loss {name!r} is not callable.")
+    return loss
+
+
+# -- data ------------------------------------------------------------------------------------------
+class DataSource:
+    """Random access to ``(x, y)`` rows of a data set as numpy arrays."""
+
+    def __init__(self, x: Any, y: Any, description: str):
+        if len(x) != len(y):
+            raise ShapeMismatchError(f"{description}: x has {len(x)} rows but y has {len(y)}.")
+        if len(x) == 0:
+            raise EmptyDataError(f"{description}: the data set is empty.")
+        self._x, self._y, self.description = x, y, description
+
+    def __len__(self) -> int:
+        return len(self._x)
+
+    @property
+    def x_shape(self) -> tuple[int, ...]:
+        return tuple(self._x.shape[1:])
+
+    def rows(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        return np.asarray(self._x[start:stop]), np.asarray(self._y[start:stop])
+
+    def fingerprint(self) -> str:
+        """sha256 of shapes, dtypes and contents, read in slices (never all at once)."""
+        h = hashlib.sha256()
+        for arr in (self._x, self._y):
+            h.update(f"{tuple(arr.shape)}|{np.dtype(arr.dtype).str}|".encode())
+        for start in range(0, len(self), _HASH_ROWS):
+            x, y = self.rows(start, start + _HASH_ROWS)
+            h.update(np.ascontiguousarray(x).tobytes())
+            h.update(np.ascontiguousarray(y).tobytes())
+        return "sha256:" + h.hexdigest()
+
+
+@functools.lru_cache(maxsize=8)
+def _open_cached(url: str, options_json: str) -> DataSource:
+    import json
+
+    return _open(url, json.loads(options_json))
+
+
+def open_source(url: str, storage_options: Optional[dict] = None, role: str = "train") -> DataSource:
+    """Open a data location (see :class:`~prefect_influence.config.DataSpec`); cached per process."""
+    return _open_cached(_role_url(url, role), json_kwargs(storage_options or {}))
+
+
+def _role_url(url: str, role: str) -> str:
+    return f"{url}#{role}" if url == BUILTIN else url
+
+
+def _open(url: str, storage_options: dict) -> DataSource:
+    if url.startswith(BUILTIN + "#"):
+        from .example import load_digits_example
+
+        ex = load_digits_example()
+        role = url.split("#", 1)[1]
+        return DataSource(*((ex.x_train, ex.y_train) if role == "train" else (ex.x_test, ex.y_test)), url)
+    if "://" not in url and ":" in url and not url.startswith(("/", ".")) and not _looks_like_drive(url):
+        return _dataset_source(url)
+    if url.endswith(".npz"):
+        raw = _read_bytes(url, storage_options, "data")
+        with np.load(io.BytesIO(raw), allow_pickle=False) as f:
+            _require_keys(url, f.files)
+            return DataSource(f["x"], f["y"], url)
+    fs, path = fsspec.core.url_to_fs(url, **storage_options)
+    try:
+        exists = fs.exists(path)
+    except Exception as exc:
+        raise ConfigurationError(f"data {url!r} cannot be reached: {exc}") from exc
+    if not exists:
+        raise ConfigurationError(f"data {url!r} does not exist.")
+    if fs.exists(f"{path}/x.npy"):
+        x = np.load(io.BytesIO(fs.cat_file(f"{path}/x.npy")), allow_pickle=False)
+        y = np.load(io.BytesIO(fs.cat_file(f"{path}/y.npy")), allow_pickle=False)
+        return DataSource(x, y, url)
+    import zarr
+
+    try:
+        group = zarr.open_group(url, mode="r", storage_options=storage_options or None)
+    except Exception as exc:
+        raise ConfigurationError(
+            f"data {url!r} is neither a zarr group, a directory with x.npy/y.npy nor a .npz: {exc}"
+        ) from exc
+    _require_keys(url, list(group.array_keys()))
+    return DataSource(group["x"], group["y"], url)
+
+
+def _looks_like_drive(url: str) -> bool:
+    return len(url) > 1 and url[1] == ":"
+
+
+def _require_keys(url: str, keys: list[str]) -> None:
+    missing = {"x", "y"} - set(keys)
+    if missing:
+        raise ConfigurationError(f"data {url!r} lacks arrays {sorted(missing)} (has {sorted(keys)}).")
+
+
+def _dataset_source(path: str) -> DataSource:
+    factory = resolve_import(path, "data factory")
+    dataset = factory()
+    try:
+        n = len(dataset)
+    except TypeError as exc:
+        raise ConfigurationError(f"data factory {path!r} must return a sized torch Dataset.") from exc
+    if n == 0:
+        raise EmptyDataError(f"data factory {path!r} returned an empty data set.")
+    pairs = [dataset[i] for i in range(n)]
+    x = np.stack([np.asarray(p[0]) for p in pairs])
+    y = np.stack([np.asarray(p[1]) for p in pairs])
+    return DataSource(x, y, path)
+
+
+# -- influence model -------------------------------------------------------------------------------
+def build_influence_model(config: PipelineConfig, network: nn.Module):
+    """The (unfitted) influence model the configuration describes."""
+    from . import torch as methods
+
+    m = config.method
+    loss = resolve_loss(config.model.loss)
+    reg = m.regularization
+    if m.name is Method.direct:
+        return methods.DirectInfluence(network, loss, reg)
+    if m.name is Method.cg:
+        pre = None
+        if m.preconditioner is PreconditionerName.jacobi:
+            pre = methods.JacobiPreconditioner(num_samples_estimator=4)
+        elif m.preconditioner is PreconditionerName.nystroem:
+            pre = methods.NystroemPreconditioner(rank=m.preconditioner_rank)
+        return methods.CgInfluence(network, loss, reg, rtol=m.rtol, atol=m.atol, maxiter=m.maxiter,
+                                   preconditioner=pre, batch_size=m.fit_batch_size)
+    if m.name is Method.lissa:
+        return methods.LissaInfluence(network, loss, reg, maxiter=m.maxiter or 1000, dampen=m.lissa_dampen,
+                                      scale=m.lissa_scale, rtol=m.rtol, batch_size=m.fit_batch_size)
+    if m.name is Method.arnoldi:
+        return methods.ArnoldiInfluence(network, loss, reg, rank=m.rank, krylov_dimension=m.krylov_dimension)
+    if m.name is Method.nystroem:
+        return methods.NystroemSketchInfluence(network, loss, reg, rank=m.rank)
+    if m.name is Method.ekfac:
+        return methods.EkfacInfluence(network, loss, reg)
+    raise ConfigurationError(f"unknown method {m.name!r}")  # pragma: no cover - enum guards it

@@ -1,0 +1,307 @@
+"""The stages of an influence job as plain functions of ``(config, indices)``: plan, fit,
+factors of one test chunk, one column of blocks (one train chunk against test chunks), summary.
+
+Each stage reads what it needs from the configuration's sources and the store, skips work whose
+completion record validates, and writes its results through :mod:`prefect_influence.storage`.
+Prefect tasks wrap these functions one-to-one; tests and the sequential path call them directly.
+Per-sample computations run with one torch thread, so a chunk's bytes never depend on where
+or when it was computed: a resumed job is bit-identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import torch
+
+from . import __version__
+from .base import InfluenceMode
+from .blocks import influence_block, train_operand
+from .config import PipelineConfig
+from .sources import build_influence_model, load_network, open_source, torch_dtype
+from .storage import FACTORS, INFLUENCES, SELF_INFLUENCE, ConfigMismatchError, Grid, InfluenceStore
+
+__all__ = [
+    "Plan",
+    "plan_job",
+    "fit_stage",
+    "factors_stage",
+    "column_stage",
+    "summary_stage",
+    "auto_chunk_sizes",
+]
+
+logger = logging.getLogger("prefect_influence")
+
+#: per-task overhead of a Prefect task on Dask (measured 40–90 ms), and the target share of it
+TASK_OVERHEAD_S = 0.09
+OVERHEAD_SHARE = 0.10
+#: conservative per-worker throughput of small per-sample gradient kernels (flop/s)
+WORKER_FLOPS = 1.0e9
+MAX_GRAD_BYTES = 256 * 2**20
+MAX_BLOCK_BYTES = 64 * 2**20
+
+
+@dataclass(frozen=True)
+class Plan:
+    grid: Grid
+    fingerprint: dict[str, Any]
+    reused_output: bool
+
+
+def _config_key(config: PipelineConfig) -> str:
+    return config.model_dump_json()
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+# -- planning --------------------------------------------------------------------------------------
+def auto_chunk_sizes(n_train: int, n_test: int, n_parameters: int, n_workers: int,
+                     itemsize: int = 4) -> tuple[int, int]:
+    """Chunk sizes from the problem size and worker count (deterministic: no timing).
+
+    A column task costs about ``train_chunk · p · (6 + 2·n_test)`` flops (per-sample gradients
+    plus one GEMM against every factor). It must last ``TASK_OVERHEAD_S / OVERHEAD_SHARE`` (0.9 s)
+    at ``WORKER_FLOPS`` so Prefect's overhead stays ≤ 10%; beyond that, chunks shrink to give
+    each worker about four columns, and a chunk's gradients stay under 256 MiB.
+    """
+    flops_per_sample = n_parameters * (6 + 2 * n_test)
+    min_train = math.ceil(TASK_OVERHEAD_S / OVERHEAD_SHARE * WORKER_FLOPS / max(flops_per_sample, 1))
+    spread = math.ceil(n_train / (4 * max(n_workers, 1)))
+    cap = max(1, MAX_GRAD_BYTES // (n_parameters * itemsize))
+    train_chunk = max(1, min(n_train, cap, max(min_train, spread)))
+    test_chunk = max(1, min(n_test, MAX_BLOCK_BYTES // (train_chunk * itemsize), 4096))
+    return train_chunk, test_chunk
+
+
+def _fingerprint(config: PipelineConfig, model_fp: str, train_fp: str, test_fp: str,
+                 grid: Grid) -> dict[str, Any]:
+    return {
+        "model": model_fp,
+        "loss": config.model.loss,
+        "train": train_fp,
+        "test": test_fp,
+        "method": json.loads(config.method.model_dump_json()),
+        "mode": config.mode.value,
+        "dtype": config.dtype.value,
+        "device": config.device.value,
+        "test_chunk": grid.test_chunk,
+        "train_chunk": grid.train_chunk,
+    }
+
+
+def plan_job(config: PipelineConfig, n_workers: int = 1) -> Plan:
+    """Resolve inputs, fingerprint them, check or create the output; cheap relative to the job.
+
+    An existing output with another fingerprint raises :class:`ConfigMismatchError` naming the
+    differences, unless ``config.overwrite`` (then it is cleared). With ``auto`` chunking, an
+    existing output's chunk sizes are adopted, so a resume never re-chunks.
+    """
+    network, model_fp = load_network(config)
+    train = open_source(config.data.train, config.storage_options, "train")
+    test = open_source(config.data.test, config.storage_options, "test")
+    if train.x_shape != test.x_shape:
+        from .errors import ShapeMismatchError
+
+        raise ShapeMismatchError(
+            f"training samples have shape {train.x_shape} but test samples {test.x_shape}."
+        )
+    p = sum(q.numel() for q in network.parameters() if q.requires_grad)
+    store = InfluenceStore(config.output, config.storage_options)
+    manifest = store.read_manifest()
+    itemsize = torch_dtype(config.dtype).itemsize
+    auto_train, auto_test = auto_chunk_sizes(len(train), len(test), p, n_workers, itemsize)
+    train_chunk = auto_train if config.train_chunk_size == "auto" else int(config.train_chunk_size)
+    test_chunk = auto_test if config.test_chunk_size == "auto" else int(config.test_chunk_size)
+    if manifest is not None and not config.overwrite:
+        old = manifest.get("fingerprint", {})
+        if config.train_chunk_size == "auto":
+            train_chunk = old.get("train_chunk", train_chunk)
+        if config.test_chunk_size == "auto":
+            test_chunk = old.get("test_chunk", test_chunk)
+    grid = Grid(len(test), len(train), min(test_chunk, len(test)), min(train_chunk, len(train)),
+                p, train.x_shape, config.mode.value, config.dtype.value)
+    fingerprint = _fingerprint(config, model_fp, train.fingerprint(), test.fingerprint(), grid)
+    reused = False
+    if manifest is not None:
+        if manifest.get("fingerprint") == fingerprint and not config.overwrite:
+            reused = True
+        elif config.overwrite:
+            store.clear()
+            store = InfluenceStore(config.output, config.storage_options)
+        else:
+            diff = sorted(k for k in set(fingerprint) | set(manifest.get("fingerprint", {}))
+                          if fingerprint.get(k) != manifest.get("fingerprint", {}).get(k))
+            raise ConfigMismatchError(
+                f"{config.output!r} holds results of a different configuration (differs in: "
+                f"{', '.join(diff)}). Use another output, or overwrite=True to replace them."
+            )
+    elif not store.is_empty():
+        if not config.overwrite:
+            raise ConfigMismatchError(
+                f"{config.output!r} is not empty and holds no prefect-influence manifest; refusing "
+                "to write into it. Choose an empty location or set overwrite=True."
+            )
+        store.clear()
+        store = InfluenceStore(config.output, config.storage_options)
+    if not reused:
+        store.write_manifest({
+            "package_version": __version__,
+            "fingerprint": fingerprint,
+            "grid": grid.to_json(),
+            "config": config.redacted() | {"overwrite": False},
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        })
+    store.create_arrays(grid)
+    _context.cache_clear()  # a process may have cached an older state of this output
+    return Plan(grid, fingerprint, reused)
+
+
+# -- the job context of a process ------------------------------------------------------------------
+class _Context:
+    """What the tasks of one job share within a process: store, grid and (lazily) the fitted
+    influence model, loaded once per worker process rather than once per task."""
+
+    def __init__(self, config: PipelineConfig):
+        self.config = config
+        self.store = InfluenceStore(config.output, config.storage_options)
+        self.grid = self.store.grid()
+
+    @functools.cached_property
+    def model(self) -> Any:
+        network, _ = load_network(self.config)
+        model = build_influence_model(self.config, network)
+        state = self.store.read_fitted_state()
+        if state is None:
+            from .errors import StorageError
+
+            raise StorageError(
+                f"{self.config.output!r} has no valid fitted state; run the fit stage first."
+            )
+        return model.load_fitted_state(state)
+
+
+@functools.lru_cache(maxsize=4)
+def _context(key: str) -> _Context:
+    return _Context(PipelineConfig.model_validate_json(key))
+
+
+def _rows(config: PipelineConfig, role: str, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+    url = config.data.train if role == "train" else config.data.test
+    x, y = open_source(url, config.storage_options, role).rows(start, stop)
+    return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y))
+
+
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    return t.detach().cpu().numpy()
+
+
+# -- stages ----------------------------------------------------------------------------------------
+def fit_stage(config: PipelineConfig) -> bool:
+    """Fit the influence model and store its state; returns ``True`` if a valid one was reused."""
+    store = InfluenceStore(config.output, config.storage_options)
+    if store.read_fitted_state() is not None:
+        return True
+    from torch.utils.data import DataLoader, TensorDataset
+
+    network, _ = load_network(config)
+    model = build_influence_model(config, network)
+    x, y = _rows(config, "train", 0, len(open_source(config.data.train, config.storage_options, "train")))
+    model.fit(DataLoader(TensorDataset(x, y), batch_size=config.method.fit_batch_size))
+    store.write_fitted_state(model.fitted_state())
+    _context.cache_clear()
+    return False
+
+
+def factors_stage(config: PipelineConfig, i: int) -> bool:
+    """Factors of test chunk ``i``; returns ``True`` if the stored chunk was reused."""
+    ctx = _context(_config_key(config))
+    if ctx.store.chunk_done(FACTORS, ctx.grid, (i,)):
+        return True
+    start, stop = ctx.grid.test_ranges[i]
+    with torch_threads(1):
+        x, y = _rows(config, "test", start, stop)
+        factors = ctx.model.influence_factors(x, y)
+    ctx.store.write_chunk(FACTORS, ctx.grid, (i,), _numpy(factors))
+    return False
+
+
+def column_stage(config: PipelineConfig, j: int, test_chunks: Optional[list[int]] = None) -> dict[str, int]:
+    """Blocks ``(i, j)`` for the given test chunks (default all) and, if asked, the
+    self-influence of train chunk ``j``. The train chunk's gradients are computed once, only if
+    something is missing. Returns counts of computed and reused blocks."""
+    ctx = _context(_config_key(config))
+    grid, store, mode = ctx.grid, ctx.store, InfluenceMode.parse(config.mode)
+    rows = list(range(grid.shape[0])) if test_chunks is None else list(test_chunks)
+    missing = [i for i in rows if not store.chunk_done(INFLUENCES, grid, (i, j))]
+    want_self = config.self_influence and not store.chunk_done(SELF_INFLUENCE, grid, (j,))
+    counts = {"computed": len(missing), "reused": len(rows) - len(missing)}
+    if not missing and not want_self:
+        return counts
+    start, stop = grid.train_ranges[j]
+    with torch_threads(1):
+        x, y = _rows(config, "train", start, stop)
+        operand = train_operand(ctx.model, x, y, mode)
+        for i in missing:
+            factors = torch.from_numpy(store.read_chunk(FACTORS, grid, (i,)))
+            store.write_chunk(INFLUENCES, grid, (i, j), _numpy(influence_block(ctx.model, factors, operand, mode)))
+        if want_self:
+            grads = operand.grads if operand.grads is not None else ctx.model.per_sample_grads(x, y)
+            values = (ctx.model.factors_from_grads(grads) * grads).sum(dim=1)
+            store.write_chunk(SELF_INFLUENCE, grid, (j,), _numpy(values))
+    return counts
+
+
+def summary_stage(config: PipelineConfig) -> dict[str, Any]:
+    """Top-k most helpful / harmful training indices per test point, streamed one block at a
+    time (Up mode); returns the summary's info."""
+    store = InfluenceStore(config.output, config.storage_options)
+    grid = store.grid()
+    existing = store.read_summary()
+    if existing is not None and existing[1].get("top_k") == config.top_k:
+        return existing[1]
+    info: dict[str, Any] = {"top_k": config.top_k, "mode": grid.mode}
+    arrays: dict[str, np.ndarray] = {}
+    if grid.mode == InfluenceMode.Up.value:
+        k = min(config.top_k, grid.n_train)
+        parts = {name: [] for name in ("top_helpful", "top_helpful_values", "top_harmful", "top_harmful_values")}
+        for i, (t0, t1) in enumerate(grid.test_ranges):
+            best_idx = np.zeros((t1 - t0, 0), dtype=np.int64)
+            best_val = np.zeros((t1 - t0, 0), dtype=np.dtype(grid.dtype))
+            worst_idx, worst_val = best_idx.copy(), best_val.copy()
+            for j, (s0, s1) in enumerate(grid.train_ranges):
+                block = store.read_chunk(INFLUENCES, grid, (i, j))
+                idx = np.broadcast_to(np.arange(s0, s1), block.shape)
+                best_idx, best_val = _top(np.hstack([best_idx, idx]), np.hstack([best_val, block]), k, True)
+                worst_idx, worst_val = _top(np.hstack([worst_idx, idx]), np.hstack([worst_val, block]), k, False)
+            parts["top_helpful"].append(best_idx)
+            parts["top_helpful_values"].append(best_val)
+            parts["top_harmful"].append(worst_idx)
+            parts["top_harmful_values"].append(worst_val)
+        arrays = {name: np.vstack(p) for name, p in parts.items()}
+    store.write_summary(arrays, info)
+    return info
+
+
+def _top(idx: np.ndarray, val: np.ndarray, k: int, largest: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the k largest (or smallest) values; ties broken by the smaller index."""
+    key = -val if largest else val
+    order = np.stack([np.lexsort((idx[r], key[r]))[:k] for r in range(key.shape[0])])
+    return np.take_along_axis(idx, order, 1), np.take_along_axis(val, order, 1)

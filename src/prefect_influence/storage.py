@@ -1,0 +1,332 @@
+"""The on-disk layout of an influence job, owned by this module alone.
+
+Under the output URL (any fsspec URL: local directory, ``file://``, ``memory://``, ``s3://``)::
+
+    manifest.json                     schema version, package version, fingerprint, grid
+    fitted/<key>                      zarr arrays: the influence model's fitted state (no pickle)
+    factors                           zarr array n_test × p, chunks (test_chunk, p)
+    influences                        zarr array n_test × n_train [× input shape],
+                                      chunks (test_chunk, train_chunk [, input shape])
+    self_influence                    zarr array n_train, chunks (train_chunk,)
+    summary/top_helpful, ...          zarr arrays n_test × k (indices and values)
+    records/<array>/<i>[.<j>].json    completion record of one chunk: sha256, shape, dtype
+    records/fitted.json, records/summary.json
+
+A chunk counts as done only when its record exists **and** the chunk read back hashes to the
+recorded sha256: the record is written after the data, so a crash between the two, a truncated
+or a bit-flipped chunk all read as "not done" and are recomputed. Every write covers exactly one
+chunk, so rewriting it is idempotent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Iterator, Optional
+
+import fsspec
+import numpy as np
+
+from .errors import StorageError
+
+__all__ = ["Grid", "InfluenceStore", "ConfigMismatchError", "SCHEMA_VERSION", "checksum"]
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+FACTORS, INFLUENCES, SELF_INFLUENCE = "factors", "influences", "self_influence"
+SUMMARY_ARRAYS = ("top_helpful", "top_helpful_values", "top_harmful", "top_harmful_values")
+
+
+class ConfigMismatchError(StorageError, ValueError):
+    """The output holds results of a different configuration."""
+
+
+def checksum(values: np.ndarray) -> str:
+    arr = np.ascontiguousarray(values)
+    h = hashlib.sha256(f"{arr.shape}|{arr.dtype.str}|".encode())
+    h.update(arr.tobytes())
+    return h.hexdigest()
+
+
+def _ranges(n: int, size: int) -> list[tuple[int, int]]:
+    return [(s, min(s + size, n)) for s in range(0, n, size)]
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The block grid: test rows × train columns, both chunked along samples."""
+
+    n_test: int
+    n_train: int
+    test_chunk: int
+    train_chunk: int
+    n_parameters: int
+    x_shape: tuple[int, ...]
+    mode: str  # "up" or "perturbation"
+    dtype: str  # "float32" or "float64"
+
+    @property
+    def test_ranges(self) -> list[tuple[int, int]]:
+        return _ranges(self.n_test, self.test_chunk)
+
+    @property
+    def train_ranges(self) -> list[tuple[int, int]]:
+        return _ranges(self.n_train, self.train_chunk)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return len(self.test_ranges), len(self.train_ranges)
+
+    @property
+    def n_blocks(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    @property
+    def influence_shape(self) -> tuple[int, ...]:
+        extra = self.x_shape if self.mode == "perturbation" else ()
+        return (self.n_test, self.n_train, *extra)
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["x_shape"] = list(self.x_shape)
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "Grid":
+        return cls(**{**data, "x_shape": tuple(data["x_shape"])})
+
+
+class InfluenceStore:
+    """Reads and writes one job's outputs under ``url`` (see the module docstring)."""
+
+    def __init__(self, url: str, storage_options: Optional[dict] = None):
+        self.url = url.rstrip("/")
+        self.storage_options = dict(storage_options or {})
+        try:
+            self.fs, self.root = fsspec.core.url_to_fs(self.url, **self.storage_options)
+        except Exception as exc:
+            raise StorageError(f"Cannot open output location {self.url!r}: {exc}") from exc
+        self._group = None
+
+    # -- paths and small files -------------------------------------------------------------------
+    def _path(self, *parts: str) -> str:
+        return "/".join([self.root.rstrip("/"), *parts])
+
+    def _write_json(self, rel: str, data: dict) -> None:
+        path = self._path(rel)
+        self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        self.fs.pipe_file(path, json.dumps(data, indent=1, sort_keys=True).encode())
+
+    def _read_json(self, rel: str) -> Optional[dict]:
+        path = self._path(rel)
+        try:
+            raw = self.fs.cat_file(path)
+        except FileNotFoundError:
+            return None
+        try:
+            return json.loads(raw)
+        except ValueError:
+            return None  # a torn record is no record
+
+    def _remove(self, rel: str) -> None:
+        try:
+            self.fs.rm_file(self._path(rel))
+        except FileNotFoundError:
+            pass
+
+    def is_empty(self) -> bool:
+        try:
+            return not self.fs.exists(self.root) or not self.fs.ls(self.root)
+        except FileNotFoundError:
+            return True
+
+    def clear(self) -> None:
+        """Delete everything under the output URL (used for ``overwrite``)."""
+        if self.fs.exists(self.root):
+            self.fs.rm(self.root, recursive=True)
+        self._group = None
+
+    # -- manifest --------------------------------------------------------------------------------
+    def read_manifest(self) -> Optional[dict]:
+        return self._read_json(MANIFEST)
+
+    def write_manifest(self, manifest: dict) -> None:
+        self._write_json(MANIFEST, {"schema_version": SCHEMA_VERSION, **manifest})
+
+    def grid(self) -> Grid:
+        manifest = self.read_manifest()
+        if manifest is None:
+            raise StorageError(f"{self.url!r} holds no prefect-influence manifest.")
+        return Grid.from_json(manifest["grid"])
+
+    # -- zarr ------------------------------------------------------------------------------------
+    @property
+    def group(self):
+        import zarr
+
+        if self._group is None:
+            self._group = zarr.open_group(
+                self.url, mode="a", storage_options=self.storage_options or None, zarr_format=3
+            )
+        return self._group
+
+    def create_arrays(self, grid: Grid) -> None:
+        """Create the result arrays if missing (existing ones are kept: resume)."""
+        dtype = np.dtype(grid.dtype)
+        specs = {
+            FACTORS: ((grid.n_test, grid.n_parameters), (grid.test_chunk, grid.n_parameters), dtype),
+            INFLUENCES: (grid.influence_shape,
+                         (grid.test_chunk, grid.train_chunk, *grid.influence_shape[2:]), dtype),
+            SELF_INFLUENCE: ((grid.n_train,), (grid.train_chunk,), dtype),
+        }
+        for name, (shape, chunks, dt) in specs.items():
+            arr = self._array_or_none(name)
+            if arr is not None:
+                if tuple(arr.shape) != tuple(shape) or tuple(arr.chunks) != tuple(chunks):
+                    raise StorageError(
+                        f"{self.url}/{name} has shape {arr.shape} and chunks {arr.chunks}, expected "
+                        f"{shape} and {chunks}; use overwrite=True to start over."
+                    )
+                continue
+            self.group.create_array(name, shape=shape, chunks=chunks, dtype=dt, fill_value=np.nan)
+
+    def _array_or_none(self, name: str):
+        try:
+            return self.group[name]
+        except KeyError:
+            return None
+
+    # -- chunks with completion records ----------------------------------------------------------
+    def _record_path(self, name: str, index: tuple[int, ...]) -> str:
+        return f"records/{name}/{'.'.join(map(str, index))}.json"
+
+    def _chunk_slices(self, name: str, grid: Grid, index: tuple[int, ...]) -> tuple[slice, ...]:
+        if name == FACTORS:
+            (i,) = index
+            return (slice(*grid.test_ranges[i]),)
+        if name == SELF_INFLUENCE:
+            (j,) = index
+            return (slice(*grid.train_ranges[j]),)
+        i, j = index
+        return (slice(*grid.test_ranges[i]), slice(*grid.train_ranges[j]))
+
+    def write_chunk(self, name: str, grid: Grid, index: tuple[int, ...], values: np.ndarray) -> None:
+        """Write one chunk, then its completion record (in that order)."""
+        values = np.asarray(values, dtype=np.dtype(grid.dtype))
+        self._remove(self._record_path(name, index))
+        self.group[name][self._chunk_slices(name, grid, index)] = values
+        self._write_json(
+            self._record_path(name, index),
+            {"sha256": checksum(values), "shape": list(values.shape), "dtype": values.dtype.str},
+        )
+
+    def read_chunk(self, name: str, grid: Grid, index: tuple[int, ...]) -> np.ndarray:
+        return np.asarray(self.group[name][self._chunk_slices(name, grid, index)])
+
+    def chunk_done(self, name: str, grid: Grid, index: tuple[int, ...]) -> bool:
+        """True only if the record exists and the stored chunk matches its checksum."""
+        record = self._read_json(self._record_path(name, index))
+        if record is None:
+            return False
+        try:
+            values = self.read_chunk(name, grid, index)
+        except Exception:
+            return False  # unreadable (e.g. truncated, undecodable) chunk
+        return checksum(values) == record.get("sha256")
+
+    def recorded(self, name: str) -> set[tuple[int, ...]]:
+        """Indices that have a completion record (not verified; see :meth:`chunk_done`)."""
+        try:
+            files = self.fs.ls(self._path("records", name), detail=False)
+        except FileNotFoundError:
+            return set()
+        out = set()
+        for f in files:
+            stem = f.rsplit("/", 1)[-1].removesuffix(".json")
+            try:
+                out.add(tuple(int(p) for p in stem.split(".")))
+            except ValueError:
+                continue
+        return out
+
+    # -- fitted state ----------------------------------------------------------------------------
+    def write_fitted_state(self, state: dict[str, Any]) -> None:
+        import torch
+
+        self._remove("records/fitted.json")
+        sums = {}
+        for key, tensor in state.items():
+            arr = tensor.detach().cpu().numpy() if isinstance(tensor, torch.Tensor) else np.asarray(tensor)
+            name = f"fitted/{key}"
+            self.group.create_array(name, shape=arr.shape, dtype=arr.dtype, overwrite=True,
+                                    chunks=arr.shape or (), fill_value=0)
+            self.group[name][...] = arr
+            sums[key] = checksum(arr)
+        self._write_json("records/fitted.json", {"arrays": sums})
+
+    def read_fitted_state(self) -> Optional[dict[str, Any]]:
+        """The fitted state as torch tensors, or ``None`` if missing or corrupt."""
+        import torch
+
+        record = self._read_json("records/fitted.json")
+        if record is None:
+            return None
+        state = {}
+        try:
+            for key, digest in record["arrays"].items():
+                arr = np.asarray(self.group[f"fitted/{key}"][...])
+                if checksum(arr) != digest:
+                    return None
+                state[key] = torch.from_numpy(np.array(arr))
+        except (KeyError, Exception):
+            return None
+        return state
+
+    # -- summary ---------------------------------------------------------------------------------
+    def write_summary(self, arrays: dict[str, np.ndarray], info: dict) -> None:
+        self._remove("records/summary.json")
+        sums = {}
+        for key, arr in arrays.items():
+            self.group.create_array(f"summary/{key}", shape=arr.shape, dtype=arr.dtype,
+                                    chunks=arr.shape, overwrite=True, fill_value=0)
+            self.group[f"summary/{key}"][...] = arr
+            sums[key] = checksum(arr)
+        self._write_json("records/summary.json", {"arrays": sums, "info": info})
+
+    def read_summary(self) -> Optional[tuple[dict[str, np.ndarray], dict]]:
+        record = self._read_json("records/summary.json")
+        if record is None:
+            return None
+        out = {}
+        try:
+            for key, digest in record["arrays"].items():
+                arr = np.asarray(self.group[f"summary/{key}"][...])
+                if checksum(arr) != digest:
+                    return None
+                out[key] = arr
+        except Exception:
+            return None
+        return out, record["info"]
+
+    # -- status ----------------------------------------------------------------------------------
+    def status(self, verify: bool = False) -> dict[str, Any]:
+        """Completion of every stage; with ``verify`` every recorded chunk is checksummed."""
+        manifest = self.read_manifest()
+        if manifest is None:
+            return {"url": self.url, "exists": not self.is_empty(), "manifest": None}
+        grid = Grid.from_json(manifest["grid"])
+        out: dict[str, Any] = {"url": self.url, "exists": True, "manifest": manifest}
+        totals = {FACTORS: grid.shape[0], INFLUENCES: grid.n_blocks, SELF_INFLUENCE: grid.shape[1]}
+        for name, total in totals.items():
+            recorded = self.recorded(name)
+            entry: dict[str, Any] = {"total": total, "recorded": len(recorded)}
+            if verify:
+                corrupt = sorted(ix for ix in recorded if not self.chunk_done(name, grid, ix))
+                entry["corrupt"] = [list(ix) for ix in corrupt]
+                entry["done"] = len(recorded) - len(corrupt)
+            out[name] = entry
+        out["fitted"] = self._read_json("records/fitted.json") is not None
+        out["summary"] = self._read_json("records/summary.json") is not None
+        return out
