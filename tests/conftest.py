@@ -9,3 +9,4 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")

@@ -157,14 +157,16 @@ class DataSource:
     """Random access to ``(x, y)`` rows of a data set as numpy arrays."""
 
     def __init__(self, x: Any, y: Any, description: str):
-        if len(x) != len(y):
-            raise ShapeMismatchError(f"{description}: x has {len(x)} rows but y has {len(y)}.")
-        if len(x) == 0:
+        if not x.shape or not y.shape:
+            raise ShapeMismatchError(f"{description}: x and y need a leading sample dimension.")
+        if x.shape[0] != y.shape[0]:
+            raise ShapeMismatchError(f"{description}: x has {x.shape[0]} rows but y has {y.shape[0]}.")
+        if x.shape[0] == 0:
             raise EmptyDataError(f"{description}: the data set is empty.")
         self._x, self._y, self.description = x, y, description
 
     def __len__(self) -> int:
-        return len(self._x)
+        return int(self._x.shape[0])
 
     @property
     def x_shape(self) -> tuple[int, ...]:

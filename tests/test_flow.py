@@ -1,0 +1,118 @@
+"""The whole flow on a real Prefect API (``prefect_test_harness``) and a real ``LocalCluster``;
+resume after SIGKILL of the flow process is bit-identical and recomputes nothing done."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from prefect.client.orchestration import get_client
+from prefect.testing.utilities import prefect_test_harness
+
+from prefect_influence.flows import influence_pipeline
+from prefect_influence.storage import InfluenceStore
+from jobs import job_config, read_outputs, write_inputs
+
+pytestmark = pytest.mark.timeout(900)
+
+
+@pytest.fixture(scope="module")
+def api_url():
+    with prefect_test_harness(server_startup_timeout=180):
+        with get_client(sync_client=True) as client:
+            yield str(client.api_url).rstrip("/")
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    return write_inputs(tmp_path_factory.mktemp("flow-inputs"))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(api_url, inputs, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("flow-ref") / "out")
+    config = job_config(inputs, out, train_chunk_size=10)  # 2 × 24 blocks
+    result = influence_pipeline(config)
+    return config, result, read_outputs(out)
+
+
+def test_flow_on_local_cluster_matches_tasks(uninterrupted, inputs, tmp_path):
+    config, result, got = uninterrupted
+    assert result["grid"] == [2, 24]
+    assert (result["blocks_computed"], result["blocks_reused"]) == (48, 0)
+    assert not np.isnan(got["influences"]).any()
+    # the same job through the tasks' functions in this process gives the same bytes
+    from test_stages import run_tasks
+
+    local = job_config(inputs, str(tmp_path / "out"), train_chunk_size=10)
+    run_tasks(local)
+    for name, values in read_outputs(local.output).items():
+        assert np.array_equal(values, got[name]), name
+
+
+def test_flow_publishes_artifacts(uninterrupted):
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts()
+    by_key = {a.key: a for a in artifacts if a.key}
+    assert "influence-top-k" in by_key and "influence-summary" in by_key
+    table = by_key["influence-top-k"].data
+    assert "most_helpful" in str(table)
+    progress = [a for a in artifacts if a.type == "progress"]
+    assert progress and max(float(a.data) for a in progress) == 100.0
+
+
+def test_rerun_reuses_every_block(uninterrupted):
+    config, _, before = uninterrupted
+    result = influence_pipeline(config)
+    assert (result["blocks_computed"], result["blocks_reused"], result["fit_reused"]) == (0, 48, True)
+    for name, values in read_outputs(config.output).items():
+        assert np.array_equal(values, before[name]), name
+
+
+def _block_records(out: Path) -> dict[str, int]:
+    folder = out / "records" / "influences"
+    return {p.name: p.stat().st_mtime_ns for p in folder.glob("*.json")} if folder.exists() else {}
+
+
+def test_sigkill_then_rerun_is_bit_identical(api_url, uninterrupted, inputs, tmp_path):
+    _, _, expected = uninterrupted
+    out = tmp_path / "out"
+    config = job_config(inputs, str(out), train_chunk_size=10)
+    config_file = tmp_path / "job.yaml"
+    config_file.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    env = {**os.environ, "PREFECT_API_URL": api_url}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "prefect_influence.cli", "run", str(config_file)],
+        env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while len(_block_records(out)) < 6:
+            assert proc.poll() is None, "the run ended before it could be killed"
+            assert time.monotonic() < deadline, "no blocks were finished in time"
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the flow process and its Dask workers
+        proc.wait()
+    store = InfluenceStore(str(out))
+    grid = store.grid()
+    done = {ix for ix in store.recorded("influences") if store.chunk_done("influences", grid, ix)}
+    assert 6 <= len(done) < 48
+    records_before = _block_records(out)
+
+    result = influence_pipeline(config)
+    assert result["blocks_reused"] == len(done)
+    assert result["blocks_computed"] == 48 - len(done)
+    after = _block_records(out)
+    for ix in done:  # finished blocks were not rewritten
+        name = f"{ix[0]}.{ix[1]}.json"
+        assert after[name] == records_before[name]
+    for name, values in read_outputs(str(out)).items():
+        assert np.array_equal(values, expected[name]), name

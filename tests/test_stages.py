@@ -1,0 +1,160 @@
+"""Each pipeline task alone (``.fn``, Dask's synchronous scheduler, no cluster): results equal an
+independent in-memory computation; resume skips valid chunks and redoes corrupt ones."""
+
+from __future__ import annotations
+
+import dask
+import numpy as np
+import pytest
+import torch
+
+from prefect_influence import stages
+from prefect_influence.sources import build_influence_model, load_network, open_source
+from prefect_influence.storage import ConfigMismatchError, InfluenceStore
+from prefect_influence.tasks import compute_factors, fit_model, influences_from_factors, write_summary
+from jobs import job_config, read_outputs, write_inputs
+
+
+def run_tasks(config) -> dict:
+    """The flow's task sequence, called in-process through ``.fn``."""
+    plan = stages.plan_job(config, n_workers=1)
+    with dask.config.set(scheduler="synchronous"):
+        fit_model.fn(config)
+        for i in range(plan.grid.shape[0]):
+            compute_factors.fn(config, i)
+        counts = [influences_from_factors.fn(config, j) for j in range(plan.grid.shape[1])]
+        write_summary.fn(config)
+    return {"computed": sum(c["computed"] for c in counts), "reused": sum(c["reused"] for c in counts)}
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    return write_inputs(tmp_path_factory.mktemp("inputs"))
+
+
+@pytest.fixture(scope="module")
+def reference(inputs, tmp_path_factory):
+    """One uninterrupted run and an independent in-memory computation of the same job."""
+    out = str(tmp_path_factory.mktemp("ref") / "out")
+    config = job_config(inputs, out)
+    counts = run_tasks(config)
+    network, _ = load_network(config)
+    model = build_influence_model(config, network)
+    model.load_fitted_state(InfluenceStore(out).read_fitted_state())
+    x, y = (torch.from_numpy(a) for a in open_source(inputs["train"]).rows(0, 10**9))
+    xt, yt = (torch.from_numpy(a) for a in open_source(inputs["test"]).rows(0, 10**9))
+    expected = {
+        "factors": model.influence_factors(xt, yt).numpy(),
+        "influences": model.influences(xt, yt, x, y).numpy(),
+        "self_influence": model.self_influences(x, y).numpy(),
+    }
+    return config, counts, read_outputs(out), expected
+
+
+def test_tasks_alone_match_in_memory_computation(reference):
+    config, counts, got, expected = reference
+    assert counts == {"computed": 12, "reused": 0}  # 2 test chunks × 6 train chunks
+    # float32: chunked and whole-matrix products may round differently; 1e-5 relative to the
+    # largest entry is ~100 ulps of float32, far below any meaningful influence difference
+    for name in ("factors", "influences", "self_influence"):
+        scale = np.abs(expected[name]).max()
+        np.testing.assert_allclose(got[name], expected[name], rtol=1e-5, atol=1e-5 * scale)
+
+
+def test_summary_top_k_is_exact(reference):
+    _, _, got, _ = reference
+    values = got["influences"]
+    order = np.argsort(-values, axis=1, kind="stable")[:, :5]
+    np.testing.assert_array_equal(got["top_helpful"], order)
+    np.testing.assert_array_equal(got["top_helpful_values"], np.take_along_axis(values, order, 1))
+    order = np.argsort(values, axis=1, kind="stable")[:, :5]
+    np.testing.assert_array_equal(got["top_harmful"], order)
+
+
+def test_rerun_reuses_everything(reference):
+    config, _, before, _ = reference
+    assert run_tasks(config) == {"computed": 0, "reused": 12}
+    after = read_outputs(config.output)
+    for name in before:
+        assert np.array_equal(before[name], after[name], equal_nan=True), name
+
+
+def test_missing_and_corrupt_chunks_are_recomputed_bit_identically(inputs, reference, tmp_path):
+    _, _, expected, _ = reference
+    config = job_config(inputs, str(tmp_path / "out"))
+    run_tasks(config)
+    store = InfluenceStore(config.output)
+    grid = store.grid()
+    # a half-finished block: data written, record never made
+    store._remove(store._record_path("influences", (1, 2)))
+    # a truncated chunk file after completion
+    chunk_file = tmp_path / "out" / "influences" / "c" / "0" / "4"
+    assert chunk_file.exists()
+    chunk_file.write_bytes(chunk_file.read_bytes()[:7])
+    # a bit flip in a factors chunk
+    factors_file = tmp_path / "out" / "factors" / "c" / "1" / "0"
+    raw = bytearray(factors_file.read_bytes())
+    raw[len(raw) // 2] ^= 0x40
+    factors_file.write_bytes(bytes(raw))
+    status = store.status(verify=True)
+    assert status["influences"]["corrupt"] == [[0, 4]]
+    assert status["influences"]["recorded"] == 11
+    assert status["factors"]["corrupt"] == [[1]]
+    assert not store.chunk_done("factors", grid, (1,))
+    counts = run_tasks(config)
+    assert counts == {"computed": 2, "reused": 10}
+    got = read_outputs(config.output)
+    for name in expected:
+        assert np.array_equal(got[name], expected[name], equal_nan=True), name
+
+
+def test_changed_configuration_is_refused(inputs, reference):
+    config, _, before, _ = reference
+    changed = job_config(inputs, config.output, method={"regularization": 0.5})
+    with pytest.raises(ConfigMismatchError, match="method"):
+        stages.plan_job(changed)
+    assert np.array_equal(read_outputs(config.output)["influences"], before["influences"])
+
+
+def test_overwrite_replaces_a_different_configuration(inputs, tmp_path):
+    out = str(tmp_path / "out")
+    run_tasks(job_config(inputs, out))
+    counts = run_tasks(job_config(inputs, out, method={"regularization": 0.5}, overwrite=True))
+    assert counts["computed"] == 12
+    assert InfluenceStore(out).read_manifest()["fingerprint"]["method"]["regularization"] == 0.5
+
+
+def test_foreign_non_empty_output_is_refused(inputs, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "precious.txt").write_text("keep me")
+    with pytest.raises(ConfigMismatchError, match="not empty"):
+        stages.plan_job(job_config(inputs, str(tmp_path / "out")))
+    assert (tmp_path / "out" / "precious.txt").read_text() == "keep me"
+
+
+def test_memory_url_output(inputs, reference):
+    _, _, expected, _ = reference
+    url = "memory://stages-test/out"
+    config = job_config(inputs, url)
+    try:
+        run_tasks(config)
+        got = read_outputs(url)
+        for name in expected:
+            assert np.array_equal(got[name], expected[name], equal_nan=True), name
+    finally:
+        InfluenceStore(url).clear()
+
+
+def test_perturbation_mode(inputs, tmp_path):
+    config = job_config(inputs, str(tmp_path / "out"), mode="perturbation", self_influence=False)
+    run_tasks(config)
+    got = read_outputs(config.output)
+    assert got["influences"].shape == (40, 240, 64)
+    assert not np.isnan(got["influences"]).any()
+    network, _ = load_network(config)
+    model = build_influence_model(config, network)
+    model.load_fitted_state(InfluenceStore(config.output).read_fitted_state())
+    x, y = (torch.from_numpy(a) for a in open_source(config.data.train).rows(0, 5))
+    xt, yt = (torch.from_numpy(a) for a in open_source(config.data.test).rows(0, 3))
+    want = model.influences(xt, yt, x, y, "perturbation").numpy()
+    np.testing.assert_allclose(got["influences"][:3, :5], want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
