@@ -130,8 +130,16 @@ def influence_pipeline(config: PipelineConfig = PipelineConfig()) -> dict[str, A
     """Compute influence factors and every test × train influence for ``config``, storing them
     as zarr under ``config.output``. Rerunning with the same configuration resumes."""
     logger = get_run_logger()
-    start = time.perf_counter()
     logger.info("configuration: %s", json.dumps(config.redacted()))
+    store = InfluenceStore(config.output, config.storage_options)
+    with store.hold_lease(force=config.force):
+        result, info = _run(config, logger)
+    logger.info("done: %s", json.dumps(result))
+    return result
+
+
+def _run(config: PipelineConfig, logger) -> tuple[dict[str, Any], dict[str, Any]]:
+    start = time.perf_counter()
     plan = stages.plan_job(config, n_workers=1 if config.dask_address else n_local_workers(config))
     grid = plan.grid
     logger.info(
@@ -157,8 +165,7 @@ def influence_pipeline(config: PipelineConfig = PipelineConfig()) -> dict[str, A
                     "summary": round(end - t_grid, 3), "total": round(end - start, 3)},
     }
     _publish(config, grid, result, info)
-    logger.info("done: %s", json.dumps(result))
-    return result
+    return result, info
 
 
 def _publish(config: PipelineConfig, grid, result: dict[str, Any], info: dict[str, Any]) -> None:

@@ -46,6 +46,8 @@ def _run_flow(config) -> dict:
 
 def cmd_run(args: argparse.Namespace) -> int:
     overrides = {"overwrite": True} if args.overwrite else {}
+    if args.force:
+        overrides["force"] = True
     if args.output:
         overrides["output"] = args.output
     result = _run_flow(load_config(args.config, overrides))
@@ -131,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("config", help="configuration file (fields of PipelineConfig)")
     run.add_argument("--output", help="override the output URL")
     run.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    run.add_argument("--force", action="store_true",
+                     help="take the output over from another run holding its lease (known dead)")
     run.set_defaults(func=cmd_run)
     demo = sub.add_parser("demo", help="run the built-in digits example end to end")
     demo.add_argument("--output", default="influence-output/demo", help="output directory or URL")

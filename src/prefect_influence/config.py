@@ -168,6 +168,10 @@ class PipelineConfig(_Section):
     top_k: int = Field(10, ge=1, title="Top k", description="Most helpful/harmful training points kept per test point.")
     self_influence: bool = Field(True, title="Self-influence", description="Also compute every training point's self-influence.")
     overwrite: bool = Field(False, title="Overwrite", description="Replace an existing output made with another configuration.")
+    force: bool = Field(
+        False, title="Force takeover",
+        description="Take the output over from another run that still holds its lease (only when that run is known to be dead).",
+    )
     dask_address: Optional[str] = Field(
         None, title="Dask scheduler", description="Address of an existing Dask scheduler; empty for a local cluster."
     )

@@ -166,7 +166,7 @@ def plan_job(config: PipelineConfig, n_workers: int = 1) -> Plan:
             "package_version": __version__,
             "fingerprint": fingerprint,
             "grid": grid.to_json(),
-            "config": config.redacted() | {"overwrite": False},
+            "config": config.redacted() | {"overwrite": False, "force": False},
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         })
     store.create_arrays(grid)

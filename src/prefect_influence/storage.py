@@ -11,6 +11,7 @@ Under the output URL (any fsspec URL: local directory, ``file://``, ``memory://`
     summary/top_helpful, ...          zarr arrays n_test × k (indices and values)
     records/<array>/<i>[.<j>].json    completion record of one chunk: sha256, shape, dtype
     records/fitted.json, records/summary.json
+    lease.json                        which run is writing here, until when (see below)
 
 A chunk counts as done only when its record exists **and** the chunk read back hashes to the
 recorded sha256: the record is written after the data, so a crash between the two, a truncated
@@ -20,9 +21,14 @@ chunk, so rewriting it is idempotent.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-import math
+import os
+import socket
+import threading
+import time
+import uuid
 from dataclasses import asdict, dataclass
 from typing import Any, Iterator, Optional
 
@@ -31,10 +37,13 @@ import numpy as np
 
 from .errors import StorageError
 
-__all__ = ["Grid", "InfluenceStore", "ConfigMismatchError", "SCHEMA_VERSION", "checksum"]
+__all__ = [
+    "Grid", "InfluenceStore", "ConfigMismatchError", "LeaseHeldError", "SCHEMA_VERSION", "checksum",
+]
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
+LEASE = "lease.json"
 FACTORS, INFLUENCES, SELF_INFLUENCE = "factors", "influences", "self_influence"
 SUMMARY_ARRAYS = ("top_helpful", "top_helpful_values", "top_harmful", "top_harmful_values")
 
@@ -43,11 +52,28 @@ class ConfigMismatchError(StorageError, ValueError):
     """The output holds results of a different configuration."""
 
 
+class LeaseHeldError(StorageError):
+    """Another live run holds the output's lease."""
+
+
 def checksum(values: np.ndarray) -> str:
     arr = np.ascontiguousarray(values)
     h = hashlib.sha256(f"{arr.shape}|{arr.dtype.str}|".encode())
     h.update(arr.tobytes())
     return h.hexdigest()
+
+
+def _lease_stale(lease: dict) -> bool:
+    if lease.get("expires", 0) < time.time():
+        return True
+    if lease.get("host") == socket.gethostname():
+        try:
+            os.kill(int(lease.get("pid", -1)), 0)
+        except ProcessLookupError:
+            return True  # its process died on this host
+        except (PermissionError, ValueError, OSError):
+            return False
+    return False
 
 
 def _ranges(n: int, size: int) -> list[tuple[int, int]]:
@@ -137,16 +163,90 @@ class InfluenceStore:
             pass
 
     def is_empty(self) -> bool:
+        """Whether nothing but (possibly) a lease lies under the output URL."""
+        self.fs.invalidate_cache(self.root)
         try:
-            return not self.fs.exists(self.root) or not self.fs.ls(self.root)
+            if not self.fs.exists(self.root):
+                return True
+            entries = [e.rstrip("/") for e in self.fs.ls(self.root, detail=False)]
         except FileNotFoundError:
             return True
+        return all(e == self._path(LEASE) for e in entries)
 
     def clear(self) -> None:
-        """Delete everything under the output URL (used for ``overwrite``)."""
+        """Delete everything under the output URL except the lease (used for ``overwrite``)."""
         if self.fs.exists(self.root):
-            self.fs.rm(self.root, recursive=True)
+            lease = self._path(LEASE)
+            for entry in self.fs.ls(self.root, detail=False):
+                if entry.rstrip("/") != lease:
+                    self.fs.rm(entry, recursive=True)
         self._group = None
+
+    # -- lease -----------------------------------------------------------------------------------
+    def acquire_lease(self, ttl_seconds: float = 600.0, force: bool = False,
+                      owner: Optional[str] = None) -> str:
+        """Take the output for this run; returns the owner token to renew and release with."""
+        current = self._read_json(LEASE)
+        if current and not force and not _lease_stale(current):
+            raise LeaseHeldError(
+                f"{self.url!r} is in use by another run (owner {current.get('owner')}, host "
+                f"{current.get('host')}, pid {current.get('pid')}) until "
+                f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(current.get('expires', 0)))}. "
+                "Wait for it, or take over with force=True (CLI: --force) if it is dead."
+            )
+        token = owner or uuid.uuid4().hex
+        self._write_lease(token, ttl_seconds)
+        time.sleep(0.05)  # two runs racing: the last writer wins, the other notices below
+        held = self._read_json(LEASE)
+        if not held or held.get("owner") != token:
+            raise LeaseHeldError(f"{self.url!r} was taken by another run at the same moment.")
+        return token
+
+    @contextlib.contextmanager
+    def hold_lease(self, force: bool = False, ttl_seconds: float = 600.0) -> Iterator[str]:
+        """Hold the lease while the block runs, renewed by a background thread every ttl/4."""
+        token = self.acquire_lease(ttl_seconds, force)
+        stop = threading.Event()
+        failure: list[BaseException] = []
+
+        def keep() -> None:
+            while not stop.wait(ttl_seconds / 4):
+                try:
+                    self.renew_lease(token, ttl_seconds)
+                except LeaseHeldError as exc:
+                    failure.append(exc)
+                    return
+                except Exception:  # a transient storage error: try again next round
+                    continue
+
+        thread = threading.Thread(target=keep, name="prefect-influence-lease", daemon=True)
+        thread.start()
+        try:
+            yield token
+        finally:
+            stop.set()
+            thread.join()
+            self.release_lease(token)
+        if failure:
+            raise failure[0]
+
+    def renew_lease(self, token: str, ttl_seconds: float = 600.0) -> None:
+        held = self._read_json(LEASE)
+        if held and held.get("owner") != token:
+            raise LeaseHeldError(
+                f"{self.url!r}: this run's lease was taken over by {held.get('owner')} "
+                f"(host {held.get('host')}); stopping so the two runs do not interleave."
+            )
+        self._write_lease(token, ttl_seconds)
+
+    def release_lease(self, token: str) -> None:
+        held = self._read_json(LEASE)
+        if held and held.get("owner") == token:
+            self._remove(LEASE)
+
+    def _write_lease(self, token: str, ttl_seconds: float) -> None:
+        self._write_json(LEASE, {"owner": token, "host": socket.gethostname(), "pid": os.getpid(),
+                                 "expires": time.time() + ttl_seconds})
 
     # -- manifest --------------------------------------------------------------------------------
     def read_manifest(self) -> Optional[dict]:
@@ -238,8 +338,10 @@ class InfluenceStore:
 
     def recorded(self, name: str) -> set[tuple[int, ...]]:
         """Indices that have a completion record (not verified; see :meth:`chunk_done`)."""
+        folder = self._path("records", name)
+        self.fs.invalidate_cache(folder)
         try:
-            files = self.fs.ls(self._path("records", name), detail=False)
+            files = self.fs.ls(folder, detail=False)
         except FileNotFoundError:
             return set()
         out = set()

@@ -1,0 +1,118 @@
+"""The storage layout: completion records, checksums, lease — on local and memory filesystems."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import time
+
+import numpy as np
+import pytest
+
+from prefect_influence.storage import Grid, InfluenceStore, LeaseHeldError, checksum
+
+GRID = Grid(n_test=5, n_train=7, test_chunk=2, train_chunk=3, n_parameters=4, x_shape=(2,),
+            mode="up", dtype="float32")
+
+
+@pytest.fixture(params=["local", "memory"])
+def store(request, tmp_path):
+    url = str(tmp_path / "out") if request.param == "local" else f"memory://storage-test-{os.getpid()}-{time.time_ns()}"
+    s = InfluenceStore(url)
+    s.write_manifest({"grid": GRID.to_json(), "fingerprint": {}})
+    s.create_arrays(GRID)
+    yield s
+    s.clear()
+
+
+def test_grid_ranges_cover_uneven_sizes():
+    assert GRID.test_ranges == [(0, 2), (2, 4), (4, 5)]
+    assert GRID.train_ranges == [(0, 3), (3, 6), (6, 7)]
+    assert GRID.shape == (3, 3) and GRID.n_blocks == 9
+    assert Grid.from_json(GRID.to_json()) == GRID
+
+
+def test_chunk_round_trip_and_record(store):
+    values = np.arange(3, dtype=np.float32).reshape(1, 3)
+    assert not store.chunk_done("influences", GRID, (2, 0))
+    store.write_chunk("influences", GRID, (2, 0), values)
+    assert store.chunk_done("influences", GRID, (2, 0))
+    np.testing.assert_array_equal(store.read_chunk("influences", GRID, (2, 0)), values)
+    assert store.recorded("influences") == {(2, 0)}
+    # rewriting is idempotent
+    store.write_chunk("influences", GRID, (2, 0), values)
+    assert store.chunk_done("influences", GRID, (2, 0))
+
+
+def test_a_chunk_changed_behind_the_record_is_not_done(store):
+    store.write_chunk("factors", GRID, (0,), np.ones((2, 4), dtype=np.float32))
+    store.group["factors"][0:2] = np.zeros((2, 4), dtype=np.float32)  # silent corruption
+    assert not store.chunk_done("factors", GRID, (0,))
+    assert store.status(verify=True)["factors"]["corrupt"] == [[0]]
+
+
+def test_fitted_state_round_trip_and_corruption(store):
+    import torch
+
+    state = {"eigenvalues": torch.arange(3.0), "n_parameters": torch.tensor(4)}
+    store.write_fitted_state(state)
+    back = store.read_fitted_state()
+    assert set(back) == set(state) and all(torch.equal(back[k], state[k]) for k in state)
+    store.group["fitted/eigenvalues"][...] = np.zeros(3, dtype=np.float32)
+    assert store.read_fitted_state() is None
+
+
+def test_checksum_depends_on_shape_dtype_and_bytes():
+    a = np.zeros((2, 3), dtype=np.float32)
+    assert checksum(a) != checksum(a.reshape(3, 2))
+    assert checksum(a) != checksum(a.astype(np.float64))
+    assert checksum(a) == checksum(a.copy())
+
+
+def test_lease_refuses_a_second_live_run_and_allows_forced_takeover(store):
+    token = store.acquire_lease(ttl_seconds=60)
+    with pytest.raises(LeaseHeldError, match="in use by another run"):
+        store.acquire_lease(ttl_seconds=60)
+    other = store.acquire_lease(ttl_seconds=60, force=True)
+    with pytest.raises(LeaseHeldError, match="taken over"):
+        store.renew_lease(token)
+    store.release_lease(token)  # not ours any more: left alone
+    with pytest.raises(LeaseHeldError):
+        store.acquire_lease()
+    store.release_lease(other)
+    store.release_lease(store.acquire_lease())
+
+
+def test_expired_lease_is_taken_over(store):
+    store.acquire_lease(ttl_seconds=0.01)
+    time.sleep(0.05)
+    store.acquire_lease(ttl_seconds=60)
+
+
+def _hold(url):
+    InfluenceStore(url).acquire_lease(ttl_seconds=3600)
+
+
+def test_lease_of_a_dead_process_on_this_host_is_stale(tmp_path):
+    url = str(tmp_path / "out")
+    proc = multiprocessing.get_context("spawn").Process(target=_hold, args=(url,))
+    proc.start()
+    proc.join()
+    store = InfluenceStore(url)
+    store.release_lease(store.acquire_lease(ttl_seconds=60))  # the holder exited: no error
+
+
+def test_hold_lease_renews_and_releases(store):
+    with store.hold_lease(ttl_seconds=0.4) as token:
+        time.sleep(0.6)  # longer than the TTL: only renewals keep it
+        assert store._read_json("lease.json")["owner"] == token
+        with pytest.raises(LeaseHeldError):
+            store.acquire_lease()
+    assert store._read_json("lease.json") is None
+
+
+def test_clear_keeps_the_lease(store):
+    token = store.acquire_lease()
+    store.clear()
+    assert store.is_empty()
+    assert store._read_json("lease.json")["owner"] == token
