@@ -116,3 +116,21 @@ def test_sigkill_then_rerun_is_bit_identical(api_url, uninterrupted, inputs, tmp
         assert after[name] == records_before[name]
     for name, values in read_outputs(str(out)).items():
         assert np.array_equal(values, expected[name]), name
+
+
+def test_second_run_on_a_leased_output_is_refused(uninterrupted):
+    from prefect_influence.storage import LeaseHeldError
+
+    config, _, before = uninterrupted
+    store = InfluenceStore(config.output)
+    token = store.acquire_lease(ttl_seconds=60)  # a live run elsewhere holds the output
+    try:
+        with pytest.raises(LeaseHeldError, match="in use by another run"):
+            influence_pipeline(config)
+        # a forced takeover runs (and reuses everything)
+        result = influence_pipeline(config.model_copy(update={"force": True}))
+        assert result["blocks_reused"] == 48
+    finally:
+        store.release_lease(token)
+    for name, values in read_outputs(config.output).items():
+        assert np.array_equal(values, before[name]), name

@@ -28,6 +28,8 @@ import os
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, Callable, Generic, Iterator, Optional, TypeVar, Union
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 import numpy as np
 
@@ -204,11 +206,13 @@ def open_store(
     from zarr.storage import FsspecStore, LocalStore
 
     url = os.fspath(path_or_url)
-    if "://" not in url:
-        path = Path(url).expanduser()
+    is_file_url = url.startswith("file://")
+    if "://" not in url or is_file_url:
+        path = Path(url2pathname(urlparse(url).path) if is_file_url else url).expanduser()
         if not storage_options:
             return LocalStore(path, read_only=read_only)
-        url = path.absolute().as_uri()  # options for the local filesystem go through fsspec
+        # options for the local filesystem go through fsspec; create directories like LocalStore
+        url, storage_options = path.absolute().as_uri(), {"auto_mkdir": True, **storage_options}
     return FsspecStore.from_url(url, storage_options=storage_options, read_only=read_only)
 
 

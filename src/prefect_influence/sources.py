@@ -17,7 +17,13 @@ import torch
 from torch import nn
 
 from .config import BUILTIN, LossName, Method, PipelineConfig, PreconditionerName
-from .errors import EmptyDataError, InfluenceInputError, ShapeMismatchError, StorageError
+from .errors import (
+    EmptyDataError,
+    InfluenceInputError,
+    InputRankError,
+    NonFiniteError,
+    ShapeMismatchError,
+)
 
 __all__ = [
     "ConfigurationError",
@@ -96,7 +102,12 @@ def load_network(config: PipelineConfig) -> tuple[nn.Module, str]:
         factory = resolve_import(spec.factory, "model factory")
         if not callable(factory):
             raise ConfigurationError(f"model factory {spec.factory!r} is not callable.")
-        network = factory(**spec.factory_kwargs)
+        try:
+            network = factory(**spec.factory_kwargs)
+        except TypeError as exc:
+            raise ConfigurationError(
+                f"model factory {spec.factory!r} cannot be called with {spec.factory_kwargs}: {exc}"
+            ) from exc
         if not isinstance(network, nn.Module):
             raise ConfigurationError(
                 f"model factory {spec.factory!r} returned {type(network).__name__}, not an nn.Module."
@@ -176,12 +187,19 @@ class DataSource:
         return np.asarray(self._x[start:stop]), np.asarray(self._y[start:stop])
 
     def fingerprint(self) -> str:
-        """sha256 of shapes, dtypes and contents, read in slices (never all at once)."""
+        """sha256 of shapes, dtypes and contents, read in slices (never all at once). The same
+        pass refuses non-finite values, so bad data fails before any expensive work."""
         h = hashlib.sha256()
         for arr in (self._x, self._y):
             h.update(f"{tuple(arr.shape)}|{np.dtype(arr.dtype).str}|".encode())
         for start in range(0, len(self), _HASH_ROWS):
             x, y = self.rows(start, start + _HASH_ROWS)
+            for name, arr in (("x", x), ("y", y)):
+                if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
+                    bad = start + int(np.flatnonzero(~np.isfinite(arr.reshape(len(arr), -1)).all(1))[0])
+                    raise NonFiniteError(
+                        f"{self.description}: {name} contains NaN or Inf (first at row {bad})."
+                    )
             h.update(np.ascontiguousarray(x).tobytes())
             h.update(np.ascontiguousarray(y).tobytes())
         return "sha256:" + h.hexdigest()
@@ -263,6 +281,41 @@ def _dataset_source(path: str) -> DataSource:
     x = np.stack([np.asarray(p[0]) for p in pairs])
     y = np.stack([np.asarray(p[1]) for p in pairs])
     return DataSource(x, y, path)
+
+
+def check_model_fits_data(network: nn.Module, loss_name: str, source: DataSource, dtype) -> None:
+    """Run the network and loss on the first rows, and check labels against the outputs, so a
+    wrong input rank or out-of-range labels fail before any expensive work."""
+    x, y = source.rows(0, min(len(source), 64))
+    tx = torch.from_numpy(np.ascontiguousarray(x))
+    tx = tx.to(dtype) if tx.is_floating_point() else tx
+    try:
+        with torch.no_grad():
+            out = network(tx)
+    except Exception as exc:
+        raise InputRankError(
+            f"{source.description}: the model cannot be applied to inputs of shape "
+            f"{tuple(x.shape[1:])} per sample: {exc}"
+        ) from exc
+    if loss_name == LossName.cross_entropy.value:
+        if not np.issubdtype(y.dtype, np.integer):
+            raise InfluenceInputError(
+                f"{source.description}: cross_entropy needs integer class labels in y, got {y.dtype}."
+            )
+        n_classes = out.shape[1] if out.ndim > 1 else 1
+        labels = np.concatenate([source.rows(s, s + _HASH_ROWS)[1].reshape(-1)
+                                 for s in range(0, len(source), _HASH_ROWS)])
+        bad = (labels < 0) | (labels >= n_classes)
+        if bad.any():
+            raise InfluenceInputError(
+                f"{source.description}: {int(bad.sum())} label(s) outside [0, {n_classes}) for a "
+                f"model with {n_classes} outputs (e.g. {int(labels[bad][0])})."
+            )
+    elif loss_name == LossName.mse.value and tuple(out.shape[1:]) != tuple(y.shape[1:]):
+        raise ShapeMismatchError(
+            f"{source.description}: mse targets have shape {tuple(y.shape[1:])} per sample but "
+            f"the model outputs {tuple(out.shape[1:])}."
+        )
 
 
 # -- influence model -------------------------------------------------------------------------------

@@ -27,7 +27,13 @@ from . import __version__
 from .base import InfluenceMode
 from .blocks import influence_block, train_operand
 from .config import PipelineConfig
-from .sources import build_influence_model, load_network, open_source, torch_dtype
+from .sources import (
+    build_influence_model,
+    check_model_fits_data,
+    load_network,
+    open_source,
+    torch_dtype,
+)
 from .storage import FACTORS, INFLUENCES, SELF_INFLUENCE, ConfigMismatchError, Grid, InfluenceStore
 
 __all__ = [
@@ -117,14 +123,19 @@ def plan_job(config: PipelineConfig, n_workers: int = 1) -> Plan:
     network, model_fp = load_network(config)
     train = open_source(config.data.train, config.storage_options, "train")
     test = open_source(config.data.test, config.storage_options, "test")
+    data_fps = (train.fingerprint(), test.fingerprint())  # also refuses NaN/Inf
     if train.x_shape != test.x_shape:
         from .errors import ShapeMismatchError
 
         raise ShapeMismatchError(
             f"training samples have shape {train.x_shape} but test samples {test.x_shape}."
         )
+    for source in (train, test):
+        check_model_fits_data(network, config.model.loss, source, torch_dtype(config.dtype))
+    build_influence_model(config, network)  # validates the method's options (rank, layers...)
     p = sum(q.numel() for q in network.parameters() if q.requires_grad)
     store = InfluenceStore(config.output, config.storage_options)
+    store.check_writable()
     manifest = store.read_manifest()
     itemsize = torch_dtype(config.dtype).itemsize
     auto_train, auto_test = auto_chunk_sizes(len(train), len(test), p, n_workers, itemsize)
@@ -138,7 +149,7 @@ def plan_job(config: PipelineConfig, n_workers: int = 1) -> Plan:
             test_chunk = old.get("test_chunk", test_chunk)
     grid = Grid(len(test), len(train), min(test_chunk, len(test)), min(train_chunk, len(train)),
                 p, train.x_shape, config.mode.value, config.dtype.value)
-    fingerprint = _fingerprint(config, model_fp, train.fingerprint(), test.fingerprint(), grid)
+    fingerprint = _fingerprint(config, model_fp, *data_fps, grid)
     reused = False
     if manifest is not None:
         if manifest.get("fingerprint") == fingerprint and not config.overwrite:

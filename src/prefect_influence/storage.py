@@ -173,6 +173,16 @@ class InfluenceStore:
             return True
         return all(e == self._path(LEASE) for e in entries)
 
+    def check_writable(self) -> None:
+        """Write and delete a probe file, so an unwritable output fails before any work."""
+        probe = self._path(f".write-probe-{uuid.uuid4().hex}")
+        try:
+            self.fs.makedirs(self.root, exist_ok=True)
+            self.fs.pipe_file(probe, b"")
+            self.fs.rm_file(probe)
+        except Exception as exc:
+            raise StorageError(f"The output location {self.url!r} is not writable: {exc}") from exc
+
     def clear(self) -> None:
         """Delete everything under the output URL except the lease (used for ``overwrite``)."""
         if self.fs.exists(self.root):
