@@ -1,0 +1,126 @@
+"""Transient storage faults: errors and torn writes injected by an fsspec filesystem registered
+for the test. Tasks retry with backoff, no corrupt chunk is ever accepted, and when retries run
+out the run fails clearly and a later run resumes cleanly to the same bytes."""
+
+from __future__ import annotations
+
+import threading
+
+import fsspec
+import numpy as np
+import pytest
+from distributed import LocalCluster
+from fsspec.implementations.local import LocalFileSystem
+from prefect.testing.utilities import prefect_test_harness
+
+from prefect_influence.flows import influence_pipeline
+from prefect_influence.storage import InfluenceStore
+from jobs import job_config, read_outputs, write_inputs
+from test_stages import run_tasks
+
+pytestmark = pytest.mark.timeout(900)
+
+
+class FlakyFileSystem(LocalFileSystem):
+    """Local files behind ``flaky://``; injected faults:
+
+    * the first write of every influence chunk of test row 0 is torn: half its bytes land,
+      then ``OSError``;
+    * the first read of factors chunk 1 times out;
+    * paths listed in ``always_fail`` fail on every write.
+    """
+
+    protocol = ("flaky",)
+    lock = threading.Lock()
+    seen_writes: set = set()
+    seen_reads: set = set()
+    always_fail: set = set()
+    injected = 0
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("auto_mkdir", True)  # like an object store: no directories to make
+        super().__init__(*args, **kwargs)
+
+    @classmethod
+    def reset(cls):
+        cls.seen_writes, cls.seen_reads, cls.always_fail, cls.injected = set(), set(), set(), 0
+
+    @classmethod
+    def _strip_protocol(cls, path):
+        path = path[len("flaky://"):] if isinstance(path, str) and path.startswith("flaky://") else path
+        return super()._strip_protocol(path)
+
+    def pipe_file(self, path, value, **kwargs):
+        path = self._strip_protocol(path)
+        with self.lock:
+            first = "/influences/c/0/" in path and path not in self.seen_writes
+            self.seen_writes.add(path)
+            doomed = any(key in path for key in self.always_fail)
+            if first or doomed:
+                type(self).injected += 1
+        if first or doomed:
+            super().pipe_file(path, value[: len(value) // 2], **kwargs)
+            raise OSError(f"injected fault: connection reset while writing {path}")
+        return super().pipe_file(path, value, **kwargs)
+
+    def cat_file(self, path, start=None, end=None, **kwargs):
+        path = self._strip_protocol(path)
+        with self.lock:
+            first = "/factors/c/1/" in path and path not in self.seen_reads
+            self.seen_reads.add(path)
+            if first:
+                type(self).injected += 1
+        if first:
+            raise TimeoutError(f"injected fault: read timeout on {path}")
+        return super().cat_file(path, start, end, **kwargs)
+
+
+fsspec.register_implementation("flaky", FlakyFileSystem, clobber=True)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("faults")
+    inputs = write_inputs(root / "inputs")
+    reference = job_config(inputs, str(root / "reference"))
+    run_tasks(reference)
+    # one in-process worker thread: the workers share this process and its registered
+    # filesystem (one thread, since influence models are not thread-safe)
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+        with prefect_test_harness(server_startup_timeout=180):
+            yield root, inputs, read_outputs(reference.output), cluster.scheduler_address
+
+
+def test_transient_faults_are_retried_and_never_accepted(env):
+    root, inputs, expected, address = env
+    FlakyFileSystem.reset()
+    config = job_config(inputs, f"flaky://{root}/transient", dask_address=address)
+    result = influence_pipeline(config)
+    assert FlakyFileSystem.injected >= 7  # 6 torn block writes, ≥ 1 read timeout
+    # counts come from each column's final (successful) attempt, which may reuse a block an
+    # earlier, failed attempt of the same column had finished
+    assert result["blocks_computed"] + result["blocks_reused"] == 12
+    got = read_outputs(str(root / "transient"))
+    for name, values in expected.items():
+        assert np.array_equal(got[name], values, equal_nan=True), name
+    assert InfluenceStore(str(root / "transient")).status(verify=True)["influences"]["corrupt"] == []
+
+
+def test_persistent_fault_fails_clearly_then_resumes(env):
+    root, inputs, expected, address = env
+    FlakyFileSystem.reset()
+    FlakyFileSystem.always_fail = {"/influences/c/1/3"}
+    config = job_config(inputs, f"flaky://{root}/persistent", dask_address=address)
+    with pytest.raises(OSError, match="injected fault"):
+        influence_pipeline(config)
+    store = InfluenceStore(str(root / "persistent"))
+    grid = store.grid()
+    assert not store.chunk_done("influences", grid, (1, 3))  # the torn chunk is not accepted
+    assert store._read_json("lease.json") is None  # a failed run releases its lease
+
+    FlakyFileSystem.reset()  # the store is healthy again
+    result = influence_pipeline(config)
+    assert result["blocks_computed"] >= 1 and result["blocks_reused"] >= 1
+    got = read_outputs(str(root / "persistent"))
+    for name, values in expected.items():
+        assert np.array_equal(got[name], values, equal_nan=True), name
