@@ -367,60 +367,55 @@ class InfluenceStore:
     def write_fitted_state(self, state: dict[str, Any]) -> None:
         import torch
 
-        self._remove("records/fitted.json")
-        sums = {}
-        for key, tensor in state.items():
-            arr = tensor.detach().cpu().numpy() if isinstance(tensor, torch.Tensor) else np.asarray(tensor)
-            name = f"fitted/{key}"
-            self.group.create_array(name, shape=arr.shape, dtype=arr.dtype, overwrite=True,
-                                    chunks=arr.shape or (), fill_value=0)
-            self.group[name][...] = arr
-            sums[key] = checksum(arr)
-        self._write_json("records/fitted.json", {"arrays": sums})
+        arrays = {k: v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
+                  for k, v in state.items()}
+        self._write_array_set("fitted", arrays, "records/fitted.json", {})
 
     def read_fitted_state(self) -> Optional[dict[str, Any]]:
         """The fitted state as torch tensors, or ``None`` if missing or corrupt."""
         import torch
 
-        record = self._read_json("records/fitted.json")
-        if record is None:
+        found = self._read_array_set("fitted", "records/fitted.json")
+        if found is None:
             return None
-        state = {}
-        try:
-            for key, digest in record["arrays"].items():
-                arr = np.asarray(self.group[f"fitted/{key}"][...])
-                if checksum(arr) != digest:
-                    return None
-                state[key] = torch.from_numpy(np.array(arr))
-        except (KeyError, Exception):
-            return None
-        return state
+        return {k: torch.from_numpy(np.array(v)) for k, v in found[0].items()}
 
     # -- summary ---------------------------------------------------------------------------------
     def write_summary(self, arrays: dict[str, np.ndarray], info: dict) -> None:
-        self._remove("records/summary.json")
-        sums = {}
-        for key, arr in arrays.items():
-            self.group.create_array(f"summary/{key}", shape=arr.shape, dtype=arr.dtype,
-                                    chunks=arr.shape, overwrite=True, fill_value=0)
-            self.group[f"summary/{key}"][...] = arr
-            sums[key] = checksum(arr)
-        self._write_json("records/summary.json", {"arrays": sums, "info": info})
+        self._write_array_set("summary", arrays, "records/summary.json", {"info": info})
 
     def read_summary(self) -> Optional[tuple[dict[str, np.ndarray], dict]]:
-        record = self._read_json("records/summary.json")
-        if record is None:
+        """Summary arrays and info, or ``None`` if missing or corrupt."""
+        found = self._read_array_set("summary", "records/summary.json")
+        return None if found is None else (found[0], found[1]["info"])
+
+    # -- small sets of whole arrays with one record ----------------------------------------------
+    def _write_array_set(self, prefix: str, arrays: dict[str, np.ndarray], record: str,
+                         extra: dict) -> None:
+        self._remove(record)
+        sums = {}
+        for key, arr in arrays.items():
+            name = f"{prefix}/{key}"
+            self.group.create_array(name, shape=arr.shape, dtype=arr.dtype, chunks=arr.shape or (),
+                                    overwrite=True, fill_value=0)
+            self.group[name][...] = arr
+            sums[key] = checksum(arr)
+        self._write_json(record, {"arrays": sums, **extra})
+
+    def _read_array_set(self, prefix: str, record: str) -> Optional[tuple[dict[str, np.ndarray], dict]]:
+        entry = self._read_json(record)
+        if entry is None:
             return None
         out = {}
         try:
-            for key, digest in record["arrays"].items():
-                arr = np.asarray(self.group[f"summary/{key}"][...])
+            for key, digest in entry["arrays"].items():
+                arr = np.asarray(self.group[f"{prefix}/{key}"][...])
                 if checksum(arr) != digest:
                     return None
                 out[key] = arr
-        except Exception:
+        except Exception:  # missing or undecodable array: not done
             return None
-        return out, record["info"]
+        return out, entry
 
     # -- status ----------------------------------------------------------------------------------
     def status(self, verify: bool = False) -> dict[str, Any]:
