@@ -1,4 +1,4 @@
-"""Sequential and Dask calculators against the model's own in-memory computation, and their errors."""
+"""Sequential and Dask calculators against the model's in-memory computation, and their errors."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from prefect_influence import (  # noqa: E402
     InfluenceMode,
     InvalidDimensionChunksError,
     NestedTorchCatAggregator,
+    NonFiniteError,
     NotFittedError,
     SequentialInfluenceCalculator,
     ShapeMismatchError,
@@ -103,15 +104,6 @@ def problem():
     return Problem()
 
 
-@pytest.fixture(scope="module")
-def cluster_client():
-    """One real multi-process cluster for the whole module (starting one takes seconds)."""
-    with LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
-    ) as cluster, Client(cluster) as client:
-        yield client
-
-
 def _sync_calculator(model):
     return DaskInfluenceCalculator(model, TorchNumpyConverter(), DisableClientSingleThreadCheck)
 
@@ -162,20 +154,47 @@ def test_sequential_factors_and_from_factors(problem, mode):
     np.testing.assert_allclose(values, problem.expected[mode], rtol=RTOL, atol=ATOL)
 
 
-def test_sequential_is_lazy_and_solves_each_test_chunk_once(problem):
+@pytest.mark.parametrize(
+    "cache_bytes, cached_chunks",
+    [(2**30, len(TRAIN_CHUNKS)), (0, 0), (sum(TRAIN_CHUNKS[:3]) * 43 * 8, 3)],
+)
+def test_sequential_is_lazy_and_does_each_gradient_pass_once(problem, cache_bytes, cached_chunks):
+    assert problem.model.n_parameters == 43  # float64 gradients: 43 · 8 bytes per sample
     model = problem.fresh_model()
     model.load_fitted_state(problem.model.fitted_state())
     counter = Counting(model)
-    lazy = SequentialInfluenceCalculator(model).influences(
-        problem.test_batches(), problem.train_batches()
-    )
+    calc = SequentialInfluenceCalculator(model, train_cache_bytes=cache_bytes)
+    lazy = calc.influences(problem.test_batches(), problem.train_batches())
     assert counter.counts == {"per_sample_grads": 0, "influence_factors": 0}
-    lazy.compute()
-    # one solve per test chunk; one gradient pass per train chunk in each row
+    values = lazy.compute(NestedTorchCatAggregator()).numpy()
+    np.testing.assert_allclose(values, problem.expected[InfluenceMode.Up], rtol=RTOL, atol=ATOL)
+    # one solve per test chunk; train gradients once, except those beyond the cache budget,
+    # which are recomputed in every further row
+    recomputed = (len(TEST_CHUNKS) - 1) * (len(TRAIN_CHUNKS) - cached_chunks)
     assert counter.counts == {
         "influence_factors": len(TEST_CHUNKS),
-        "per_sample_grads": len(TEST_CHUNKS) * len(TRAIN_CHUNKS),
+        "per_sample_grads": len(TRAIN_CHUNKS) + recomputed,
     }
+
+
+def test_non_finite_factors_are_refused(problem):
+    factors = problem.factors.clone()
+    factors[1, 2] = float("nan")
+    lazy = SequentialInfluenceCalculator(problem.model).influences_from_factors(
+        [factors], problem.train_batches()
+    )
+    with pytest.raises(NonFiniteError):
+        lazy.compute()
+    lazy = _sync_calculator(problem.model).influences_from_factors(
+        da.from_array(factors.numpy(), chunks=(4, -1)), *problem.dask_train()
+    )
+    with pytest.raises(NonFiniteError):
+        lazy.compute(scheduler="synchronous")
+
+
+def test_sequential_cache_budget_is_validated(problem):
+    with pytest.raises(InfluenceInputError, match="train_cache_bytes"):
+        SequentialInfluenceCalculator(problem.model, train_cache_bytes=-1)
 
 
 def test_sequential_to_zarr_writes_the_matrix(problem, tmp_path):
@@ -248,17 +267,28 @@ def test_dask_computes_factors_and_gradients_once_per_chunk(problem):
 # -- dask, real multi-process cluster ------------------------------------------------------------
 
 
+@pytest.fixture(scope="module")
+def cluster():
+    """One real multi-process cluster for the module (starting one takes seconds on 2 cores)."""
+    with LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
+    ) as cluster:
+        yield cluster
+
+
 @pytest.mark.parametrize("mode", MODES)
-def test_dask_local_cluster_matches_in_memory(problem, cluster_client, mode):
-    calc = DaskInfluenceCalculator(problem.model, TorchNumpyConverter(), cluster_client)
-    lazy = calc.influences(*problem.dask_test(), *problem.dask_train(), mode=mode)
-    values = cluster_client.compute(lazy).result()
+def test_dask_local_cluster_matches_in_memory(problem, cluster, mode):
+    """Real worker processes: the model is scattered, tasks and results are pickled."""
+    with Client(cluster) as client:
+        calc = DaskInfluenceCalculator(problem.model, TorchNumpyConverter(), client)
+        lazy = calc.influences(*problem.dask_test(), *problem.dask_train(), mode=mode)
+        values = client.compute(lazy).result()
     np.testing.assert_allclose(values, problem.expected[mode], rtol=RTOL, atol=ATOL)
 
 
 def test_threads_per_worker_2_is_refused(problem):
     with LocalCluster(
-        n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None
+        n_workers=1, threads_per_worker=2, processes=False, dashboard_address=":0"
     ) as cluster, Client(cluster) as client:
         with pytest.raises(ThreadSafetyViolationError, match="threads_per_worker=1") as info:
             DaskInfluenceCalculator(problem.model, TorchNumpyConverter(), client)
@@ -413,8 +443,10 @@ def _example_data():
     gen = torch.Generator().manual_seed(1)
     torch.manual_seed(1)
     model = nn.Linear(4, 3).eval()
-    train = (torch.randn(30, 4, generator=gen), torch.randint(0, 3, (30,), generator=gen))
-    test = (torch.randn(12, 4, generator=gen), torch.randint(0, 3, (12,), generator=gen))
+    # few samples: the example's DataLoader has batch size 1, so each CG iteration loops over
+    # every training sample
+    train = (torch.randn(16, 4, generator=gen), torch.randint(0, 3, (16,), generator=gen))
+    test = (torch.randn(10, 4, generator=gen), torch.randint(0, 3, (10,), generator=gen))
     return model, train, test
 
 
@@ -425,8 +457,31 @@ def _assert_close_f32(actual, expected):
     np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
 
 
-def test_reference_dask_example_runs_as_written(tmp_path, monkeypatch):
+def _client_on_shared_cluster(cluster, started_with):
+    """A ``distributed.Client`` stand-in for the example's ``Client(n_workers=4, ...)``.
+
+    It connects to the module's running cluster instead of starting four more worker processes
+    (about 30 s on two cores), records the arguments, and moves the workers into the current
+    directory as freshly started local workers would be (the example writes to a relative
+    path). Set PREFECT_INFLUENCE_EXAMPLE_OWN_CLUSTER=1 to run the example with its own cluster.
+    """
+
+    class SharedClusterClient(Client):
+        def __init__(self, **kwargs):
+            started_with.update(kwargs)
+            super().__init__(cluster)
+            self.run(os.chdir, os.getcwd())
+
+    return SharedClusterClient
+
+
+def test_reference_dask_example_runs_as_written(tmp_path, monkeypatch, cluster):
     monkeypatch.chdir(tmp_path)
+    started_with: dict = {}
+    if not os.environ.get("PREFECT_INFLUENCE_EXAMPLE_OWN_CLUSTER"):
+        monkeypatch.setattr(
+            "distributed.Client", _client_on_shared_cluster(cluster, started_with)
+        )
     model, train, test = _example_data()
     draws = iter([train, test])
 
@@ -436,16 +491,19 @@ def test_reference_dask_example_runs_as_written(tmp_path, monkeypatch):
     names = _ExampleLocals(model=model, loss=F.cross_entropy, LargeDataSet=LargeDataSet)
     try:
         exec(DASK_EXAMPLE, {"__name__": "dask_example"}, names)
+        if started_with:
+            assert started_with == {"n_workers": 4, "threads_per_worker": 1}
         assert names["da_y"].dtype == np.int64  # integer labels keep their dtype
-        assert names["da_x"].dtype == np.float32 and names["da_x"].chunks[0] == (10, 10, 10)
+        assert names["da_x"].dtype == np.float32 and names["da_x"].chunks[0] == (10, 6)
         stored = zarr.open_array("path/or/url", mode="r")[:]
         expected = names["infl_model"].influences(*test, *train).numpy()
-        assert stored.shape == (12, 30)
+        assert stored.shape == (10, 16)
         _assert_close_f32(stored, expected)
     finally:
         if "client" in names:
+            if not started_with:
+                names["client"].cluster.close()
             names["client"].close()
-            names["client"].cluster.close()
 
 
 def test_reference_sequential_example_runs_as_written(tmp_path, monkeypatch):

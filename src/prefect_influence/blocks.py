@@ -1,4 +1,4 @@
-"""The one place an influence block is computed: the factors of a test chunk against one train chunk.
+"""The one place an influence block is computed: a test chunk's factors against one train chunk.
 
 Every calculator (sequential, Dask, Prefect tasks) builds its result from these functions:
 
@@ -10,18 +10,20 @@ Every calculator (sequential, Dask, Prefect tasks) builds its result from these 
   ``factors @ grads.T`` (``n_i × n_j``) when gradients are there, else
   ``model.influences_from_factors(factors, x, y, mode)`` (Perturbation mode:
   ``n_i × n_j × *x.shape[1:]``, whose mixed derivatives cannot be shared between blocks).
-* :func:`iter_block_rows` is the row-by-row iterator the in-process paths use.
+* :func:`iter_block_rows` is the row-by-row iterator the in-process paths use; it keeps the
+  operands of as many train chunks as a byte budget allows, so those are prepared once.
 
 Blocks equal the corresponding part of ``model.influences_from_factors`` on all the data.
 """
 
 from __future__ import annotations
 
+import itertools
 import sys
 from typing import Any, Callable, Iterable, Iterator, NamedTuple, Optional
 
 from .base import InfluenceFunctionModel, InfluenceMode
-from .errors import InfluenceInputError, NotFittedError, ShapeMismatchError
+from .errors import InfluenceInputError, NonFiniteError, NotFittedError, ShapeMismatchError
 
 __all__ = [
     "TrainOperand",
@@ -30,6 +32,7 @@ __all__ = [
     "influence_block",
     "iter_factor_chunks",
     "iter_block_rows",
+    "check_finite_factors",
 ]
 
 
@@ -52,7 +55,9 @@ def reuses_gradients(model: InfluenceFunctionModel, mode: InfluenceMode) -> bool
     )
 
 
-def train_operand(model: InfluenceFunctionModel, x: Any, y: Any, mode: InfluenceMode) -> TrainOperand:
+def train_operand(
+    model: InfluenceFunctionModel, x: Any, y: Any, mode: InfluenceMode
+) -> TrainOperand:
     """Prepare one train chunk for all its blocks: gradients in Up mode when the model has them."""
     _require_fitted(model)
     if reuses_gradients(model, mode):
@@ -61,9 +66,18 @@ def train_operand(model: InfluenceFunctionModel, x: Any, y: Any, mode: Influence
 
 
 def influence_block(
-    model: InfluenceFunctionModel, factors: Any, operand: TrainOperand, mode: InfluenceMode
+    model: InfluenceFunctionModel,
+    factors: Any,
+    operand: TrainOperand,
+    mode: InfluenceMode,
+    *,
+    check_factors: bool = True,
 ) -> Any:
-    """The influences of test factors (``n_i × p``) on one train chunk (see the module doc)."""
+    """The influences of test factors (``n_i × p``) on one train chunk (see the module doc).
+
+    ``check_factors=False`` skips the test for non-finite factors, for callers that already
+    checked the same factors (once per row instead of once per block).
+    """
     mode = InfluenceMode.parse(mode)
     if operand.grads is None:
         if operand.x is None or operand.y is None:
@@ -73,7 +87,7 @@ def influence_block(
         raise InfluenceInputError(
             f"Gradients of a train chunk only give Up-mode influences, not {mode.name}."
         )
-    return _factors_times_grads(factors, operand.grads, model.n_parameters)
+    return _factors_times_grads(factors, operand.grads, model.n_parameters, check_factors)
 
 
 def iter_factor_chunks(
@@ -89,25 +103,62 @@ def iter_block_rows(
     factor_chunks: Iterable[Any],
     train_data: Iterable[tuple[Any, Any]],
     mode: InfluenceMode,
+    cache_bytes: int = 0,
 ) -> Iterator[Iterator[Any]]:
     """Rows of blocks: for every factor chunk, its blocks against each train batch in turn.
 
-    Row ``i`` is a generator that walks ``train_data`` once, preparing each train batch with
-    :func:`train_operand` (one gradient pass) and forming its block with every row of the
-    factor chunk at once. Rows must be consumed in order (each is tied to the factors chunk
-    being iterated); ``train_data`` must be re-iterable.
+    Each train batch is prepared with :func:`train_operand` (one gradient pass in Up mode) and
+    its block formed with every row of the factor chunk at once. Operands are kept for the
+    following rows while their total size stays within ``cache_bytes``: train batches that fit
+    are prepared once per run, the others once per row (then ``train_data`` is re-iterated,
+    so it must be re-iterable and yield the same batches each time). Rows must be consumed in
+    order.
     """
     mode = InfluenceMode.parse(mode)
+    operands = _OperandCache(model, train_data, mode, cache_bytes)
     for factors in factor_chunks:
-        yield _block_row(model, factors, train_data, mode)
+        if reuses_gradients(model, mode):  # else the model checks them itself
+            check_finite_factors(factors)
+        yield (
+            influence_block(model, factors, operand, mode, check_factors=False)
+            for operand in operands
+        )
 
 
-def _block_row(
-    model: InfluenceFunctionModel, factors: Any, train_data: Iterable, mode: InfluenceMode
-) -> Iterator[Any]:
-    for batch in train_data:
-        x, y = _as_pair(batch)
-        yield influence_block(model, factors, train_operand(model, x, y, mode), mode)
+class _OperandCache:
+    """Train operands of one run: a cached prefix within a byte budget, the rest recomputed."""
+
+    def __init__(self, model, train_data: Iterable, mode: InfluenceMode, cache_bytes: int):
+        self.model, self.train_data, self.mode = model, train_data, mode
+        self.budget = int(cache_bytes)
+        self.cached: list[TrainOperand] = []
+        self.used = 0
+        self.caching = True  # still extending the cached prefix (first pass)
+        self.complete = False  # the cache holds every train batch
+
+    def __iter__(self) -> Iterator[TrainOperand]:
+        yield from self.cached
+        if self.complete:
+            return
+        batches = itertools.islice(iter(self.train_data), len(self.cached), None)
+        for batch in batches:
+            x, y = _as_pair(batch)
+            operand = train_operand(self.model, x, y, self.mode)
+            if self.caching:
+                size = _nbytes(operand)
+                if self.used + size <= self.budget:
+                    self.cached.append(operand)
+                    self.used += size
+                else:
+                    self.caching = False
+            yield operand
+        if self.caching:  # the first pass ran to its end with everything cached
+            self.complete = True
+        self.caching = False
+
+
+def _nbytes(operand: TrainOperand) -> int:
+    return sum(int(getattr(v, "nbytes", 0)) for v in operand if v is not None)
 
 
 def _as_pair(batch: Any) -> tuple[Any, Any]:
@@ -127,15 +178,15 @@ def _require_fitted(model: InfluenceFunctionModel) -> None:
         )
 
 
-def _factors_times_grads(factors: Any, grads: Any, n_parameters: Optional[int]) -> Any:
+def _factors_times_grads(
+    factors: Any, grads: Any, n_parameters: Optional[int], check: bool
+) -> Any:
     """``factors @ grads.T`` with factors moved to the gradients' device and dtype (torch)."""
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(grads, torch.Tensor):
         factors = torch.as_tensor(factors).to(device=grads.device, dtype=grads.dtype)
-        if not bool(torch.isfinite(factors).all()):
-            from .errors import NonFiniteError
-
-            raise NonFiniteError("z_test_factors contain non-finite values (NaN or Inf).")
+    if check:
+        check_finite_factors(factors)
     p = grads.shape[1]
     if factors.ndim != 2 or factors.shape[1] != p:
         raise ShapeMismatchError(
@@ -143,3 +194,23 @@ def _factors_times_grads(factors: Any, grads: Any, n_parameters: Optional[int]) 
             f"{tuple(factors.shape)}."
         )
     return factors @ grads.T
+
+
+def check_finite_factors(factors: Any) -> None:
+    """Raise :class:`~prefect_influence.NonFiniteError` if the factors hold a NaN or Inf."""
+    # a finite sum proves every entry finite at a fraction of an elementwise test's cost; only a
+    # non-finite sum (which large finite values can also produce) needs the elementwise test
+    if not hasattr(factors, "sum"):  # not an array; the model's own checks apply
+        return
+    finite = _isfinite_module(factors)
+    if not bool(finite(factors.sum())) and not bool(finite(factors).all()):
+        raise NonFiniteError("z_test_factors contain non-finite values (NaN or Inf).")
+
+
+def _isfinite_module(t: Any):
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(t, torch.Tensor):
+        return torch.isfinite
+    import numpy as np
+
+    return np.isfinite

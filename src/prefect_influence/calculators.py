@@ -28,6 +28,7 @@ from .blocks import (
 from .errors import (
     InfluenceInputError,
     InvalidDimensionChunksError,
+    InvalidParameterError,
     ShapeMismatchError,
     ThreadSafetyViolationError,
     UnalignedChunksError,
@@ -55,19 +56,27 @@ class SequentialInfluenceCalculator:
 
     Args:
         influence_function_model: a fitted model, e.g. ``DirectInfluence(...).fit(loader)``.
+        train_cache_bytes: memory allowed for keeping prepared train batches (their ``n_j × p``
+            per-sample gradients in Up mode, the batches themselves in Perturbation mode)
+            from one row of blocks to the next, within one run. Default 1 GiB; 0 disables it.
 
-    Cost model, for ``I`` test batches and ``J`` train batches (``n`` samples in all):
+    Cost model, for ``I`` test batches and ``J`` train batches:
 
     * ``influence_factors``: one inverse-Hessian solve per test sample, once.
-    * ``influences`` (Up): row ``i`` solves for the factors of test batch ``i`` once, then walks
-      the train batches once, computing each batch's per-sample gradients once and forming its
-      block as one matrix product with all factors of the row. Per-sample gradients of the
-      train data are thus computed ``I`` times in total (once per row, since rows are produced
-      one after another with bounded memory), the expensive solves only once per test sample.
-      Use large test batches to make ``I`` small.
+    * ``influences`` (Up): row ``i`` solves for the factors of test batch ``i`` once, then forms
+      the block with each train batch as one matrix product ``(n_i × p)(p × n_j)``. The train
+      batches' per-sample gradients are computed during the first row and kept while they fit
+      in ``train_cache_bytes``: if all of them fit (``n_train · p`` numbers), every gradient is
+      computed once per run and ``train_data_iterable`` is read once; train batches beyond the
+      budget are read and differentiated again in each of the ``I`` rows (use large test
+      batches to make ``I`` small then).
     * ``influences`` (Perturbation): one mixed second derivative per (test, train) pair; the
       factors are still solved once per test batch.
-    * Memory: one test batch's factors, one train batch's gradients and one block.
+    * Memory: the cache, plus one test batch's factors, one train batch's gradients and one
+      block.
+
+    A train iterable that is read more than once must yield the same batches each time (no
+    shuffling).
 
     Example:
         >>> calc = SequentialInfluenceCalculator(DirectInfluence(net, loss).fit(train_loader))
@@ -76,13 +85,22 @@ class SequentialInfluenceCalculator:
         >>> lazy.to_zarr("s3://bucket/influences.zarr", TorchNumpyConverter())
     """
 
-    def __init__(self, influence_function_model: InfluenceFunctionModel):
+    def __init__(
+        self, influence_function_model: InfluenceFunctionModel, *, train_cache_bytes: int = 2**30
+    ):
+        if isinstance(train_cache_bytes, bool) or not isinstance(train_cache_bytes, int) or (
+            train_cache_bytes < 0
+        ):
+            raise InvalidParameterError(
+                f"train_cache_bytes must be an integer ≥ 0, got {train_cache_bytes!r}."
+            )
         self.influence_function_model = influence_function_model
+        self.train_cache_bytes = train_cache_bytes
 
     def influence_factors(
         self, data_iterable: Iterable[tuple[Any, Any]]
     ) -> LazyChunkSequence:
-        """``H⁻¹∇θℓ(x, y)`` for every batch of ``data_iterable``: a lazy sequence of ``n_i × p``."""
+        """``H⁻¹∇θℓ(x, y)`` for every batch of ``data_iterable``: lazy chunks of ``n_i × p``."""
         factory = partial(iter_factor_chunks, self.influence_function_model, data_iterable)
         return LazyChunkSequence(factory, len_generator=_length(data_iterable))
 
@@ -95,14 +113,16 @@ class SequentialInfluenceCalculator:
         """Influences of every test batch on every train batch, as rows of blocks.
 
         Row ``i``, block ``j`` is ``n_i × n_j`` (Up) or ``n_i × n_j × *x.shape[1:]``
-        (Perturbation). ``train_data_iterable`` is iterated once per row.
+        (Perturbation). See the class doc for how often ``train_data_iterable`` is read.
         """
         mode = InfluenceMode.parse(mode)
         model = self.influence_function_model
 
         def rows():
             factors = iter_factor_chunks(model, test_data_iterable)
-            return iter_block_rows(model, factors, train_data_iterable, mode)
+            return iter_block_rows(
+                model, factors, train_data_iterable, mode, self.train_cache_bytes
+            )
 
         return NestedLazyChunkSequence(rows, len_outer_generator=_length(test_data_iterable))
 
@@ -115,7 +135,12 @@ class SequentialInfluenceCalculator:
         """Influences of precomputed factor chunks (each ``n_i × p``) on every train batch."""
         mode = InfluenceMode.parse(mode)
         factory = partial(
-            iter_block_rows, self.influence_function_model, z_test_factors, train_data_iterable, mode
+            iter_block_rows,
+            self.influence_function_model,
+            z_test_factors,
+            train_data_iterable,
+            mode,
+            self.train_cache_bytes,
         )
         return NestedLazyChunkSequence(factory, len_outer_generator=_length(z_test_factors))
 
@@ -139,7 +164,9 @@ class DisableClientSingleThreadCheck:
     thread-safe may give wrong values or crash; that is then the caller's responsibility.
 
     Example:
-        >>> calc = DaskInfluenceCalculator(model, TorchNumpyConverter(), DisableClientSingleThreadCheck)
+        >>> calc = DaskInfluenceCalculator(
+        ...     model, TorchNumpyConverter(), DisableClientSingleThreadCheck
+        ... )
         >>> calc.influences(da_x_test, da_y_test, da_x, da_y).compute(scheduler="synchronous")
     """
 
@@ -231,7 +258,7 @@ class DaskInfluenceCalculator:
         return self._n_parameters
 
     def influence_factors(self, x: "da.Array", y: "da.Array") -> "da.Array":  # noqa: F821
-        """``H⁻¹∇θℓ(x_i, y_i)`` for every sample: a lazy ``n × p`` array, chunked like ``x``."""
+        """``H⁻¹∇θℓ(x_i, y_i)`` for every sample: a lazy ``n × p`` array chunked like ``x``."""
         import dask
         import dask.array as da
 
