@@ -61,6 +61,25 @@ def test_tasks_alone_match_in_memory_computation(reference):
         np.testing.assert_allclose(got[name], expected[name], rtol=1e-5, atol=1e-5 * scale)
 
 
+def test_tasks_match_the_sequential_calculator(reference, inputs):
+    """The pipeline's blocks equal the library calculator's for the same fitted model."""
+    from prefect_influence import NestedTorchCatAggregator, SequentialInfluenceCalculator
+    from torch.utils.data import DataLoader, TensorDataset
+
+    config, _, got, _ = reference
+    network, _ = load_network(config)
+    model = build_influence_model(config, network)
+    model.load_fitted_state(InfluenceStore(config.output).read_fitted_state())
+    x, y = (torch.from_numpy(a) for a in open_source(inputs["train"]).rows(0, 10**9))
+    xt, yt = (torch.from_numpy(a) for a in open_source(inputs["test"]).rows(0, 10**9))
+    calc = SequentialInfluenceCalculator(model)
+    values = calc.influences(
+        DataLoader(TensorDataset(xt, yt), batch_size=20), DataLoader(TensorDataset(x, y), batch_size=40)
+    ).compute(aggregator=NestedTorchCatAggregator()).numpy()
+    # same chunking as the pipeline's grid: the same products, so equal up to float32 rounding
+    np.testing.assert_allclose(got["influences"], values, rtol=1e-5, atol=1e-5 * np.abs(values).max())
+
+
 def test_summary_top_k_is_exact(reference):
     _, _, got, _ = reference
     values = got["influences"]
