@@ -125,7 +125,11 @@ class MethodSpec(_Section):
     )
     preconditioner_rank: int = Field(10, ge=1, title="Preconditioner rank", description="nystroem preconditioner.")
     lissa_scale: float = Field(10.0, gt=0, title="LiSSA scale", description="Must exceed λ_max(H + λI).")
-    lissa_dampen: float = Field(0.0, ge=0, title="LiSSA dampening")
+    lissa_dampen: float = Field(
+        0.0, ge=0, title="LiSSA dampening",
+        description="d in h ← b + (1 − d)·h − (H + λI)h / scale (lissa): adds scale·d to λ, more "
+        "stable but biased.",
+    )
     fit_batch_size: int = Field(
         256, ge=1, title="Fit batch size", description="Training samples per batch while fitting."
     )
@@ -138,9 +142,16 @@ class PipelineConfig(_Section):
     """Everything an influence job needs. Fields marked as determining the numbers enter the
     output's fingerprint; changing them on an existing output is refused unless ``overwrite``."""
 
-    model: ModelSpec = Field(default_factory=ModelSpec, title="Model")
-    data: DataSpec = Field(default_factory=DataSpec, title="Data")
-    method: MethodSpec = Field(default_factory=MethodSpec, title="Influence method")
+    model: ModelSpec = Field(
+        default_factory=ModelSpec, title="Model", description="The trained network and its loss."
+    )
+    data: DataSpec = Field(
+        default_factory=DataSpec, title="Data", description="Where the training and test samples are."
+    )
+    method: MethodSpec = Field(
+        default_factory=MethodSpec, title="Influence method",
+        description="How the inverse Hessian is approximated, and its settings.",
+    )
     mode: InfluenceMode = Field(
         InfluenceMode.Up, title="Mode", description="'up' (n_test × n_train) or 'perturbation' "
         "(n_test × n_train × input shape)."
@@ -153,7 +164,10 @@ class PipelineConfig(_Section):
         "(sized so Prefect's per-task overhead stays ≤ 10% of compute)."
     )
     dtype: DType = Field(DType.float32, title="Dtype", description="Computation and storage dtype.")
-    device: DeviceName = Field(DeviceName.cpu, title="Device")
+    device: DeviceName = Field(
+        DeviceName.cpu, title="Device",
+        description="Torch device of the computation ('cuda' needs a GPU on every Dask worker).",
+    )
     output: str = Field(
         "influence-output/run",
         title="Output URL",

@@ -1,0 +1,97 @@
+"""Serve the influence deployments from one process (``prefect-influence serve``), as described
+in ``deployments/prefect.yaml`` — the one place that defines them (top layer, like the CLI).
+
+``prefect deploy --all --prefect-file deployments/prefect.yaml`` registers the deployments for
+workers of a ``process`` work pool; :func:`serve_deployments` registers the same deployments
+(names, descriptions, tags, schedules, parameters, parameter-schema enforcement) and runs their
+flow runs in this process's children instead, without a work pool or worker::
+
+    from prefect_influence.serving import serve_deployments
+
+    serve_deployments()  # blocks; Ctrl+C stops serving and pauses the schedules
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional, Union
+
+__all__ = ["PREFECT_FILE", "load_deployment_specs", "build_deployments", "serve_deployments"]
+
+#: deployments/prefect.yaml of the checkout this package runs from
+PREFECT_FILE = Path(__file__).resolve().parents[2] / "deployments" / "prefect.yaml"
+
+#: prefect.yaml keys of a deployment that serving understands: translated, or meaningful to
+#: workers only (``entrypoint``, ``work_pool``). Anything else is refused, so an edit that serving
+#: would silently ignore cannot make the two ways of deploying diverge.
+_KNOWN_KEYS = {"name", "description", "entrypoint", "tags", "enforce_parameter_schema",
+               "parameters", "schedules", "work_pool", "version", "paused"}
+
+
+def load_deployment_specs(prefect_file: Union[str, Path, None] = None) -> list[dict[str, Any]]:
+    """The ``deployments`` entries of ``prefect_file`` (default: :data:`PREFECT_FILE`)."""
+    import yaml
+
+    path = Path(prefect_file) if prefect_file else PREFECT_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found: serving reads the deployments from the repository's "
+            "deployments/prefect.yaml; run from a checkout or pass its path."
+        )
+    data = yaml.safe_load(path.read_text()) or {}
+    specs = data.get("deployments") or []
+    if not specs:
+        raise ValueError(f"{path} defines no deployments.")
+    for spec in specs:
+        unknown = sorted(set(spec) - _KNOWN_KEYS)
+        if unknown:
+            raise ValueError(
+                f"{path}: deployment {spec.get('name')!r} uses {', '.join(unknown)}, which "
+                "prefect_influence.serving does not translate; extend serving.py or remove them."
+            )
+    return specs
+
+
+def _schedule(item: dict[str, Any]):
+    from prefect.schedules import Cron, Interval, RRule
+
+    common = {"timezone": item.get("timezone"), "active": item.get("active", True),
+              "parameters": item.get("parameters") or None, "slug": item.get("slug")}
+    if "cron" in item:
+        return Cron(item["cron"], day_or=item.get("day_or", True), **common)
+    if "interval" in item:
+        return Interval(item["interval"], **common)
+    if "rrule" in item:
+        return RRule(item["rrule"], **common)
+    raise ValueError(f"schedule {item!r}: expected one of cron, interval, rrule")
+
+
+def build_deployments(prefect_file: Union[str, Path, None] = None) -> list:
+    """One :class:`~prefect.deployments.runner.RunnerDeployment` of ``influence_pipeline`` per
+    entry of ``prefect_file``, found by module path so it runs from any working directory."""
+    from prefect.types.entrypoint import EntrypointType
+
+    from .flows import influence_pipeline
+
+    deployments = []
+    for spec in load_deployment_specs(prefect_file):
+        deployments.append(influence_pipeline.to_deployment(
+            name=spec["name"],
+            description=spec.get("description"),
+            tags=spec.get("tags") or [],
+            version=spec.get("version"),
+            paused=spec.get("paused"),
+            parameters=spec.get("parameters") or {},
+            schedules=[_schedule(item) for item in spec.get("schedules") or []],
+            enforce_parameter_schema=spec.get("enforce_parameter_schema", True),
+            entrypoint_type=EntrypointType.MODULE_PATH,
+        ))
+    return deployments
+
+
+def serve_deployments(prefect_file: Union[str, Path, None] = None, limit: Optional[int] = None) -> None:
+    """Register and serve every deployment of ``prefect_file`` until interrupted; ``limit``
+    caps the flow runs executing at once (default: no cap)."""
+    from prefect import serve
+
+    serve(*build_deployments(prefect_file), limit=limit)
