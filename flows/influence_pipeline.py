@@ -132,10 +132,18 @@ def influence_pipeline(config: PipelineConfig = PipelineConfig()) -> dict[str, A
     logger = get_run_logger()
     logger.info("configuration: %s", json.dumps(config.redacted()))
     store = InfluenceStore(config.output, config.storage_options)
-    with store.hold_lease(force=config.force):
+    with store.hold_lease(force=config.force, owner=_flow_run_id()):
         result, info = _run(config, logger)
     logger.info("done: %s", json.dumps(result))
     return result
+
+
+def _flow_run_id() -> Optional[str]:
+    """The flow run's id: a retry of the same run may take back the lease it left behind."""
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    return str(ctx.flow_run.id) if ctx and ctx.flow_run else None
 
 
 def _run(config: PipelineConfig, logger) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -116,3 +116,12 @@ def test_clear_keeps_the_lease(store):
     store.clear()
     assert store.is_empty()
     assert store._read_json("lease.json")["owner"] == token
+
+
+def test_the_same_owner_takes_its_lease_back(store):
+    """A retry of the same flow run (same owner id) is not locked out by its crashed attempt."""
+    store.acquire_lease(ttl_seconds=60, owner="flow-run-1")
+    assert store.acquire_lease(ttl_seconds=60, owner="flow-run-1") == "flow-run-1"
+    with pytest.raises(LeaseHeldError):
+        store.acquire_lease(ttl_seconds=60, owner="flow-run-2")
+    store.release_lease("flow-run-1")

@@ -152,8 +152,8 @@ def plan_job(config: PipelineConfig, n_workers: int = 1) -> Plan:
     fingerprint = _fingerprint(config, model_fp, *data_fps, grid)
     reused = False
     if manifest is not None:
-        if manifest.get("fingerprint") == fingerprint and not config.overwrite:
-            reused = True
+        if manifest.get("fingerprint") == fingerprint:
+            reused = True  # same configuration: resume, with or without overwrite
         elif config.overwrite:
             store.clear()
             store = InfluenceStore(config.output, config.storage_options)

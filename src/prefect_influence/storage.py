@@ -197,7 +197,8 @@ class InfluenceStore:
                       owner: Optional[str] = None) -> str:
         """Take the output for this run; returns the owner token to renew and release with."""
         current = self._read_json(LEASE)
-        if current and not force and not _lease_stale(current):
+        ours = owner is not None and current is not None and current.get("owner") == owner
+        if current and not force and not ours and not _lease_stale(current):
             raise LeaseHeldError(
                 f"{self.url!r} is in use by another run (owner {current.get('owner')}, host "
                 f"{current.get('host')}, pid {current.get('pid')}) until "
@@ -213,9 +214,11 @@ class InfluenceStore:
         return token
 
     @contextlib.contextmanager
-    def hold_lease(self, force: bool = False, ttl_seconds: float = 600.0) -> Iterator[str]:
-        """Hold the lease while the block runs, renewed by a background thread every ttl/4."""
-        token = self.acquire_lease(ttl_seconds, force)
+    def hold_lease(self, force: bool = False, ttl_seconds: float = 600.0,
+                   owner: Optional[str] = None) -> Iterator[str]:
+        """Hold the lease while the block runs, renewed by a background thread every ttl/4.
+        ``owner`` (e.g. a flow-run id) lets a retry of the same run take its own lease back."""
+        token = self.acquire_lease(ttl_seconds, force, owner)
         stop = threading.Event()
         failure: list[BaseException] = []
 
