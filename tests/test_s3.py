@@ -53,3 +53,17 @@ def test_pipeline_on_s3_equals_local_run(s3_server, tmp_path, caplog):
         assert secret not in manifest
         assert secret not in caplog.text  # our logs and INFO+ of every library
     assert store.read_manifest()["config"]["storage_options"]["secret"] == "***"
+
+
+def test_credentials_from_the_environment(s3_server, tmp_path, monkeypatch):
+    """Only the endpoint in the configuration; key and secret from AWS_* variables (s3fs)."""
+    _, options = s3_server
+    local_inputs = write_inputs(tmp_path / "inputs")
+    remote_inputs = _upload_inputs(local_inputs, options, "job2")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", options["key"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", options["secret"])
+    endpoint_only = {"endpoint_url": options["endpoint_url"]}
+    config = job_config(remote_inputs, "s3://influence/job2/out", storage_options=endpoint_only)
+    assert run_tasks(config) == {"computed": 12, "reused": 0}
+    manifest = json.dumps(InfluenceStore(config.output, endpoint_only).read_manifest())
+    assert options["secret"] not in manifest and options["key"] not in manifest
