@@ -39,6 +39,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
+	$(PY) -m pip install -q -e ".[bench]" 2>&1 | $(QUIET_PIP)
 	$(PY) benchmarks/run_all.py
 
 clean:
