@@ -1,0 +1,263 @@
+"""Shared pieces of the benchmarks: seeded jobs on disk, timing, process-tree memory sampling.
+
+Every benchmark builds its inputs with :func:`write_job` (zarr train/test groups and a trained
+checkpoint of ``prefect_influence.example:build_model``, 64 features, 10 classes), so the
+pipeline, the calculators and the bare-PyTorch baselines all read the same numbers.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+# quiet, offline, isolated Prefect: a private PREFECT_HOME keeps the benchmark's ephemeral API
+# (and its SQLite database) away from other jobs on the machine
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="bench-prefect-home-"))
+
+import numpy as np  # noqa: E402
+
+BENCH_DIR = Path(__file__).resolve().parent
+N_FEATURES, N_CLASSES = 64, 10
+FACTORY = "prefect_influence.example:build_model"
+
+
+def n_parameters(hidden: int) -> int:
+    """Trainable parameters of the example network 64 → hidden → 10."""
+    return N_FEATURES * hidden + hidden + hidden * N_CLASSES + N_CLASSES
+
+
+def make_data(n: int, seed: int, noise: float = 3.0) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` samples of 10 Gaussian clusters in 64 dimensions (float32 x, int64 y), seeded."""
+    centers = np.random.default_rng(12345).normal(0.0, 1.0, (N_CLASSES, N_FEATURES))
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, N_CLASSES, n)
+    x = (centers[y] + rng.normal(0.0, noise, (n, N_FEATURES))).astype(np.float32)
+    return x, y.astype(np.int64)
+
+
+def train_network(hidden: int, x: np.ndarray, y: np.ndarray, steps: int = 200, seed: int = 0):
+    """The example network trained with full-batch Adam on (at most 4,000 of) the samples."""
+    import torch
+
+    from prefect_influence.example import build_model
+
+    net = build_model(hidden=hidden, seed=seed)
+    xt, yt = torch.from_numpy(x[:4000]), torch.from_numpy(y[:4000])
+    opt = torch.optim.Adam(net.parameters(), lr=0.01, weight_decay=1e-3)
+    for _ in range(steps):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(net(xt), yt).backward()
+        opt.step()
+    return net.eval()
+
+
+def write_job(root: Path, n_train: int, n_test: int, hidden: int, seed: int = 0) -> dict[str, Any]:
+    """Train/test zarr groups (``x``, ``y``) and a trained checkpoint under ``root``."""
+    import torch
+    import zarr
+
+    root.mkdir(parents=True, exist_ok=True)
+    x, y = make_data(n_train, seed)
+    xt, yt = make_data(n_test, seed + 1)
+    paths: dict[str, Any] = {"hidden": hidden, "n_train": n_train, "n_test": n_test}
+    for name, (xs, ys) in (("train", (x, y)), ("test", (xt, yt))):
+        group = zarr.open_group(str(root / f"{name}.zarr"), mode="w")
+        rows = min(len(xs), 65536)
+        group.create_array("x", data=xs, chunks=(rows, N_FEATURES))
+        group.create_array("y", data=ys, chunks=(rows,))
+        paths[name] = str(root / f"{name}.zarr")
+    net = train_network(hidden, x, y, seed=seed)
+    torch.save(net.state_dict(), root / "model.pt")
+    paths["checkpoint"] = str(root / "model.pt")
+    return paths
+
+
+def load_job_arrays(paths: dict) -> dict[str, np.ndarray]:
+    import zarr
+
+    out = {}
+    for name in ("train", "test"):
+        group = zarr.open_group(paths[name], mode="r")
+        out[f"x_{name}"], out[f"y_{name}"] = np.asarray(group["x"][...]), np.asarray(group["y"][...])
+    return out
+
+
+def load_network(paths: dict):
+    import torch
+
+    from prefect_influence.example import build_model
+
+    net = build_model(hidden=paths["hidden"])
+    net.load_state_dict(torch.load(paths["checkpoint"], weights_only=True))
+    return net.eval()
+
+
+def job_config(paths: dict, output: str, method: Optional[dict] = None, **overrides):
+    """A :class:`PipelineConfig` for the job in ``paths`` (auto chunking unless overridden)."""
+    from prefect_influence.config import PipelineConfig
+
+    data = {
+        "model": {"factory": FACTORY, "factory_kwargs": {"hidden": paths["hidden"]},
+                  "checkpoint": paths["checkpoint"]},
+        "data": {"train": paths["train"], "test": paths["test"]},
+        "method": method or {"name": "arnoldi", "rank": 50, "regularization": 0.01},
+        "output": output,
+        "overwrite": True,
+    }
+    data.update(overrides)
+    return PipelineConfig.model_validate(data)
+
+
+def run_stages_in_process(config) -> dict[str, float]:
+    """Plan, fit, factors, columns and summary called in this process, one after the other
+    (what the flow's tasks do, without Prefect or Dask). Returns seconds per stage."""
+    from prefect_influence import stages
+
+    times: dict[str, float] = {}
+    t0 = time.perf_counter()
+    plan = stages.plan_job(config, n_workers=1)
+    t1 = time.perf_counter()
+    stages.fit_stage(config)
+    t2 = time.perf_counter()
+    for i in range(plan.grid.shape[0]):
+        stages.factors_stage(config, i)
+    t3 = time.perf_counter()
+    for j in range(plan.grid.shape[1]):
+        stages.column_stage(config, j)
+    t4 = time.perf_counter()
+    stages.summary_stage(config)
+    t5 = time.perf_counter()
+    times.update(plan=t1 - t0, fit=t2 - t1, factors=t3 - t2, columns=t4 - t3, summary=t5 - t4,
+                 total=t5 - t0)
+    return times
+
+
+def start_prefect_api() -> float:
+    """Start this process's ephemeral Prefect API (by running an empty flow); returns seconds."""
+    from prefect import flow
+
+    @flow(name="benchmark-warm-up")
+    def _warm_up() -> int:
+        return 1
+
+    start = time.perf_counter()
+    _warm_up()
+    return time.perf_counter() - start
+
+
+def best_time(fn: Callable[[], Any], repeat: int = 1, warmup: bool = True) -> tuple[float, Any]:
+    """Minimum wall time of ``repeat`` calls (after one untimed warm-up call) and the last result."""
+    result = fn() if warmup else None
+    times = []
+    for _ in range(max(1, repeat)):
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+    return min(times), result
+
+
+class TreeMemorySampler:
+    """Samples the summed RSS (and PSS, which counts shared pages once) of a process and all its
+    descendants (Prefect API server, Dask scheduler, nannies, workers) in a background thread.
+
+    Example:
+        >>> with TreeMemorySampler() as mem:
+        ...     run_the_job()
+        >>> mem.peak_rss, mem.peak_pss, mem.peak_by_role
+    """
+
+    def __init__(self, pid: Optional[int] = None, interval: float = 0.25, pss: bool = True):
+        import psutil
+
+        self._root = psutil.Process(pid or os.getpid())
+        self.interval = interval
+        self.pss = pss
+        self.peak_rss = 0
+        self.peak_pss = 0
+        self.peak_by_role: dict[str, int] = {}
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _role(self, proc) -> str:
+        if proc.pid == self._root.pid:
+            return "flow process"
+        try:
+            cmd = " ".join(proc.cmdline())
+        except Exception:
+            return "other"
+        if "prefect" in cmd and ("server" in cmd or "uvicorn" in cmd):
+            return "prefect API server"
+        if "multiprocessing" in cmd or "spawn" in cmd or "forkserver" in cmd:
+            return "dask worker/nanny"
+        return "other"
+
+    def sample(self) -> None:
+        import psutil
+
+        try:
+            procs = [self._root, *self._root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return
+        rss = pss = 0
+        roles: dict[str, int] = {}
+        for proc in procs:
+            try:
+                if self.pss:
+                    info = proc.memory_full_info()
+                    pss += info.pss
+                else:
+                    info = proc.memory_info()
+                rss += info.rss
+                role = self._role(proc)
+                roles[role] = roles.get(role, 0) + info.rss
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                continue
+        self.samples += 1
+        if rss > self.peak_rss:
+            self.peak_rss = rss
+        self.peak_pss = max(self.peak_pss, pss)
+        for role, value in roles.items():
+            self.peak_by_role[role] = max(self.peak_by_role.get(role, 0), value)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.sample()
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "TreeMemorySampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+
+
+def gib(n_bytes: float) -> str:
+    return f"{n_bytes / 2**30:.2f} GiB"
+
+
+def verdict(ok: bool) -> str:
+    return "MET" if ok else "NOT MET"
+
+
+def header(title: str, **facts: Any) -> None:
+    import torch
+
+    print(f"== {title}")
+    print(f"   python {sys.version.split()[0]}, torch {torch.__version__}, "
+          f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}")
+    for key, value in facts.items():
+        print(f"   {key}: {value}")
+    sys.stdout.flush()

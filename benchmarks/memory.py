@@ -1,0 +1,87 @@
+"""Benchmark: peak memory of a whole flow run whose score grid is far larger than the target.
+
+Default: 5,000 test × 200,000 train scores in float32 (3.7 GiB) with the small 610-parameter
+MLP (64 → 8 → 10), Arnoldi (rank 10), self-influence and the top-k summary on, ``auto``
+chunking, a LocalCluster of ``--workers`` single-threaded workers. A background thread samples
+every process of the run (this flow process with its Dask scheduler, the nannies and workers,
+the ephemeral Prefect API server) with psutil: the summed RSS counts shared library pages once
+per process (an upper bound), PSS splits them between processes (the true total).
+
+    python benchmarks/memory.py [--n-test 5000] [--n-train 200000] [--workers 2] [--quick]
+
+Last lines: peak RSS of flow + Dask processes (target < 2 GiB), with the API server apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+TARGET = 2 * 2**30
+# the fit is not what this measures: a small Krylov space keeps it short
+METHOD = {"name": "arnoldi", "rank": 10, "krylov_dimension": 20, "regularization": 0.01}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n-test", type=int, default=5000)
+    parser.add_argument("--n-train", type=int, default=200000)
+    parser.add_argument("--hidden", type=int, default=8)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="1,000 × 50,000 (0.2 GiB: not judged)")
+    parser.add_argument("--keep", action="store_true", help="keep the output (printed path)")
+    args = parser.parse_args()
+    if args.quick:
+        args.n_test, args.n_train = 1000, 50000
+
+    from prefect_influence import stages
+    from prefect_influence.flows import influence_pipeline
+
+    grid_bytes = args.n_test * args.n_train * 4
+    root = Path(tempfile.mkdtemp(prefix="bench-memory-"))
+    try:
+        paths = common.write_job(root / "data", args.n_train, args.n_test, args.hidden)
+        p = common.n_parameters(args.hidden)
+        train_chunk, test_chunk = stages.auto_chunk_sizes(args.n_train, args.n_test, p, args.workers)
+        common.header("memory: peak memory of a whole flow run",
+                      job=f"MLP p = {p}, {args.n_test} test × {args.n_train} train = "
+                          f"{common.gib(grid_bytes)} of float32 scores, {METHOD['name']} rank "
+                          f"{METHOD['rank']}, self-influence + top-k summary",
+                      auto_chunks=f"train {train_chunk}, test {test_chunk} ({args.workers} workers)")
+        config = common.job_config(paths, str(root / "out"), method=METHOD, n_workers=args.workers)
+        t_api = common.start_prefect_api()
+        print(f"   Prefect API start: {t_api:.1f} s", flush=True)
+        with common.TreeMemorySampler(interval=0.5) as mem:
+            start = time.perf_counter()
+            result = influence_pipeline(config)
+            elapsed = time.perf_counter() - start
+        print(f"   flow: {elapsed:.1f} s, grid {result['grid']}, phases {result['seconds']}", flush=True)
+        print("   peak RSS by role: " + ", ".join(f"{k} {common.gib(v)}" for k, v in
+                                                  sorted(mem.peak_by_role.items())), flush=True)
+        if args.keep:
+            print(f"   output kept at {root / 'out'}")
+    finally:
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+
+    server = mem.peak_by_role.get("prefect API server", 0)
+    run_rss = mem.peak_rss - server  # upper bound: the server's peak need not coincide
+    judged = "" if grid_bytes >= 4e9 * 0.9 else " (grid below 4 GB: not judged)"
+    print(f"time flow: {elapsed:.1f} s for {common.gib(grid_bytes)} of scores ({mem.samples} samples)")
+    print(f"memory peak summed RSS all processes: {common.gib(mem.peak_rss)}, PSS: "
+          f"{common.gib(mem.peak_pss)}, Prefect API server alone: {common.gib(server)}")
+    print(f"ratio peak RSS (flow + Dask processes) / scores: {run_rss / grid_bytes:.3f}; "
+          f"{common.gib(run_rss)} (target < {common.gib(TARGET)}: {common.verdict(run_rss < TARGET)})"
+          f"{judged}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""Benchmark: the score stage (``stages.column_stage`` over every train chunk, influences from
+stored factors) against bare PyTorch doing only the unavoidable work for the same shapes.
+
+The bare baseline holds data and factors in memory and does, with the same single torch thread
+as the stage: per-sample gradients of every train point once (``torch.func.vmap(grad(...))``,
+train chunk by train chunk) and one GEMM ``factors (n_test × p) @ grads.T (p × n_train)``.
+Ours does the same arithmetic plus what a real job needs: reading the train rows and factor
+chunks from zarr, input checks, writing every block to zarr with its sha256 completion record.
+Self-influence is off (the baseline has no solves). Chunk sizes are ``auto`` for two workers,
+as the flow would pick. Both run once untimed on a small job first (torch.func, zarr warm-up);
+the baseline is timed before and after ours and the faster of the two counts (strict).
+
+Rows: the 10k-parameter MLP (GEMM-bound) and a small 610-parameter MLP (gradient- and
+I/O-bound). No GPU here: the GPU row prints "not measured".
+
+    python benchmarks/roofline.py [--quick]
+
+Last lines: per row ``ours / bare`` (target ≤ 1.25).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+TARGET = 1.25
+FIT = {"name": "arnoldi", "rank": 10, "krylov_dimension": 20, "regularization": 0.01}
+
+
+def bare_scores(net, x, y, factors, ranges):
+    """Per-sample gradients once (vmap(grad)) and one GEMM: the unavoidable work."""
+    import torch
+    from torch.func import functional_call, grad, vmap
+    from torch.nn import functional as F
+
+    params = {k: v.detach() for k, v in net.named_parameters()}
+
+    def loss(p, xi, yi):
+        return F.cross_entropy(functional_call(net, p, (xi[None],)), yi[None])
+
+    per_sample = vmap(grad(loss), in_dims=(None, 0, 0))
+    n_params = sum(v.numel() for v in params.values())
+    grads = torch.empty(x.shape[0], n_params)
+    for s0, s1 in ranges:
+        g = per_sample(params, x[s0:s1], y[s0:s1])
+        grads[s0:s1] = torch.cat([t.reshape(s1 - s0, -1) for t in g.values()], dim=1)
+    return factors @ grads.T
+
+
+def run_row(label: str, hidden: int, n_test: int, n_train: int, root: Path) -> tuple[float, float, float]:
+    import torch
+
+    from prefect_influence import stages
+    from prefect_influence.storage import FACTORS, INFLUENCES, InfluenceStore
+
+    torch.set_num_threads(1)  # the stage computes with one torch thread
+    paths = common.write_job(root / f"{label}-data", n_train, n_test, hidden)
+    warm = common.write_job(root / f"{label}-warm", 512, 64, hidden)
+    net = common.load_network(paths)
+
+    def prepare(p, out):
+        config = common.job_config(p, str(out), method=FIT, self_influence=False)
+        plan = stages.plan_job(config, n_workers=2)
+        stages.fit_stage(config)
+        for i in range(plan.grid.shape[0]):
+            stages.factors_stage(config, i)
+        return config, plan.grid
+
+    # warm-up: the whole column stage and the baseline once on a small job
+    wconfig, wgrid = prepare(warm, root / f"{label}-warm-out")
+    for j in range(wgrid.shape[1]):
+        stages.column_stage(wconfig, j)
+    wdata = common.load_job_arrays(warm)
+    wf = torch.from_numpy(InfluenceStore(wconfig.output).read_chunk(FACTORS, wgrid, (0,)))
+    bare_scores(net, torch.from_numpy(wdata["x_train"]), torch.from_numpy(wdata["y_train"]), wf,
+                wgrid.train_ranges)
+
+    config, grid = prepare(paths, root / f"{label}-out")
+    store = InfluenceStore(config.output)
+    factors = torch.from_numpy(np.asarray(store.group[FACTORS][...]))
+    data = common.load_job_arrays(paths)
+    x, y = torch.from_numpy(data["x_train"]), torch.from_numpy(data["y_train"])
+    print(f"-- {label}: p = {grid.n_parameters}, {n_test} test × {n_train} train, grid "
+          f"{grid.shape[0]} × {grid.shape[1]} blocks of {grid.test_chunk} × {grid.train_chunk}, "
+          f"scores {n_test * n_train * 4 / 2**20:.0f} MiB", flush=True)
+
+    start = time.perf_counter()
+    expected = bare_scores(net, x, y, factors, grid.train_ranges)
+    t_bare = [time.perf_counter() - start]
+    start = time.perf_counter()
+    for j in range(grid.shape[1]):
+        stages.column_stage(config, j)
+    t_ours = time.perf_counter() - start
+    del expected
+    start = time.perf_counter()
+    expected = bare_scores(net, x, y, factors, grid.train_ranges)
+    t_bare.append(time.perf_counter() - start)
+
+    got = np.asarray(store.group[INFLUENCES][...])
+    scale = float(np.abs(expected.numpy()).max())
+    err = float(np.abs(got - expected.numpy()).max())
+    # float32, same arithmetic in blocks vs one GEMM: only the summation order differs
+    assert err <= 1e-4 * scale, f"{label}: stage and baseline differ by {err:.3g} (scale {scale:.3g})"
+    ratio = t_ours / min(t_bare)
+    print(f"   bare PyTorch {t_bare[0]:.2f} s / {t_bare[1]:.2f} s (before / after), column stages "
+          f"{t_ours:.2f} s, max |difference| {err:.1e} (scale {scale:.1e})", flush=True)
+    shutil.rmtree(root / f"{label}-out", ignore_errors=True)
+    return t_ours, min(t_bare), ratio
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smaller shapes (smoke run)")
+    parser.add_argument("--rows", default="mlp10k,mlp610")
+    args = parser.parse_args()
+    shapes = {  # label: (hidden, n_test, n_train)
+        "mlp10k": (134, 1000, 8000) if not args.quick else (134, 500, 2000),
+        "mlp610": (8, 2000, 50000) if not args.quick else (8, 1000, 10000),
+    }
+    common.header("roofline: column stage vs bare PyTorch (grads once + one GEMM), 1 torch thread")
+    root = Path(tempfile.mkdtemp(prefix="bench-roofline-"))
+    results = []
+    try:
+        for label in args.rows.split(","):
+            results.append((label, *run_row(label, *shapes[label], root)))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    for label, t_ours, t_bare, ratio in results:
+        print(f"time {label}: column stages {t_ours:.2f} s, bare PyTorch {t_bare:.2f} s")
+    print("ratio GPU: not measured (no GPU on this machine)")
+    for label, t_ours, t_bare, ratio in results:
+        print(f"ratio {label} ours / bare: {ratio:.2f} (target <= {TARGET}: {common.verdict(ratio <= TARGET)})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""Run every benchmark one after the other and print the last lines of each (figures and ratios).
+
+    python benchmarks/run_all.py            # default sizes: 15-30 minutes on 2 cores (load)
+    python benchmarks/run_all.py --quick    # smoke run: a few minutes, targets not judged
+    python benchmarks/run_all.py --only roofline,scaling
+
+Each benchmark runs in its own process (``sys.executable``); its full output goes to
+``benchmarks/results/<name>.log`` and its closing lines are repeated in a summary at the end.
+``benchmarks/calculators.py`` (the calculators against in-memory ``model.influences``) runs too.
+A failing benchmark is reported and the others still run; the exit status is 1 if any failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BENCH_DIR = Path(__file__).resolve().parent
+
+#: name: (arguments at the default size, arguments for --quick, closing lines to repeat)
+BENCHMARKS = {
+    "calculators": ([], ["--repeat", "1"], 8),
+    "vs_pydvl": ([], ["--quick"], 2),
+    "roofline": ([], ["--quick"], 5),
+    "overhead": ([], ["--quick"], 4),
+    # the 3.7 GiB grid (memory.py's default) takes far longer than the suite's budget: run it
+    # by hand; the suite runs 1,000 × 50,000
+    "memory": (["--quick"], ["--quick"], 3),
+    "scaling": ([], ["--quick"], 5),
+}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run of every benchmark")
+    parser.add_argument("--only", default="", help="comma-separated subset, e.g. roofline,scaling")
+    args = parser.parse_args()
+    names = [n for n in BENCHMARKS if not args.only or n in args.only.split(",")]
+    logs = BENCH_DIR / "results"
+    logs.mkdir(exist_ok=True)
+    summary, failed = [], []
+    start_all = time.perf_counter()
+    for name in names:
+        default, quick, tail = BENCHMARKS[name]
+        cmd = [sys.executable, str(BENCH_DIR / f"{name}.py"), *(quick if args.quick else default)]
+        print(f"\n### {name}: {' '.join(cmd[1:])}", flush=True)
+        start = time.perf_counter()
+        log = logs / f"{name}{'-quick' if args.quick else ''}.log"
+        with open(log, "w") as f:
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            lines = []
+            for line in proc.stdout:
+                f.write(line)
+                if not (line.startswith(("WARNING: Location", "  warnings.warn"))
+                        or " | INFO " in line or " - INFO - " in line):
+                    sys.stdout.write(line)
+                    sys.stdout.flush()
+                lines.append(line.rstrip("\n"))
+            code = proc.wait()
+        elapsed = time.perf_counter() - start
+        if code != 0:
+            failed.append(name)
+            summary.append((name, elapsed, [f"FAILED (exit {code}), see {log}"]))
+        else:
+            summary.append((name, elapsed, [l for l in lines if l.strip()][-tail:]))
+    print(f"\n### summary ({'quick' if args.quick else 'default'} sizes, "
+          f"{time.perf_counter() - start_all:.0f} s in all)")
+    for name, elapsed, lines in summary:
+        print(f"[{name}] ({elapsed:.0f} s)")
+        for line in lines:
+            print(f"  {line}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
