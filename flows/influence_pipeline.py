@@ -31,6 +31,7 @@ from prefect_influence import stages
 from prefect_influence.config import PipelineConfig
 from prefect_influence.storage import InfluenceStore
 from prefect_influence.tasks import compute_factors, fit_model, influences_from_factors, write_summary
+from prefect_influence.tasks.influence_tasks import with_secret_storage_options
 
 __all__ = ["influence_pipeline", "compute_grid", "make_task_runner"]
 
@@ -95,7 +96,8 @@ def _progress_bar(done: int, total: int) -> None:
 def compute_grid(config: PipelineConfig) -> dict[str, int]:
     """Factors, then blocks and self-influences, as Dask-parallel tasks with live progress."""
     logger = get_run_logger()
-    grid = InfluenceStore(config.output, config.storage_options).grid()
+    resolved = with_secret_storage_options(config)
+    grid = InfluenceStore(resolved.output, resolved.storage_options).grid()
     n_rows, n_cols = grid.shape
     total = n_rows + n_cols
     artifact = create_progress_artifact(0.0, description=f"{n_rows} factor chunks, {n_cols} columns of {n_rows} blocks")
@@ -131,9 +133,10 @@ def influence_pipeline(config: PipelineConfig = PipelineConfig()) -> dict[str, A
     as zarr under ``config.output``. Rerunning with the same configuration resumes."""
     logger = get_run_logger()
     logger.info("configuration: %s", json.dumps(config.redacted()))
-    store = InfluenceStore(config.output, config.storage_options)
+    resolved = with_secret_storage_options(config)
+    store = InfluenceStore(resolved.output, resolved.storage_options)
     with store.hold_lease(force=config.force, owner=_flow_run_id()):
-        result, info = _run(config, logger)
+        result, info = _run(config, resolved, logger)
     logger.info("done: %s", json.dumps(result))
     return result
 
@@ -146,9 +149,11 @@ def _flow_run_id() -> Optional[str]:
     return str(ctx.flow_run.id) if ctx and ctx.flow_run else None
 
 
-def _run(config: PipelineConfig, logger) -> tuple[dict[str, Any], dict[str, Any]]:
+def _run(config: PipelineConfig, resolved: PipelineConfig, logger) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``config`` travels to the tasks (no secrets); ``resolved`` has the secret's storage
+    options for the flow process's own storage access."""
     start = time.perf_counter()
-    plan = stages.plan_job(config, n_workers=1 if config.dask_address else n_local_workers(config))
+    plan = stages.plan_job(resolved, n_workers=1 if config.dask_address else n_local_workers(config))
     grid = plan.grid
     logger.info(
         "grid %d × %d blocks (test chunk %d, train chunk %d, p = %d) at %s%s",
@@ -172,7 +177,7 @@ def _run(config: PipelineConfig, logger) -> tuple[dict[str, Any], dict[str, Any]
         "seconds": {"fit": round(t_fit - start, 3), "grid": round(t_grid - t_fit, 3),
                     "summary": round(end - t_grid, 3), "total": round(end - start, 3)},
     }
-    _publish(config, grid, result, info)
+    _publish(resolved, grid, result, info)
     return result, info
 
 

@@ -18,7 +18,10 @@ from prefect_influence import stages
 from prefect_influence.config import PipelineConfig
 from prefect_influence.errors import InfluenceInputError, NotFittedError
 
-__all__ = ["fit_model", "compute_factors", "influences_from_factors", "write_summary", "retry_transient"]
+__all__ = [
+    "fit_model", "compute_factors", "influences_from_factors", "write_summary", "retry_transient",
+    "with_secret_storage_options",
+]
 
 
 def retry_transient(task, task_run, state) -> bool:
@@ -43,6 +46,25 @@ _RETRY = dict(
 )
 
 
+def with_secret_storage_options(config: PipelineConfig) -> PipelineConfig:
+    """The configuration with the ``storage_secret`` block's value merged into its storage
+    options (resolved where it is used, so the credentials never travel as parameters)."""
+    if not config.storage_secret:
+        return config
+    from prefect.blocks.system import Secret
+
+    value = Secret.load(config.storage_secret).get()
+    if isinstance(value, str):
+        import json
+
+        value = json.loads(value)
+    if not isinstance(value, dict):
+        raise InfluenceInputError(
+            f"Secret block {config.storage_secret!r} must hold a JSON object of storage options."
+        )
+    return config.model_copy(update={"storage_options": {**config.storage_options, **value}})
+
+
 def _logger():
     try:
         return get_run_logger()
@@ -55,7 +77,7 @@ def _logger():
 @task(name="fit-model", **_RETRY)
 def fit_model(config: PipelineConfig) -> bool:
     """Fit the influence model on the training data and store its state (skipped if stored)."""
-    reused = stages.fit_stage(config)
+    reused = stages.fit_stage(with_secret_storage_options(config))
     _logger().info("fitted state %s", "reused from storage" if reused else "computed and stored")
     return reused
 
@@ -63,14 +85,14 @@ def fit_model(config: PipelineConfig) -> bool:
 @task(name="compute-factors", task_run_name="factors-{i}", **_RETRY)
 def compute_factors(config: PipelineConfig, i: int) -> bool:
     """Write H⁻¹∇ℓ of test chunk ``i`` into the ``factors`` array (skipped if stored)."""
-    return stages.factors_stage(config, i)
+    return stages.factors_stage(with_secret_storage_options(config), i)
 
 
 @task(name="influences-from-factors", task_run_name="column-{j}", **_RETRY)
 def influences_from_factors(config: PipelineConfig, j: int, test_chunks: Optional[list[int]] = None) -> dict[str, int]:
     """Blocks (i, j) for the test chunks (default all) from train chunk ``j``'s gradients,
     computed once; plus the chunk's self-influence when configured."""
-    counts = stages.column_stage(config, j, test_chunks)
+    counts = stages.column_stage(with_secret_storage_options(config), j, test_chunks)
     _logger().debug("column %d: %s", j, counts)
     return counts
 
@@ -78,4 +100,4 @@ def influences_from_factors(config: PipelineConfig, j: int, test_chunks: Optiona
 @task(name="write-summary", **_RETRY)
 def write_summary(config: PipelineConfig) -> dict[str, Any]:
     """Top-k most helpful and most harmful training indices per test point, streamed."""
-    return stages.summary_stage(config)
+    return stages.summary_stage(with_secret_storage_options(config))

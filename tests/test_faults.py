@@ -124,3 +124,29 @@ def test_persistent_fault_fails_clearly_then_resumes(env):
     got = read_outputs(str(root / "persistent"))
     for name, values in expected.items():
         assert np.array_equal(got[name], values, equal_nan=True), name
+
+
+def test_storage_credentials_from_a_secret_block(env, s3_server):
+    """S3 credentials in a Prefect Secret block: resolved inside the tasks, so they appear in
+    neither the run's parameters nor the manifest."""
+    import json
+
+    from prefect.blocks.system import Secret
+    from prefect.client.orchestration import get_client
+
+    root, inputs, expected, address = env
+    _, options = s3_server
+    Secret(value={"key": options["key"], "secret": options["secret"]}).save("influence-s3", overwrite=True)
+    config = job_config(inputs, "s3://influence/secret-job/out", dask_address=address,
+                        storage_options={"endpoint_url": options["endpoint_url"]},
+                        storage_secret="influence-s3")
+    state = influence_pipeline(config, return_state=True)
+    assert state.is_completed(), state
+    got = read_outputs(config.output, options)
+    for name, values in expected.items():
+        assert np.array_equal(got[name], values, equal_nan=True), name
+    manifest = json.dumps(InfluenceStore(config.output, options).read_manifest())
+    with get_client(sync_client=True) as client:
+        params = json.dumps(client.read_flow_run(state.state_details.flow_run_id).parameters)
+    for secret in (options["key"], options["secret"]):
+        assert secret not in manifest and secret not in params

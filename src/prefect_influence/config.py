@@ -179,6 +179,13 @@ class PipelineConfig(_Section):
         description="fsspec options for every URL (e.g. endpoint_url, key, secret for S3). Never "
         "logged or stored.",
     )
+    storage_secret: Optional[str] = Field(
+        None,
+        title="Storage secret block",
+        description="Name of a Prefect Secret block whose value (a JSON object, e.g. "
+        '{"key": ..., "secret": ...}) is merged into the storage options at run time, inside '
+        "each task; the credentials never enter the run's parameters, logs or the manifest.",
+    )
     top_k: int = Field(10, ge=1, title="Top k", description="Most helpful/harmful training points kept per test point.")
     self_influence: bool = Field(True, title="Self-influence", description="Also compute every training point's self-influence.")
     overwrite: bool = Field(False, title="Overwrite", description="Replace an existing output made with another configuration.")

@@ -249,7 +249,9 @@ def _open(url: str, storage_options: dict) -> DataSource:
     import zarr
 
     try:
-        group = zarr.open_group(url, mode="r", storage_options=storage_options or None)
+        # zarr takes storage options for fsspec URIs only (a local path has none to use)
+        options = storage_options or None if "://" in url else None
+        group = zarr.open_group(url, mode="r", storage_options=options)
     except Exception as exc:
         raise ConfigurationError(
             f"data {url!r} is neither a zarr group, a directory with x.npy/y.npy nor a .npz: {exc}"

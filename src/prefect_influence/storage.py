@@ -280,9 +280,9 @@ class InfluenceStore:
         import zarr
 
         if self._group is None:
-            self._group = zarr.open_group(
-                self.url, mode="a", storage_options=self.storage_options or None, zarr_format=3
-            )
+            # zarr takes storage options for fsspec URIs only (a local path has none to use)
+            options = (self.storage_options or None) if "://" in self.url else None
+            self._group = zarr.open_group(self.url, mode="a", storage_options=options, zarr_format=3)
         return self._group
 
     def create_arrays(self, grid: Grid) -> None:
