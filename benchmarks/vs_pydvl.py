@@ -68,6 +68,7 @@ def ensure_pydvl_venv() -> str:
 
 
 def our_side(method: str, spec: dict, data: dict, net, repeat: int) -> dict:
+    import dask
     import dask.array as da
     import torch
     from distributed import Client, LocalCluster
@@ -93,8 +94,9 @@ def our_side(method: str, spec: dict, data: dict, net, repeat: int) -> dict:
     da_y = da.from_array(data["y_train"], chunks=train_chunk)
     da_xt = da.from_array(data["x_test"], chunks=(test_chunk, -1))
     da_yt = da.from_array(data["y_test"], chunks=test_chunk)
-    with LocalCluster(n_workers=spec["n_workers"], threads_per_worker=1, processes=True,
-                      dashboard_address=":0") as cluster, Client(cluster) as client:
+    with dask.config.set(spec["dask_config"]), LocalCluster(
+        n_workers=spec["n_workers"], threads_per_worker=1, processes=True, dashboard_address=":0"
+    ) as cluster, Client(cluster) as client:
         start = time.perf_counter()
         calculator = DaskInfluenceCalculator(model, TorchNumpyConverter(), client)
         t_scatter = time.perf_counter() - start
@@ -132,7 +134,10 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=4, help="blocks per side of the grid")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--regularization", type=float, default=0.01)
-    parser.add_argument("--repeat", type=int, default=1, help="timed runs of ours (best counts)")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="timed runs on each side (the best counts; the first warms the workers)")
+    parser.add_argument("--dask-malloc-trim", action="store_true",
+                        help="start workers (both sides) with distributed's MALLOC_TRIM_THRESHOLD_")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 200 train × 20 test, CG only (not judged)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds for each pyDVL run")
@@ -159,11 +164,17 @@ def main() -> None:
     # pyDVL averages batch Hessians unweighted (ChunkAveraging): equal batches keep the two
     # operators identical, so the fit batch size divides n_train
     batch = math.gcd(args.n_train, 250)
+    from prefect_influence import TORCH_WORKER_DASK_CONFIG
     spec = {
         "layers": [common.N_FEATURES, args.hidden, common.N_CLASSES],
         "regularization": args.regularization,
         "blocks": args.blocks,
         "n_workers": args.workers,
+        "repeat": args.repeat,
+        # worker processes on both sides start with glibc's default allocator settings
+        # (TORCH_WORKER_DASK_CONFIG, as our flow's cluster does); --dask-malloc-trim keeps
+        # distributed's MALLOC_TRIM_THRESHOLD_ on both sides instead
+        "dask_config": {} if args.dask_malloc_trim else dict(TORCH_WORKER_DASK_CONFIG),
         "methods": {
             # pyDVL's direct fit forms torch.func.hessian per batch (memory ∝ batch · p · hidden)
             "direct": {"ours_fit_batch_size": batch, "pydvl_fit_batch_size": math.gcd(batch, 25)},

@@ -16,6 +16,7 @@ import sys
 import time
 from typing import Any, Iterator, Optional
 
+import dask
 from prefect import flow
 from prefect.artifacts import (
     create_markdown_artifact,
@@ -27,7 +28,7 @@ from prefect.futures import as_completed
 from prefect.logging import get_run_logger
 from prefect_dask import DaskTaskRunner
 
-from prefect_influence import stages
+from prefect_influence import TORCH_WORKER_DASK_CONFIG, stages
 from prefect_influence.config import PipelineConfig
 from prefect_influence.storage import InfluenceStore
 from prefect_influence.tasks import compute_factors, fit_model, influences_from_factors, write_summary
@@ -58,6 +59,18 @@ def make_task_runner(config: PipelineConfig) -> DaskTaskRunner:
             "silence_logs": logging.WARNING,
         },
     )
+
+
+@contextlib.contextmanager
+def local_worker_config(config: PipelineConfig) -> Iterator[None]:
+    """Dask configuration for the local cluster's worker processes while they are spawned:
+    glibc's default allocator behaviour (see ``TORCH_WORKER_DASK_CONFIG``); an external
+    cluster (``dask_address``) keeps its own."""
+    if config.dask_address:
+        yield
+        return
+    with dask.config.set(TORCH_WORKER_DASK_CONFIG):
+        yield
 
 
 @contextlib.contextmanager
@@ -162,7 +175,7 @@ def _run(config: PipelineConfig, resolved: PipelineConfig, logger) -> tuple[dict
     )
     fit_reused = fit_model(config)
     t_fit = time.perf_counter()
-    with workers_share_api():
+    with workers_share_api(), local_worker_config(config):
         counts = compute_grid.with_options(task_runner=make_task_runner(config))(config)
     t_grid = time.perf_counter()
     info = write_summary(config)

@@ -64,6 +64,7 @@ from .calculators import (  # noqa: E402
     DisableClientSingleThreadCheck,
     DisableClientThreadingCheck,
     SequentialInfluenceCalculator,
+    TORCH_WORKER_DASK_CONFIG,
 )
 from .torch.util import (  # noqa: E402
     NestedTorchCatAggregator,
@@ -74,6 +75,7 @@ from .torch.util import (  # noqa: E402
 
 __all__ += [
     "SequentialInfluenceCalculator",
+    "TORCH_WORKER_DASK_CONFIG",
     "DaskInfluenceCalculator",
     "DisableClientSingleThreadCheck",
     "DisableClientThreadingCheck",
