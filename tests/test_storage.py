@@ -44,6 +44,46 @@ def test_chunk_round_trip_and_record(store):
     assert store.chunk_done("influences", GRID, (2, 0))
 
 
+@pytest.mark.parametrize("mode", ["up", "perturbation"])
+def test_chunks_written_directly_are_what_zarr_itself_writes(tmp_path, mode):
+    # result chunks bypass zarr's codec pipeline: every chunk file (edge chunks padded with the
+    # fill value included) must be byte-identical to zarr's, and zarr must read them back
+    import zarr
+
+    grid = Grid(**{**GRID.to_json(), "x_shape": (2,), "mode": mode})
+    ours = InfluenceStore(str(tmp_path / "ours"))
+    ours.write_manifest({"grid": grid.to_json(), "fingerprint": {}})
+    ours.create_arrays(grid)
+    theirs = zarr.open_group(str(tmp_path / "zarr"), mode="w", zarr_format=3)
+    rng = np.random.default_rng(0)
+    for name in ("factors", "influences", "self_influence"):
+        src = ours.group[name]
+        twin = theirs.create_array(name, shape=src.shape, chunks=src.chunks, dtype=src.dtype,
+                                   fill_value=np.nan, compressors=None)
+        full = rng.normal(size=src.shape).astype(np.float32)
+        indices = ([(i,) for i in range(grid.shape[0])] if name == "factors" else
+                   [(j,) for j in range(grid.shape[1])] if name == "self_influence" else
+                   [(i, j) for i in range(grid.shape[0]) for j in range(grid.shape[1])])
+        for index in indices:
+            slices = ours._chunk_slices(name, grid, index)
+            ours.write_chunk(name, grid, index, full[slices])
+            twin[slices] = full[slices]
+            np.testing.assert_array_equal(ours.read_chunk(name, grid, index), full[slices])
+            assert ours.chunk_done(name, grid, index)
+        np.testing.assert_array_equal(np.asarray(zarr.open_array(str(tmp_path / "ours" / name))[...]), full)
+        files = sorted(p.relative_to(tmp_path / "zarr" / name) for p in (tmp_path / "zarr" / name / "c").rglob("*") if p.is_file())
+        assert len(files) == len(indices)
+        for rel in files:
+            assert (tmp_path / "ours" / name / rel).read_bytes() == (tmp_path / "zarr" / name / rel).read_bytes(), rel
+
+
+def test_a_torn_chunk_file_is_not_done(store):
+    store.write_chunk("influences", GRID, (0, 0), np.ones((2, 3), dtype=np.float32))
+    path = store._plain_layout("influences").path((0, 0))
+    store.fs.pipe_file(path, store.fs.cat_file(path)[:10])
+    assert not store.chunk_done("influences", GRID, (0, 0))
+
+
 def test_a_chunk_changed_behind_the_record_is_not_done(store):
     store.write_chunk("factors", GRID, (0,), np.ones((2, 4), dtype=np.float32))
     store.group["factors"][0:2] = np.zeros((2, 4), dtype=np.float32)  # silent corruption
