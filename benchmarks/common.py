@@ -184,6 +184,7 @@ class TreeMemorySampler:
         self.peak_rss = 0
         self.peak_pss = 0
         self.peak_by_role: dict[str, int] = {}
+        self.at_peak: dict[str, int] = {}  # RSS by role in the sample with the highest total
         self.samples = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -225,6 +226,7 @@ class TreeMemorySampler:
         self.samples += 1
         if rss > self.peak_rss:
             self.peak_rss = rss
+            self.at_peak = roles
         self.peak_pss = max(self.peak_pss, pss)
         for role, value in roles.items():
             self.peak_by_role[role] = max(self.peak_by_role.get(role, 0), value)

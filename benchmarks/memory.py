@@ -66,6 +66,8 @@ def main() -> None:
         print(f"   flow: {elapsed:.1f} s, grid {result['grid']}, phases {result['seconds']}", flush=True)
         print("   peak RSS by role: " + ", ".join(f"{k} {common.gib(v)}" for k, v in
                                                   sorted(mem.peak_by_role.items())), flush=True)
+        print("   at the peak: " + ", ".join(f"{k} {common.gib(v)}" for k, v in
+                                             sorted(mem.at_peak.items())), flush=True)
         if args.keep:
             print(f"   output kept at {root / 'out'}")
     finally:

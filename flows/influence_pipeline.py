@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
 from typing import Any, Iterator, Optional
 
@@ -44,33 +45,70 @@ def n_local_workers(config: PipelineConfig) -> int:
     return config.n_workers or os.cpu_count() or 1
 
 
-def make_task_runner(config: PipelineConfig) -> DaskTaskRunner:
-    """An existing Dask scheduler (``dask_address``), or a local cluster of single-threaded
-    worker processes (influence models are not thread-safe)."""
+def local_cluster_kwargs(config: PipelineConfig) -> dict[str, Any]:
+    """The local cluster: single-threaded worker processes (influence models are not
+    thread-safe), one per core unless ``n_workers``."""
+    return {
+        "n_workers": n_local_workers(config),
+        "threads_per_worker": 1,
+        "processes": True,
+        "dashboard_address": None,
+        "silence_logs": logging.WARNING,
+    }
+
+
+def torch_local_cluster(**kwargs: Any):
+    """A ``distributed.LocalCluster`` whose workers get glibc's default allocator
+    (``TORCH_WORKER_DASK_CONFIG``: distributed's trim setting slows torch many-fold)."""
+    from distributed import LocalCluster
+
+    with dask.config.set(TORCH_WORKER_DASK_CONFIG):
+        return LocalCluster(**kwargs)
+
+
+def make_task_runner(config: PipelineConfig, cluster=None) -> DaskTaskRunner:
+    """A runner on an existing Dask scheduler (``dask_address``), on ``cluster`` (started by
+    :class:`LocalClusterStart`), or on a local cluster it starts itself."""
     if config.dask_address:
         return DaskTaskRunner(address=config.dask_address)
-    return DaskTaskRunner(
-        cluster_class="distributed.LocalCluster",
-        cluster_kwargs={
-            "n_workers": n_local_workers(config),
-            "threads_per_worker": 1,
-            "processes": True,
-            "dashboard_address": None,
-            "silence_logs": logging.WARNING,
-        },
-    )
+    if cluster is not None:  # by address: the flow engine duplicates its runner (settings only)
+        return DaskTaskRunner(address=cluster.scheduler_address)
+    return DaskTaskRunner(cluster_class=torch_local_cluster, cluster_kwargs=local_cluster_kwargs(config))
 
 
-@contextlib.contextmanager
-def local_worker_config(config: PipelineConfig) -> Iterator[None]:
-    """Dask configuration for the local cluster's worker processes while they are spawned:
-    glibc's default allocator behaviour (see ``TORCH_WORKER_DASK_CONFIG``); an external
-    cluster (``dask_address``) keeps its own."""
-    if config.dask_address:
-        yield
-        return
-    with dask.config.set(TORCH_WORKER_DASK_CONFIG):
-        yield
+class LocalClusterStart:
+    """Starts the local Dask cluster in a background thread, so that spawning the workers and
+    their imports (seconds) overlap the fit; ``cluster()`` waits for it. Nothing is started
+    for an external cluster (``dask_address``); ``close()`` stops what was started."""
+
+    def __init__(self, config: PipelineConfig):
+        self._cluster = None
+        self._error: Optional[BaseException] = None
+        self._thread: Optional[threading.Thread] = None
+        if not config.dask_address:
+            self._thread = threading.Thread(target=self._start, args=(local_cluster_kwargs(config),),
+                                            daemon=True, name="prefect-influence-cluster-start")
+            self._thread.start()
+
+    def _start(self, kwargs: dict[str, Any]) -> None:
+        try:
+            self._cluster = torch_local_cluster(**kwargs)
+        except BaseException as exc:  # raised to the flow by cluster()
+            self._error = exc
+
+    def cluster(self):
+        if self._thread is not None:
+            self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._cluster
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+        if self._cluster is not None:
+            self._cluster.close()
+            self._cluster = None
 
 
 @contextlib.contextmanager
@@ -173,10 +211,15 @@ def _run(config: PipelineConfig, resolved: PipelineConfig, logger) -> tuple[dict
         *grid.shape, grid.test_chunk, grid.train_chunk, grid.n_parameters, config.output,
         " (resuming)" if plan.reused_output else "",
     )
-    fit_reused = fit_model(config)
-    t_fit = time.perf_counter()
-    with workers_share_api(), local_worker_config(config):
-        counts = compute_grid.with_options(task_runner=make_task_runner(config))(config)
+    with workers_share_api():
+        starting = LocalClusterStart(config)  # overlaps the fit
+        try:
+            fit_reused = fit_model(config)
+            t_fit = time.perf_counter()
+            runner = make_task_runner(config, starting.cluster())
+            counts = compute_grid.with_options(task_runner=runner)(config)
+        finally:
+            starting.close()
     t_grid = time.perf_counter()
     info = write_summary(config)
     end = time.perf_counter()

@@ -177,3 +177,30 @@ def test_perturbation_mode(inputs, tmp_path):
     xt, yt = (torch.from_numpy(a) for a in open_source(config.data.test).rows(0, 3))
     want = model.influences(xt, yt, x, y, "perturbation").numpy()
     np.testing.assert_allclose(got["influences"][:3, :5], want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_background_writer_keeps_order_and_raises_a_failed_write():
+    done = []
+
+    def write(i):
+        if i == 2:
+            raise OSError("disk full")
+        done.append(i)
+
+    with pytest.raises(OSError, match="disk full"):
+        with stages._Writer() as writer:
+            for i in range(5):
+                writer.submit(write, i)
+    # the failure surfaced at the next submit; nothing after it was started, nothing before lost
+    assert done == [0, 1]
+
+
+@pytest.mark.parametrize("n_train,n_test,p,workers", [
+    (50_000, 2_000, 610, 2), (200_000, 5_000, 610, 2), (30_000, 2_000, 10_060, 1), (10, 7, 5, 4),
+])
+def test_auto_chunks_bound_blocks_and_split_test_rows_evenly(n_train, n_test, p, workers):
+    train_chunk, test_chunk = stages.auto_chunk_sizes(n_train, n_test, p, workers)
+    assert train_chunk * test_chunk * 4 <= stages.MAX_BLOCK_BYTES or test_chunk == 1
+    rows = -(-n_test // test_chunk)
+    assert rows * test_chunk - n_test < rows  # the last row is at most one sample short
+    assert train_chunk * p * 4 <= stages.MAX_GRAD_BYTES

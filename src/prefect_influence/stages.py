@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
@@ -35,6 +36,7 @@ from .sources import (
     torch_dtype,
 )
 from .storage import FACTORS, INFLUENCES, SELF_INFLUENCE, ConfigMismatchError, Grid, InfluenceStore
+from .torch.functional import rows_within
 
 __all__ = [
     "Plan",
@@ -54,7 +56,8 @@ OVERHEAD_SHARE = 0.10
 #: conservative per-worker throughput of small per-sample gradient kernels (flop/s)
 WORKER_FLOPS = 1.0e9
 MAX_GRAD_BYTES = 256 * 2**20
-MAX_BLOCK_BYTES = 64 * 2**20
+#: a block above ~32 MiB is a fresh mmap (page faults) on every allocation with glibc
+MAX_BLOCK_BYTES = 32 * 2**20
 
 
 @dataclass(frozen=True)
@@ -86,7 +89,9 @@ def auto_chunk_sizes(n_train: int, n_test: int, n_parameters: int, n_workers: in
     A column task costs about ``train_chunk · p · (6 + 2·n_test)`` flops (per-sample gradients
     plus one GEMM against every factor). It must last ``TASK_OVERHEAD_S / OVERHEAD_SHARE`` (0.9 s)
     at ``WORKER_FLOPS`` so Prefect's overhead stays ≤ 10%; beyond that, chunks shrink to give
-    each worker about four columns, and a chunk's gradients stay under 256 MiB.
+    each worker about four columns, and a chunk's gradients stay under 256 MiB. Test chunks
+    keep a block within 32 MiB, split evenly: a column with several blocks writes one while it
+    computes the next.
     """
     flops_per_sample = n_parameters * (6 + 2 * n_test)
     min_train = math.ceil(TASK_OVERHEAD_S / OVERHEAD_SHARE * WORKER_FLOPS / max(flops_per_sample, 1))
@@ -94,6 +99,7 @@ def auto_chunk_sizes(n_train: int, n_test: int, n_parameters: int, n_workers: in
     cap = max(1, MAX_GRAD_BYTES // (n_parameters * itemsize))
     train_chunk = max(1, min(n_train, cap, max(min_train, spread)))
     test_chunk = max(1, min(n_test, MAX_BLOCK_BYTES // (train_chunk * itemsize), 4096))
+    test_chunk = math.ceil(n_test / math.ceil(n_test / test_chunk))  # even rows, same count
     return train_chunk, test_chunk
 
 
@@ -235,6 +241,13 @@ def fit_stage(config: PipelineConfig) -> bool:
     store = InfluenceStore(config.output, config.storage_options)
     if store.read_fitted_state() is not None:
         return True
+    _fit_and_store(config, store)
+    _context.cache_clear()
+    release_free_memory()  # the training set and the fit's temporaries are gone by now
+    return False
+
+
+def _fit_and_store(config: PipelineConfig, store: InfluenceStore) -> None:
     from torch.utils.data import DataLoader, TensorDataset
 
     network, _ = load_network(config)
@@ -242,8 +255,20 @@ def fit_stage(config: PipelineConfig) -> bool:
     x, y = _rows(config, "train", 0, len(open_source(config.data.train, config.storage_options, "train")))
     model.fit(DataLoader(TensorDataset(x, y), batch_size=config.method.fit_batch_size))
     store.write_fitted_state(model.fitted_state())
-    _context.cache_clear()
-    return False
+
+
+def release_free_memory() -> None:
+    """Hand memory freed by Python and torch back to the OS (glibc keeps freed heap pages for
+    reuse): the process that fitted stays resident beside the Dask workers for the rest of
+    the run. A no-op where the C library has no ``malloc_trim``."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (AttributeError, OSError):
+        pass
 
 
 def factors_stage(config: PipelineConfig, i: int) -> bool:
@@ -272,17 +297,49 @@ def column_stage(config: PipelineConfig, j: int, test_chunks: Optional[list[int]
     if not missing and not want_self:
         return counts
     start, stop = grid.train_ranges[j]
-    with torch_threads(1):
+    with torch_threads(1), _Writer() as writer:
         x, y = _rows(config, "train", start, stop)
         operand = train_operand(ctx.model, x, y, mode)
         for i in missing:
             factors = torch.from_numpy(_writable(store.read_chunk(FACTORS, grid, (i,))))
-            store.write_chunk(INFLUENCES, grid, (i, j), _numpy(influence_block(ctx.model, factors, operand, mode)))
+            block = _numpy(influence_block(ctx.model, factors, operand, mode))
+            writer.submit(store.write_chunk, INFLUENCES, grid, (i, j), block)
         if want_self:
             grads = operand.grads if operand.grads is not None else ctx.model.per_sample_grads(x, y)
-            values = (ctx.model.factors_from_grads(grads) * grads).sum(dim=1)
-            store.write_chunk(SELF_INFLUENCE, grid, (j,), _numpy(values))
+            writer.submit(store.write_chunk, SELF_INFLUENCE, grid, (j,), _numpy(_self_influences(ctx.model, grads)))
     return counts
+
+
+def _self_influences(model, grads: torch.Tensor) -> torch.Tensor:
+    """``⟨H⁻¹g, g⟩`` per row, in slices (the ``n × p`` factors of a whole chunk are not needed)."""
+    step = rows_within(grads.shape[1], grads.element_size())
+    return torch.cat([(model.factors_from_grads(g) * g).sum(dim=1) for g in grads.split(step)])
+
+
+class _Writer:
+    """Writes chunks in one background thread while the caller computes the next: at most one
+    write in flight (two blocks in memory), in submission order; a failed write is raised at
+    the next ``submit`` or on exit, and no write is abandoned (exit waits for the last)."""
+
+    def __enter__(self) -> "_Writer":
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefect-influence-write")
+        self._pending: Optional[Future] = None
+        return self
+
+    def submit(self, fn, *args) -> None:
+        self._drain()
+        self._pending = self._pool.submit(fn, *args)
+
+    def _drain(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self._drain()
+        finally:
+            self._pool.shutdown(wait=True)
 
 
 def summary_stage(config: PipelineConfig) -> dict[str, Any]:

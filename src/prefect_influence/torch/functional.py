@@ -87,9 +87,20 @@ class ModelFunctions:
 
     # -- first derivatives --------------------------------------------------------------------
     def per_sample_grads(self, x: Tensor, y: Tensor) -> Tensor:
-        """Flat gradient of every sample's loss: shape ``n × p``. Raises on non-finite values."""
-        grads = vmap(grad(self.sample_loss), in_dims=(None, 0, 0))(self.params(), x, y)
-        flat = self.flatten(grads, n_lead=1)
+        """Flat gradient of every sample's loss: shape ``n × p``. Raises on non-finite values.
+
+        Computed in slices of :func:`rows_within` rows written into the result, so the
+        per-parameter temporaries stay small instead of doubling the ``n × p`` result.
+        """
+        params = self.params()
+        per_sample = vmap(grad(self.sample_loss), in_dims=(None, 0, 0))
+        n = x.shape[0]
+        flat = torch.empty(n, self.n_parameters, dtype=self.dtype, device=self.device)
+        step = rows_within(self.n_parameters, flat.element_size())
+        for start in range(0, n, step):
+            grads = per_sample(params, x[start : start + step], y[start : start + step])
+            torch.cat([t.reshape(t.shape[0], -1) for t in grads.values()], dim=1,
+                      out=flat[start : start + step])
         check_finite(flat, "per-sample gradients of the loss")
         return flat
 
@@ -115,6 +126,12 @@ class ModelFunctions:
 
         jac = vmap(jacrev(scores, argnums=0))(x, y)  # n × k × *d
         return jac.transpose(0, 1)
+
+
+def rows_within(n_parameters: int, itemsize: int, budget: int = 32 * 2**20) -> int:
+    """Rows of ``p`` numbers that fit in ``budget`` bytes (at least 64): the slice size for
+    row-wise work on ``n × p`` matrices."""
+    return max(64, budget // max(1, n_parameters * itemsize))
 
 
 def check_finite(t: Tensor, what: str) -> None:
