@@ -47,13 +47,15 @@ def n_local_workers(config: PipelineConfig) -> int:
 
 def local_cluster_kwargs(config: PipelineConfig) -> dict[str, Any]:
     """The local cluster: single-threaded worker processes (influence models are not
-    thread-safe), one per core unless ``n_workers``."""
+    thread-safe), one per core unless ``n_workers``, with torch and the tasks imported at start."""
     return {
         "n_workers": n_local_workers(config),
         "threads_per_worker": 1,
         "processes": True,
         "dashboard_address": None,
         "silence_logs": logging.WARNING,
+        # imported while the workers start (during the fit), not by their first task
+        "preload": ["prefect_influence.tasks"],
     }
 
 
