@@ -77,6 +77,12 @@ def test_chunks_written_directly_are_what_zarr_itself_writes(tmp_path, mode):
             assert (tmp_path / "ours" / name / rel).read_bytes() == (tmp_path / "zarr" / name / rel).read_bytes(), rel
 
 
+def test_an_unwritten_chunk_reads_as_the_fill_value(store):
+    values = store.read_chunk("influences", GRID, (2, 2))  # the 1 × 1 edge chunk
+    assert values.shape == (1, 1) and np.isnan(values).all()
+    assert store.read_chunk("self_influence", GRID, (0,)).shape == (3,)
+
+
 def test_a_torn_chunk_file_is_not_done(store):
     store.write_chunk("influences", GRID, (0, 0), np.ones((2, 3), dtype=np.float32))
     path = store._plain_layout("influences").path((0, 0))

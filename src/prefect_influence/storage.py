@@ -385,9 +385,7 @@ class InfluenceStore:
         """One chunk's values (possibly a read-only view of the bytes read)."""
         layout = self._plain_layout(name)
         if layout is not None:
-            values = self._read_plain(layout, index, self._chunk_slices(name, grid, index))
-            if values is not None:
-                return values
+            return self._read_plain(layout, index, self._chunk_slices(name, grid, index))
         return np.asarray(self.group[name][self._chunk_slices(name, grid, index)])
 
     # Whole chunks of uncompressed arrays (the result arrays) are plain little-endian C-order
@@ -411,18 +409,18 @@ class InfluenceStore:
         self.fs.pipe_file(path, memoryview(data).cast("B") if local else data.tobytes())
 
     def _read_plain(self, layout: "_PlainLayout", index: tuple[int, ...],
-                    slices: tuple[slice, ...]) -> Optional[np.ndarray]:
+                    slices: tuple[slice, ...]) -> np.ndarray:
+        local = tuple(slice(0, s.stop - s.start) for s in slices)
         try:
             raw = self.fs.cat_file(layout.path(index))
-        except FileNotFoundError:
-            return None  # never written: zarr's fill values
+        except FileNotFoundError:  # never written: what zarr reads there, its fill value
+            return np.full(tuple(s.stop for s in local), layout.fill_value, dtype=layout.dtype)
         full = np.frombuffer(raw, dtype=layout.dtype)
         if full.size != int(np.prod(layout.chunk_shape)):
             raise StorageError(
                 f"chunk {index} of {layout.root} has {len(raw)} bytes, expected "
                 f"{int(np.prod(layout.chunk_shape)) * layout.dtype.itemsize} (torn write?)"
             )
-        local = tuple(slice(0, s.stop - s.start) for s in slices)
         return full.reshape(layout.chunk_shape)[local]
 
     def chunk_done(self, name: str, grid: Grid, index: tuple[int, ...]) -> bool:

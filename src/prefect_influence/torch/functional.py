@@ -8,7 +8,7 @@ the order of ``model.named_parameters()``.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Optional
 
 import torch
 from torch import Tensor, nn
@@ -69,10 +69,11 @@ class ModelFunctions:
         return {n: t.reshape(*lead, *s) for n, t, s in zip(self.names, pieces, self.shapes)}
 
     @staticmethod
-    def flatten(tensors: dict[str, Tensor], n_lead: int = 0) -> Tensor:
-        """Concatenate a dict of tensors (keeping ``n_lead`` leading dimensions) into flat rows."""
+    def flatten(tensors: dict[str, Tensor], n_lead: int = 0, out: Optional[Tensor] = None) -> Tensor:
+        """Concatenate a dict of tensors (keeping ``n_lead`` leading dimensions) into flat rows
+        (into ``out`` when given)."""
         return torch.cat(
-            [t.reshape(*t.shape[:n_lead], -1) for t in tensors.values()], dim=n_lead
+            [t.reshape(*t.shape[:n_lead], -1) for t in tensors.values()], dim=n_lead, out=out
         )
 
     # -- losses -------------------------------------------------------------------------------
@@ -99,8 +100,7 @@ class ModelFunctions:
         step = rows_within(self.n_parameters, flat.element_size())
         for start in range(0, n, step):
             grads = per_sample(params, x[start : start + step], y[start : start + step])
-            torch.cat([t.reshape(t.shape[0], -1) for t in grads.values()], dim=1,
-                      out=flat[start : start + step])
+            self.flatten(grads, n_lead=1, out=flat[start : start + step])
         check_finite(flat, "per-sample gradients of the loss")
         return flat
 
