@@ -195,3 +195,40 @@ def test_dtype_follows_model_float32():
     direct = DirectInfluence(model32, cross_entropy, REG).fit(loader(x, y))
     values = direct.influences(xt, yt, x, y)
     assert values.dtype == torch.float32
+
+
+@pytest.mark.parametrize("problem", [mlp_classifier, small_cnn])
+def test_hessian_products_reusing_gradient_graphs_equal_rebuilt_ones(problem, monkeypatch):
+    """Inside ``reusing_graphs`` every batch's gradient graph is built once and reused; the
+    products (and a whole CG solve) equal those that rebuild the graph each time, and over the
+    budget nothing is kept."""
+    from prefect_influence.torch.base import HessianOperator
+
+    model, x, y, xt, yt = problem()
+    cg = CgInfluence(model, cross_entropy, REG, rtol=1e-12, atol=1e-14).fit(loader(x, y, 16))
+    op = cg._op
+    built = []
+    original = cg._fn.hvp_function
+    monkeypatch.setattr(cg._fn, "hvp_function", lambda *a: built.append(1) or original(*a))
+    vectors = torch.randn(3, cg.n_parameters, generator=torch.Generator().manual_seed(0),
+                          dtype=x.dtype)
+    rebuilt = op(vectors)
+    assert len(built) == op.n_batches >= 3  # 40 or 60 samples in batches of 16
+    built.clear()
+    with op.reusing_graphs():
+        first, second = op(vectors), op(vectors)
+        assert len(built) == op.n_batches  # once, on entry
+        assert op._products is not None
+    assert op._products is None  # released on exit
+    torch.testing.assert_close(first, rebuilt, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(second, first, rtol=0, atol=0)
+    # the estimate is a real measurement: it grows with the batch (activations are per sample)
+    assert 0 < cg._fn.gradient_graph_bytes(x[:8], y[:8]) < cg._fn.gradient_graph_bytes(x[:16], y[:16])
+
+    reused = cg.influence_factors(xt, yt)
+    monkeypatch.setattr(HessianOperator, "graph_budget_bytes", 0)
+    built.clear()
+    with op.reusing_graphs():
+        op(vectors)
+    assert op._products is None and len(built) == op.n_batches  # over budget: rebuilt per product
+    torch.testing.assert_close(cg.influence_factors(xt, yt), reused, rtol=1e-9, atol=1e-12)

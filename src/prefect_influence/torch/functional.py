@@ -12,7 +12,7 @@ from typing import Callable, Iterable, Iterator, Optional
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, jacrev, jvp, vmap
+from torch.func import functional_call, grad, jacrev, vjp, vmap
 
 from ..errors import EmptyDataError, NonFiniteError
 
@@ -105,16 +105,53 @@ class ModelFunctions:
         return flat
 
     # -- second derivatives -------------------------------------------------------------------
+    def hvp_function(self, x: Tensor, y: Tensor) -> Callable[[Tensor], Tensor]:
+        """``V ↦ Σ_i ∇²θ ℓ(x_i, y_i) v`` for every row ``v`` of ``V`` (``k × p → k × p``).
+
+        The graph of the batch's gradient is built here, once, and every call only
+        differentiates it again (reverse over reverse: ``H`` is symmetric, so the
+        vector-Jacobian product of the gradient is the Hessian-vector product). Holding the
+        function holds that graph (about :meth:`gradient_graph_bytes`).
+        """
+        _, pullback = vjp(grad(lambda p: self.summed_loss(p, x, y)), self.params())
+
+        def product(vectors: Tensor) -> Tensor:
+            return vmap(lambda v: self.flatten(pullback(self.unflatten(v))[0]))(vectors)
+
+        return product
+
     def hvp(self, x: Tensor, y: Tensor, vectors: Tensor) -> Tensor:
         """``Σ_i ∇²θ ℓ(x_i, y_i) v`` for every row ``v`` of ``vectors`` (``k × p``): ``k × p``."""
-        params = self.params()
-        grad_fn = grad(lambda p: self.summed_loss(p, x, y))
+        return self.hvp_function(x, y)(vectors)
 
-        def one(v: Tensor) -> Tensor:
-            _, hv = jvp(grad_fn, (params,), (self.unflatten(v),))
-            return self.flatten(hv)
+    def gradient_graph_bytes(self, x: Tensor, y: Tensor) -> int:
+        """Bytes of activations autograd keeps to differentiate the gradient of the loss over
+        the batch ``(x, y)`` again (parameters excluded): what :meth:`hvp_function` holds.
 
-        return vmap(one)(vectors)
+        Measured, not modelled: one plain-autograd pass over the batch with
+        ``create_graph=True`` and a saved-tensor hook counting distinct storages
+        (``torch.func`` transforms do not run such hooks, and build the same graph).
+        """
+        params = {n: p.detach().requires_grad_(True) for n, p in self.params().items()}
+        own = {p.untyped_storage().data_ptr() for p in params.values()}
+        own |= {t.untyped_storage().data_ptr() for t in self._fixed().values()}
+        seen: set[int] = set()
+        total = 0
+
+        def pack(t: Tensor) -> Tensor:
+            nonlocal total
+            storage = t.untyped_storage()
+            ptr = storage.data_ptr()
+            if ptr not in own and ptr not in seen:
+                seen.add(ptr)
+                total += storage.nbytes()
+            return t
+
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = functional_call(self.model, {**params, **self._fixed()}, (x,))
+            loss = self.loss(out, y)
+            torch.autograd.grad(loss, list(params.values()), create_graph=True, allow_unused=True)
+        return total
 
     def mixed_products(self, factors: Tensor, x: Tensor, y: Tensor) -> Tensor:
         """``∇_{x_j} ⟨f_i, ∇θ ℓ(x_j, y_j)⟩`` for factors ``k × p``: shape ``k × n × *x.shape[1:]``."""

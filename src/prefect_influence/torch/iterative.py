@@ -106,9 +106,10 @@ class CgInfluence(_DataBackedInfluence):
     def _fit(self, data: TrainingData) -> None:
         super()._fit(data)
         if self.preconditioner is not None:
-            self.preconditioner.fit(
-                self._op.hessian_matmul, self.n_parameters, self.regularization, self.dtype
-            )
+            with self._op.reusing_graphs():
+                self.preconditioner.fit(
+                    self._op.hessian_matmul, self.n_parameters, self.regularization, self.dtype
+                )
 
     def _get_state(self) -> dict[str, Tensor]:
         state = super()._get_state()
@@ -127,6 +128,10 @@ class CgInfluence(_DataBackedInfluence):
         return r if self.preconditioner is None else self.preconditioner.solve(r)
 
     def _solve(self, rhs: Tensor) -> Tensor:
+        with self._op.reusing_graphs():
+            return self._block_cg(rhs)
+
+    def _block_cg(self, rhs: Tensor) -> Tensor:
         """Block CG: every right-hand side of the batch searches one shared Krylov space.
 
         Each iteration applies ``H + λI`` once to an orthonormal block of search directions
@@ -215,12 +220,15 @@ class LissaInfluence(_DataBackedInfluence):
         self.rtol = non_negative(rtol, "rtol")
 
     def _solve(self, rhs: Tensor) -> Tensor:
+        with self._op.reusing_graphs():
+            return self._neumann(rhs)
+
+    def _neumann(self, rhs: Tensor) -> Tensor:
         h = rhs.clone()
-        batches = list(self._op.batches())
         converged = False
         for it in range(self.maxiter):
-            xb, yb = batches[it % len(batches)]
-            hess_h = self._fn.hvp(xb, yb, h) / xb.shape[0] + self.regularization * h
+            batch = it % self._op.n_batches
+            hess_h = self._op.batch_hessian_matmul(batch, h) + self.regularization * h
             new = rhs + (1.0 - self.dampen) * h - hess_h / self.scale
             if not bool(torch.isfinite(new).all()):
                 raise InvalidParameterError(

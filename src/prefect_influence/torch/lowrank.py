@@ -106,7 +106,8 @@ class _LowRankInfluence(TorchInfluenceFunctionModel):
 
     def _fit(self, data: TrainingData) -> None:
         op = self._hessian_batches(data)
-        vals, vecs = self._eigen(op.hessian_matmul)
+        with op.reusing_graphs():
+            vals, vecs = self._eigen(op.hessian_matmul)
         shifted = vals + self.regularization
         scale = float(shifted.abs().max()) or 1.0
         if float(shifted.abs().min()) <= scale * 1e-12:
