@@ -264,6 +264,23 @@ def test_dask_computes_factors_and_gradients_once_per_chunk(problem):
     }
 
 
+def test_dask_blocks_depend_on_the_factor_solves_themselves(problem):
+    """A block's factor input is the solve's own key: no alias task (a chunk of a concatenated
+    array) that the scheduler would place with the solve's output and queue behind the next
+    long solve on that worker while other workers idle (measured on a 2-worker cluster)."""
+    from dask.core import get_dependencies
+
+    lazy = _sync_calculator(problem.model).influences(*problem.dask_test(), *problem.dask_train())
+    graph = dict(lazy.__dask_graph__())
+    blocks = [k for k in graph if isinstance(k, str) and k.startswith("influence-block-")]
+    assert len(blocks) == len(TEST_CHUNKS) * len(TRAIN_CHUNKS)
+    for key in blocks:
+        i = int(key.rsplit("-", 2)[1])
+        factors = [d for d in get_dependencies(graph, key) if "influence-factors" in str(d)]
+        assert len(factors) == 1 and str(factors[0]).startswith("influence-factors-")
+        assert str(factors[0]).endswith(f"-{i}")
+
+
 # -- dask, real multi-process cluster ------------------------------------------------------------
 
 

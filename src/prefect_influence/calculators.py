@@ -270,20 +270,33 @@ class DaskInfluenceCalculator:
 
     def influence_factors(self, x: "da.Array", y: "da.Array") -> "da.Array":  # noqa: F821
         """``H⁻¹∇θℓ(x_i, y_i)`` for every sample: a lazy ``n × p`` array chunked like ``x``."""
-        import dask
         import dask.array as da
 
         _check_inputs(x, y, "x", "y")
         dtype = _float_dtype(self.influence_function_model, x.dtype)
+        return da.concatenate(
+            [
+                da.from_delayed(task, shape=(n, self.n_parameters), dtype=dtype)
+                for task, n in self._factor_tasks(x, y, dtype)
+            ],
+            axis=0,
+        )
+
+    def _factor_tasks(self, x, y, dtype) -> list:
+        """One delayed factor solve per chunk of ``x``, with its number of rows."""
+        import dask
+
         tag = uuid.uuid4().hex[:12]
-        pieces = []
-        for i, (xd, yd, n) in enumerate(zip(_chunks(x), _chunks(y), x.chunks[0])):
-            task = dask.delayed(_factors_task)(
-                self._model_ref, xd, yd, self.numpy_converter, dtype,
-                dask_key_name=f"influence-factors-{tag}-{i}",
+        return [
+            (
+                dask.delayed(_factors_task)(
+                    self._model_ref, xd, yd, self.numpy_converter, dtype,
+                    dask_key_name=f"influence-factors-{tag}-{i}",
+                ),
+                n,
             )
-            pieces.append(da.from_delayed(task, shape=(n, self.n_parameters), dtype=dtype))
-        return da.concatenate(pieces, axis=0)
+            for i, (xd, yd, n) in enumerate(zip(_chunks(x), _chunks(y), x.chunks[0]))
+        ]
 
     def influences(
         self,
@@ -307,8 +320,13 @@ class DaskInfluenceCalculator:
         _check_inputs(x_test, y_test, "x_test", "y_test")
         if x is None:
             x, y = x_test, y_test
-        factors = self.influence_factors(x_test, y_test)
-        return self.influences_from_factors(factors, x, y, mode)
+        _check_inputs(x, y, "x", "y")
+        model = self.influence_function_model
+        # each block depends on its factor solve directly, not on a chunk of a concatenated
+        # array: such an alias is a task of its own that the scheduler places with its input
+        # and may queue behind a long solve there, idling the other workers (measured)
+        factors = self._factor_tasks(x_test, y_test, _float_dtype(model, x_test.dtype))
+        return self._blocks(factors, x, y, mode, _float_dtype(model, x_test.dtype))
 
     def influences_from_factors(
         self,
@@ -333,8 +351,16 @@ class DaskInfluenceCalculator:
                 f"z_test_factors must have shape (n_test, {self.n_parameters}), got "
                 f"{z_test_factors.shape}."
             )
+        dtype = _float_dtype(self.influence_function_model, z_test_factors.dtype)
+        factors = list(zip(_chunks(z_test_factors), z_test_factors.chunks[0]))
+        return self._blocks(factors, x, y, mode, dtype)
+
+    def _blocks(self, factors: list, x, y, mode: InfluenceMode, dtype) -> "da.Array":  # noqa: F821
+        """The lazy grid: one block per (factor piece, train chunk)."""
+        import dask
+        import dask.array as da
+
         model, converter = self.influence_function_model, self.numpy_converter
-        dtype = _float_dtype(model, z_test_factors.dtype)
         tag = uuid.uuid4().hex[:12]
         if reuses_gradients(model, mode):
             operands = [
@@ -348,7 +374,7 @@ class DaskInfluenceCalculator:
             operands = [(xd, yd, None) for xd, yd in zip(_chunks(x), _chunks(y))]
         extra = tuple(x.shape[1:]) if mode is InfluenceMode.Perturbation else ()
         rows = []
-        for i, (zd, n_i) in enumerate(zip(_chunks(z_test_factors), z_test_factors.chunks[0])):
+        for i, (zd, n_i) in enumerate(factors):
             row = []
             for j, (operand, n_j) in enumerate(zip(operands, x.chunks[0])):
                 block = dask.delayed(_block_task)(
