@@ -311,8 +311,9 @@ def column_stage(config: PipelineConfig, j: int, test_chunks: Optional[list[int]
 
 
 def _self_influences(model, grads: torch.Tensor) -> torch.Tensor:
-    """``⟨H⁻¹g, g⟩`` per row, in slices (the ``n × p`` factors of a whole chunk are not needed)."""
-    step = rows_within(grads.shape[1], grads.element_size())
+    """``⟨H⁻¹g, g⟩`` per row, in slices of ≤ 4 MiB of rows (the ``n × p`` factors of a whole
+    chunk are never needed; a solve's temporaries are a few times its input)."""
+    step = rows_within(grads.shape[1], grads.element_size(), budget=4 * 2**20)
     return torch.cat([(model.factors_from_grads(g) * g).sum(dim=1) for g in grads.split(step)])
 
 

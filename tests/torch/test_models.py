@@ -205,7 +205,8 @@ def test_hessian_products_reusing_gradient_graphs_equal_rebuilt_ones(problem, mo
     from prefect_influence.torch.base import HessianOperator
 
     model, x, y, xt, yt = problem()
-    cg = CgInfluence(model, cross_entropy, REG, rtol=1e-12, atol=1e-14).fit(loader(x, y, 16))
+    cg = CgInfluence(model, cross_entropy, REG, rtol=1e-12, atol=1e-14, batch_size=16)
+    cg.fit(loader(x, y, 16))
     op = cg._op
     built = []
     original = cg._fn.hvp_function
@@ -232,3 +233,38 @@ def test_hessian_products_reusing_gradient_graphs_equal_rebuilt_ones(problem, mo
         op(vectors)
     assert op._products is None and len(built) == op.n_batches  # over budget: rebuilt per product
     torch.testing.assert_close(cg.influence_factors(xt, yt), reused, rtol=1e-9, atol=1e-12)
+
+
+def test_automatic_product_batch_size_follows_the_graph_budget(classifier):
+    """Without a fixed batch size, a Hessian product covers as many samples as keep one batch's
+    gradient graph within the budget, at least the loader's batch: the same Hessian, fewer
+    passes; LiSSA keeps the loader's batches (one per iteration is its method)."""
+    from prefect_influence.torch import base
+
+    model, x, y, xt, yt, direct, lam_max = classifier
+    per_sample = CgInfluence(model, cross_entropy, REG)._fn.gradient_graph_bytes(x[:8], y[:8]) / 8
+    assert base.product_batch_size(CgInfluence(model, cross_entropy, REG)._fn, x, y, 8) == len(x)
+    fn = CgInfluence(model, cross_entropy, REG)._fn
+    tight = base.product_batch_size(fn, x, y, 4, budget=int(10 * per_sample))
+    assert 4 <= tight <= 10
+    assert base.product_batch_size(fn, x, y, 16, budget=1) == 16  # never below the loader's
+    # a batch that is a view of a large training tensor is measured by its own graph, not by
+    # the storage it views (which exists anyway): 200 copies change nothing
+    big_x, big_y = torch.cat([x] * 200), torch.cat([y] * 200)
+    assert fn.gradient_graph_bytes(big_x[:8], big_y[:8]) == fn.gradient_graph_bytes(
+        x[:8].clone(), y[:8].clone())
+
+    auto = CgInfluence(model, cross_entropy, REG, rtol=1e-12, atol=1e-14).fit(loader(x, y, 8))
+    fixed = CgInfluence(model, cross_entropy, REG, rtol=1e-12, atol=1e-14, batch_size=8)
+    fixed.fit(loader(x, y, 8))
+    assert auto._op.batch_size == len(x) and fixed._op.batch_size == 8
+    torch.testing.assert_close(auto.influence_factors(xt, yt), fixed.influence_factors(xt, yt),
+                               rtol=1e-9, atol=1e-12)
+    # the resolved size is part of the fitted state: a loaded model batches identically
+    again = CgInfluence(model, cross_entropy, REG, rtol=1e-12, atol=1e-14)
+    again.load_fitted_state(auto.fitted_state())
+    assert again._op.batch_size == len(x)
+    lissa = LissaInfluence(model, cross_entropy, REG, maxiter=2, scale=1.2 * lam_max)
+    with pytest.warns(UserWarning, match="LiSSA did not reach"):
+        lissa.fit(loader(x, y, 8)).influence_factors(xt, yt)
+    assert lissa._op.batch_size == 8

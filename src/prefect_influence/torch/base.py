@@ -336,7 +336,30 @@ class TorchInfluenceFunctionModel(InfluenceFunctionModel[Tensor, Batches]):
         return factors.to(device=self.device, dtype=self.dtype)
 
     def _hessian_batches(self, data: TrainingData) -> "HessianOperator":
-        return HessianOperator(self._fn, data.tensors(), data.batch_size, self.regularization)
+        x, y = data.tensors()
+        batch = product_batch_size(self._fn, x, y, data.batch_size)
+        return HessianOperator(self._fn, (x, y), batch, self.regularization)
+
+
+#: one batch's gradient graph when the number of samples per Hessian-vector product is automatic
+PRODUCT_GRAPH_BYTES = 64 * 2**20
+
+
+def product_batch_size(
+    fn: ModelFunctions, x: Tensor, y: Tensor, minimum: Optional[int], budget: int = PRODUCT_GRAPH_BYTES
+) -> int:
+    """Samples per Hessian-vector product when the caller does not fix it: as many as keep one
+    batch's gradient graph within ``budget`` (measured on the first ``minimum`` samples), at
+    least ``minimum`` (the loader's batch size), at most all of them.
+
+    The products are sums over samples, so this only changes rounding; it saves the fixed cost
+    of a product per batch (on a 610-parameter MLP, 782 batches of 256 made a 200k-sample
+    Arnoldi fit take 112 s). Deterministic for a given model and data shape.
+    """
+    n = int(x.shape[0])
+    probe = max(1, min(minimum or n, n))
+    per_sample = -(-fn.gradient_graph_bytes(x[:probe], y[:probe]) // probe)
+    return int(min(n, max(probe, budget // max(per_sample, 1))))
 
 
 class HessianOperator:
@@ -373,11 +396,12 @@ class HessianOperator:
             yield self.x[start : start + self.batch_size], self.y[start : start + self.batch_size]
 
     def graph_bytes(self) -> int:
-        """Estimated bytes of all batches' gradient graphs (measured on the first batch)."""
+        """Estimated bytes of all batches' gradient graphs (measured on up to 256 samples and
+        scaled by the number of samples: an upper bound, parameter-sized parts count per sample)."""
         if self._graph_bytes is None:
-            x, y = next(self.batches())
-            per_batch = self.fn.gradient_graph_bytes(x, y)
-            self._graph_bytes = per_batch * math.ceil(self.n / x.shape[0])
+            probe = min(self.n, 256)
+            measured = self.fn.gradient_graph_bytes(self.x[:probe], self.y[:probe])
+            self._graph_bytes = -(-measured * self.n // probe)
         return self._graph_bytes
 
     @contextmanager

@@ -126,7 +126,8 @@ class ModelFunctions:
 
     def gradient_graph_bytes(self, x: Tensor, y: Tensor) -> int:
         """Bytes of activations autograd keeps to differentiate the gradient of the loss over
-        the batch ``(x, y)`` again (parameters excluded): what :meth:`hvp_function` holds.
+        the batch ``(x, y)`` again (parameters and the inputs themselves excluded): what
+        :meth:`hvp_function` holds.
 
         Measured, not modelled: one plain-autograd pass over the batch with
         ``create_graph=True`` and a saved-tensor hook counting distinct storages
@@ -135,6 +136,7 @@ class ModelFunctions:
         params = {n: p.detach().requires_grad_(True) for n, p in self.params().items()}
         own = {p.untyped_storage().data_ptr() for p in params.values()}
         own |= {t.untyped_storage().data_ptr() for t in self._fixed().values()}
+        own |= {x.untyped_storage().data_ptr(), y.untyped_storage().data_ptr()}  # held anyway
         seen: set[int] = set()
         total = 0
 

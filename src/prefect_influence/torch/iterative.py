@@ -19,6 +19,7 @@ from .base import (
     TrainingData,
     non_negative,
     positive_int,
+    product_batch_size,
 )
 from .preconditioners import Preconditioner
 
@@ -35,9 +36,12 @@ class _DataBackedInfluence(TorchInfluenceFunctionModel):
         self.batch_size = positive_int(batch_size, "batch_size", allow_none=True)
 
     def _fit(self, data: TrainingData) -> None:
-        self._op = HessianOperator(
-            self._fn, data.tensors(), self.batch_size or data.batch_size, self.regularization
-        )
+        x, y = data.tensors()
+        batch = self.batch_size or self._default_batch_size(x, y, data.batch_size)
+        self._op = HessianOperator(self._fn, (x, y), batch, self.regularization)
+
+    def _default_batch_size(self, x: Tensor, y: Tensor, loader_batch_size: Optional[int]) -> int:
+        return product_batch_size(self._fn, x, y, loader_batch_size)
 
     def _get_state(self) -> dict[str, Tensor]:
         return {
@@ -67,7 +71,8 @@ class CgInfluence(_DataBackedInfluence):
         maxiter: iterations per solve (default ``n_parameters``, where exact arithmetic converges).
         preconditioner: a :class:`~prefect_influence.torch.JacobiPreconditioner` or
             :class:`~prefect_influence.torch.NystroemPreconditioner`, fitted in ``fit``.
-        batch_size: training samples per Hessian-vector product (default: the loader's).
+        batch_size: training samples per Hessian-vector product (default: as many as keep one
+            batch's gradient graph within 64 MiB, at least the loader's batch size).
     """
 
     def __init__(
@@ -218,6 +223,10 @@ class LissaInfluence(_DataBackedInfluence):
         if self.scale == 0:
             raise InvalidParameterError("scale must be > 0.")
         self.rtol = non_negative(rtol, "rtol")
+
+    def _default_batch_size(self, x: Tensor, y: Tensor, loader_batch_size: Optional[int]) -> int:
+        # one batch per iteration is the method (stochastic unless it holds every sample)
+        return loader_batch_size or int(x.shape[0])
 
     def _solve(self, rhs: Tensor) -> Tensor:
         with self._op.reusing_graphs():
