@@ -112,6 +112,19 @@ class LocalClusterStart:
             self._cluster.close()
             self._cluster = None
 
+    def close_in_background(self) -> threading.Thread:
+        """``close()`` in a background thread, for the caller to join later: stopping the
+        workers (1.4 s measured) then overlaps the work that follows."""
+        def close() -> None:
+            try:
+                self.close()
+            except Exception:  # the run's results are written; a slow shutdown is not fatal
+                logging.getLogger("prefect_influence").exception("closing the local cluster failed")
+
+        thread = threading.Thread(target=close, daemon=True, name="prefect-influence-cluster-close")
+        thread.start()
+        return thread
+
 
 @contextlib.contextmanager
 def workers_share_api() -> Iterator[None]:
@@ -162,15 +175,19 @@ def compute_grid(config: PipelineConfig) -> dict[str, int]:
         update_progress_artifact(artifact, 100.0 * done / total)
         _progress_bar(done, total)
 
+    factors = [compute_factors.submit(config, i) for i in range(n_rows)]
+    # every column reads all factor chunks: submitted now, Dask starts them when the factors
+    # are done (no round trip through this process between the two phases)
+    columns = [influences_from_factors.submit(config, j, wait_for=factors) for j in range(n_cols)]
     factors_reused = 0
-    for future in as_completed([compute_factors.submit(config, i) for i in range(n_rows)]):
-        factors_reused += bool(future.result())
-        advance()
     counts = {"computed": 0, "reused": 0}
-    for future in as_completed([influences_from_factors.submit(config, j) for j in range(n_cols)]):
-        result = future.result()
-        counts["computed"] += result["computed"]
-        counts["reused"] += result["reused"]
+    for future in as_completed(factors + columns):
+        result = future.result()  # the first failure fails the flow
+        if isinstance(result, dict):
+            counts["computed"] += result["computed"]
+            counts["reused"] += result["reused"]
+        else:
+            factors_reused += bool(result)
         advance()
     logger.info(
         "factors: %d of %d chunks reused; blocks: %d computed, %d reused",
@@ -220,12 +237,24 @@ def _run(config: PipelineConfig, resolved: PipelineConfig, logger) -> tuple[dict
             t_fit = time.perf_counter()
             runner = make_task_runner(config, starting.cluster())
             counts = compute_grid.with_options(task_runner=runner)(config)
-        finally:
+        except BaseException:
             starting.close()
+            raise
     t_grid = time.perf_counter()
-    info = write_summary(config)
-    end = time.perf_counter()
-    result = {
+    closing = starting.close_in_background()  # the workers stop while the summary is written
+    try:
+        info = write_summary(config)
+        end = time.perf_counter()
+        result = _result(config, grid, fit_reused, counts, start, t_fit, t_grid, end)
+        _publish(resolved, grid, result, info)
+    finally:
+        closing.join()
+    return result, info
+
+
+def _result(config: PipelineConfig, grid, fit_reused: bool, counts: dict[str, int],
+            start: float, t_fit: float, t_grid: float, end: float) -> dict[str, Any]:
+    return {
         "output": config.output,
         "grid": list(grid.shape),
         "n_test": grid.n_test,
@@ -235,8 +264,6 @@ def _run(config: PipelineConfig, resolved: PipelineConfig, logger) -> tuple[dict
         "seconds": {"fit": round(t_fit - start, 3), "grid": round(t_grid - t_fit, 3),
                     "summary": round(end - t_grid, 3), "total": round(end - start, 3)},
     }
-    _publish(resolved, grid, result, info)
-    return result, info
 
 
 def _publish(config: PipelineConfig, grid, result: dict[str, Any], info: dict[str, Any]) -> None:

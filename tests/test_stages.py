@@ -90,6 +90,44 @@ def test_summary_top_k_is_exact(reference):
     np.testing.assert_array_equal(got["top_harmful"], order)
 
 
+def test_summary_from_column_parts_equals_summary_from_blocks(reference, tmp_path):
+    """The columns' own top-k lists merge to exactly the ranking of whole rows: with every
+    part, with none (the summary reads the blocks), with one corrupt part, with ties."""
+    import shutil
+
+    config, _, got, _ = reference
+    out = tmp_path / "copy"
+    shutil.copytree(config.output, out)
+    copy = config.model_copy(update={"output": str(out)})
+    store = InfluenceStore(str(out))
+    grid = store.grid()
+    assert all(store.read_summary_part(j, 5) is not None for j in range(grid.shape[1]))
+    assert store.read_summary_part(0, 4) is None  # another k is not reused
+
+    def summary_again() -> dict:
+        store._remove("records/summary.json")
+        stages.summary_stage(copy)
+        return read_outputs(str(out))
+
+    shutil.rmtree(out / "summary_parts" / "2")  # a lost part (its record stays) and a lost record
+    (out / "records" / "summary_parts" / "4.json").unlink(missing_ok=True)
+    again = summary_again()
+    for name in ("top_helpful", "top_helpful_values", "top_harmful", "top_harmful_values"):
+        np.testing.assert_array_equal(again[name], got[name])
+
+    # ties across columns: equal values everywhere, the smaller training index must win
+    for j in range(grid.shape[1]):
+        for i in range(grid.shape[0]):
+            t0, t1 = grid.test_ranges[i]
+            s0, s1 = grid.train_ranges[j]
+            store.write_chunk("influences", grid, (i, j), np.ones((t1 - t0, s1 - s0), np.float32))
+        store._remove(f"records/summary_parts/{j}.json")
+        stages.column_stage(copy, j)  # blocks reused, the part rebuilt from them
+    tied = summary_again()
+    np.testing.assert_array_equal(tied["top_helpful"], np.tile(np.arange(5), (grid.n_test, 1)))
+    np.testing.assert_array_equal(tied["top_harmful"], np.tile(np.arange(5), (grid.n_test, 1)))
+
+
 def test_rerun_reuses_everything(reference):
     config, _, before, _ = reference
     assert run_tasks(config) == {"computed": 0, "reused": 12}
@@ -204,3 +242,4 @@ def test_auto_chunks_bound_blocks_and_split_test_rows_evenly(n_train, n_test, p,
     rows = -(-n_test // test_chunk)
     assert rows * test_chunk - n_test < rows  # the last row is at most one sample short
     assert train_chunk * p * 4 <= stages.MAX_GRAD_BYTES
+    assert rows >= min(workers, n_test)  # every worker solves factors from the start

@@ -9,8 +9,9 @@ Under the output URL (any fsspec URL: local directory, ``file://``, ``memory://`
                                       chunks (test_chunk, train_chunk [, input shape])
     self_influence                    zarr array n_train, chunks (train_chunk,)
     summary/top_helpful, ...          zarr arrays n_test × k (indices and values)
+    summary_parts/<j>/top_helpful, …  the same over train chunk j only (written by its column)
     records/<array>/<i>[.<j>].json    completion record of one chunk: sha256, shape, dtype
-    records/fitted.json, records/summary.json
+    records/fitted.json, records/summary.json, records/summary_parts/<j>.json
     lease.json                        which run is writing here, until when (see below)
 
 A chunk counts as done only when its record exists **and** the chunk read back hashes to the
@@ -476,6 +477,16 @@ class InfluenceStore:
         """Summary arrays and info, or ``None`` if missing or corrupt."""
         found = self._read_array_set("summary", "records/summary.json")
         return None if found is None else (found[0], found[1]["info"])
+
+    def write_summary_part(self, j: int, arrays: dict[str, np.ndarray], top_k: int) -> None:
+        """Top-k arrays over train chunk ``j`` alone (merged by the summary)."""
+        self._write_array_set(f"summary_parts/{j}", arrays, f"records/summary_parts/{j}.json",
+                              {"top_k": top_k})
+
+    def read_summary_part(self, j: int, top_k: int) -> Optional[dict[str, np.ndarray]]:
+        """Column ``j``'s top-k arrays, or ``None`` if missing, corrupt or for another k."""
+        found = self._read_array_set(f"summary_parts/{j}", f"records/summary_parts/{j}.json")
+        return None if found is None or found[1].get("top_k") != top_k else found[0]
 
     # -- small sets of whole arrays with one record ----------------------------------------------
     def _write_array_set(self, prefix: str, arrays: dict[str, np.ndarray], record: str,
