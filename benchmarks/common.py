@@ -134,7 +134,8 @@ def run_stages_in_process(config) -> dict[str, float]:
     for j in range(plan.grid.shape[1]):
         stages.column_stage(config, j)
     t4 = time.perf_counter()
-    stages.summary_stage(config)
+    if config.summary:
+        stages.summary_stage(config)
     t5 = time.perf_counter()
     times.update(plan=t1 - t0, fit=t2 - t1, factors=t3 - t2, columns=t4 - t3, summary=t5 - t4,
                  total=t5 - t0)

@@ -9,10 +9,11 @@ drifts), on ``--workers`` single-threaded Dask workers (default 2, what the flow
   (``TORCH_WORKER_DASK_CONFIG``), fit the model in this process, then
   ``DaskInfluenceCalculator(...).influences(x_test, y_test, x, y).to_zarr(url)`` with the
   chunk sizes ``auto`` picks. The baseline of the target.
-* ``flow``: ``influence_pipeline`` with the same worker count and ``auto`` chunking, self-influence
-  off (the calculator has none); it still writes its top-k summary (the smallest, ``top_k=1``),
-  per-chunk checksums and completion records, progress and artifacts. Overhead =
-  flow / calculator − 1 (target ≤ 10%).
+* ``flow``: ``influence_pipeline`` with the same worker count and ``auto`` chunking, the same
+  work: self-influence and the top-k summary off (the calculator computes neither); it still
+  plans and fingerprints, writes per-chunk checksums and completion records, progress and
+  artifacts, and runs every task through the Prefect API. Overhead = flow / calculator − 1
+  (target ≤ 10%).
 * ``in-process`` (one run, for reference): plan, fit, factors, columns and summary through
   ``prefect_influence.stages`` in this process, one torch thread: the work with neither Prefect
   nor Dask; its ratio to the flow shows what the second worker buys on this machine.
@@ -114,7 +115,7 @@ def main() -> None:
                       auto_chunks=f"{args.workers} worker(s): train {chunks[0]}, test {chunks[1]}")
         cfg = lambda out, **kw: common.job_config(  # noqa: E731
             paths, str(root / out), method=METHOD, n_workers=args.workers, self_influence=False,
-            top_k=1, **kw)
+            summary=False, **kw)
         fit_batch_size = cfg("probe").method.fit_batch_size
 
         common.run_stages_in_process(common.job_config(warm, str(root / "warm-out"), method=METHOD))

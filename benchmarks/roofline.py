@@ -6,8 +6,8 @@ as the stage: per-sample gradients of every train point once (``torch.func.vmap(
 train chunk by train chunk) and one GEMM ``factors (n_test × p) @ grads.T (p × n_train)``.
 Ours does the same arithmetic plus what a real job needs: reading the train rows and factor
 chunks from zarr, input checks, writing every block to zarr with its sha256 completion record.
-Self-influence is off (the baseline has no solves). Chunk sizes are ``auto`` for two workers,
-as the flow would pick. Both run once untimed on a small job first (torch.func, zarr warm-up);
+Self-influence and the top-k summary are off (the baseline has neither). Chunk sizes are
+``auto`` for two workers, as the flow would pick. Both run once untimed on a small job first (torch.func, zarr warm-up);
 then bare and ours run alternately ``--repeat`` times (3) and the fastest of each counts.
 
 Rows: the 10k-parameter MLP (GEMM-bound) and a small 610-parameter MLP (gradient- and
@@ -70,7 +70,7 @@ def run_row(label: str, hidden: int, n_test: int, n_train: int, root: Path,
     net = common.load_network(paths)
 
     def prepare(p, out):
-        config = common.job_config(p, str(out), method=FIT, self_influence=False)
+        config = common.job_config(p, str(out), method=FIT, self_influence=False, summary=False)
         plan = stages.plan_job(config, n_workers=2)
         stages.fit_stage(config)
         for i in range(plan.grid.shape[0]):

@@ -243,7 +243,7 @@ def _run(config: PipelineConfig, resolved: PipelineConfig, logger) -> tuple[dict
     t_grid = time.perf_counter()
     closing = starting.close_in_background()  # the workers stop while the summary is written
     try:
-        info = write_summary(config)
+        info = write_summary(config) if config.summary else {"summary": False}
         end = time.perf_counter()
         result = _result(config, grid, fit_reused, counts, start, t_fit, t_grid, end)
         _publish(resolved, grid, result, info)
@@ -269,7 +269,7 @@ def _result(config: PipelineConfig, grid, fit_reused: bool, counts: dict[str, in
 def _publish(config: PipelineConfig, grid, result: dict[str, Any], info: dict[str, Any]) -> None:
     store = InfluenceStore(config.output, config.storage_options)
     summary = store.read_summary()
-    if summary is not None and "top_helpful" in summary[0]:
+    if config.summary and summary is not None and "top_helpful" in summary[0]:
         arrays = summary[0]
         rows = [
             {"test_index": i,

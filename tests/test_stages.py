@@ -128,6 +128,21 @@ def test_summary_from_column_parts_equals_summary_from_blocks(reference, tmp_pat
     np.testing.assert_array_equal(tied["top_harmful"], np.tile(np.arange(5), (grid.n_test, 1)))
 
 
+def test_without_summary_no_top_k_is_kept(inputs, reference, tmp_path):
+    _, _, expected, _ = reference
+    config = job_config(inputs, str(tmp_path / "out")).model_copy(update={"summary": False})
+    plan = stages.plan_job(config, n_workers=1)
+    fit_model.fn(config)
+    for i in range(plan.grid.shape[0]):
+        compute_factors.fn(config, i)
+    for j in range(plan.grid.shape[1]):
+        influences_from_factors.fn(config, j)
+    store = InfluenceStore(config.output)
+    assert all(store.read_summary_part(j, 5) is None for j in range(plan.grid.shape[1]))
+    assert store.read_summary() is None
+    np.testing.assert_array_equal(read_outputs(config.output)["influences"], expected["influences"])
+
+
 def test_rerun_reuses_everything(reference):
     config, _, before, _ = reference
     assert run_tasks(config) == {"computed": 0, "reused": 12}

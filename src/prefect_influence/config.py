@@ -186,6 +186,7 @@ class PipelineConfig(_Section):
         '{"key": ..., "secret": ...}) is merged into the storage options at run time, inside '
         "each task; the credentials never enter the run's parameters, logs or the manifest.",
     )
+    summary: bool = Field(True, title="Top-k summary", description="Also write the most helpful and most harmful training points of every test point (Up mode).")
     top_k: int = Field(10, ge=1, title="Top k", description="Most helpful/harmful training points kept per test point.")
     self_influence: bool = Field(True, title="Self-influence", description="Also compute every training point's self-influence.")
     overwrite: bool = Field(False, title="Overwrite", description="Replace an existing output made with another configuration.")

@@ -301,7 +301,7 @@ def column_stage(config: PipelineConfig, j: int, test_chunks: Optional[list[int]
     # the column's top-k, while its blocks are in memory (whole columns only: a partial one
     # is a retry of some blocks, and the summary reads what it lacks)
     k = min(config.top_k, grid.n_train)
-    want_top = (mode is InfluenceMode.Up and test_chunks is None
+    want_top = (config.summary and mode is InfluenceMode.Up and test_chunks is None
                 and store.read_summary_part(j, k) is None)
     counts = {"computed": len(missing), "reused": len(rows) - len(missing)}
     if not missing and not want_self and not want_top:
