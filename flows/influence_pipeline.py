@@ -180,14 +180,14 @@ def compute_grid(config: PipelineConfig) -> dict[str, int]:
     # are done (no round trip through this process between the two phases)
     columns = [influences_from_factors.submit(config, j, wait_for=factors) for j in range(n_cols)]
     factors_reused = 0
+    for future in as_completed(factors):  # a failed solve fails the flow with its own error
+        factors_reused += bool(future.result())
+        advance()
     counts = {"computed": 0, "reused": 0}
-    for future in as_completed(factors + columns):
-        result = future.result()  # the first failure fails the flow
-        if isinstance(result, dict):
-            counts["computed"] += result["computed"]
-            counts["reused"] += result["reused"]
-        else:
-            factors_reused += bool(result)
+    for future in as_completed(columns):
+        result = future.result()
+        counts["computed"] += result["computed"]
+        counts["reused"] += result["reused"]
         advance()
     logger.info(
         "factors: %d of %d chunks reused; blocks: %d computed, %d reused",

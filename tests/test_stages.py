@@ -257,4 +257,5 @@ def test_auto_chunks_bound_blocks_and_split_test_rows_evenly(n_train, n_test, p,
     rows = -(-n_test // test_chunk)
     assert rows * test_chunk - n_test < rows  # the last row is at most one sample short
     assert train_chunk * p * 4 <= stages.MAX_GRAD_BYTES
-    assert rows >= min(workers, n_test)  # every worker solves factors from the start
+    # every worker solves factors from the start, unless that makes chunks thinner than 128
+    assert rows >= min(workers, -(-n_test // stages.MIN_SPLIT_TEST_ROWS))

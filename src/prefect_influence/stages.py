@@ -58,6 +58,9 @@ WORKER_FLOPS = 1.0e9
 MAX_GRAD_BYTES = 256 * 2**20
 #: a block above ~32 MiB is a fresh mmap (page faults) on every allocation with glibc
 MAX_BLOCK_BYTES = 32 * 2**20
+#: test rows are split between workers only down to this many per chunk (thinner chunks
+#: multiply blocks and files, and a block CG solve shares less of its Krylov space)
+MIN_SPLIT_TEST_ROWS = 128
 
 
 @dataclass(frozen=True)
@@ -102,7 +105,7 @@ def auto_chunk_sizes(n_train: int, n_test: int, n_parameters: int, n_workers: in
     spread = math.ceil(n_train / (4 * max(n_workers, 1)))
     cap = max(1, MAX_GRAD_BYTES // (n_parameters * itemsize))
     train_chunk = max(1, min(n_train, cap, max(min_train, spread)))
-    per_worker = math.ceil(n_test / max(n_workers, 1))
+    per_worker = max(math.ceil(n_test / max(n_workers, 1)), min(n_test, MIN_SPLIT_TEST_ROWS))
     test_chunk = max(1, min(per_worker, MAX_BLOCK_BYTES // (train_chunk * itemsize), 4096))
     test_chunk = math.ceil(n_test / math.ceil(n_test / test_chunk))  # even rows, same count
     return train_chunk, test_chunk
@@ -302,7 +305,7 @@ def column_stage(config: PipelineConfig, j: int, test_chunks: Optional[list[int]
     # is a retry of some blocks, and the summary reads what it lacks)
     k = min(config.top_k, grid.n_train)
     want_top = (config.summary and mode is InfluenceMode.Up and test_chunks is None
-                and store.read_summary_part(j, k) is None)
+                and store.read_summary_part(j, k) is None and not _summary_done(store, config))
     counts = {"computed": len(missing), "reused": len(rows) - len(missing)}
     if not missing and not want_self and not want_top:
         return counts
@@ -330,6 +333,12 @@ def column_stage(config: PipelineConfig, j: int, test_chunks: Optional[list[int]
 
 
 _TOP_NAMES = ("top_helpful", "top_helpful_values", "top_harmful", "top_harmful_values")
+
+
+def _summary_done(store: InfluenceStore, config: PipelineConfig) -> Optional[dict[str, Any]]:
+    """The stored summary's info if it is valid and for ``config.top_k``."""
+    existing = store.read_summary()
+    return existing[1] if existing is not None and existing[1].get("top_k") == config.top_k else None
 
 
 class _ColumnTop:
@@ -393,14 +402,14 @@ def summary_stage(config: PipelineConfig) -> dict[str, Any]:
     """
     store = InfluenceStore(config.output, config.storage_options)
     grid = store.grid()
-    existing = store.read_summary()
-    if existing is not None and existing[1].get("top_k") == config.top_k:
-        return existing[1]
+    done = _summary_done(store, config)
+    if done is not None:
+        return done
     info: dict[str, Any] = {"top_k": config.top_k, "mode": grid.mode}
     arrays: dict[str, np.ndarray] = {}
     if grid.mode == InfluenceMode.Up.value:
         k = min(config.top_k, grid.n_train)
-        columns = []
+        arrays = {}  # the running result, n_test × k: folded one column at a time
         for j in range(grid.shape[1]):
             part = store.read_summary_part(j, k)
             if part is None:
@@ -408,11 +417,12 @@ def summary_stage(config: PipelineConfig) -> dict[str, Any]:
                 for i in range(grid.shape[0]):
                     top.add(i, store.read_chunk(INFLUENCES, grid, (i, j)))
                 part = top.arrays()
-            columns.append(part)
-        merged = {name: np.hstack([c[name] for c in columns]) for name in _TOP_NAMES}
-        best = _top(merged["top_helpful"], merged["top_helpful_values"], k, True)
-        worst = _top(merged["top_harmful"], merged["top_harmful_values"], k, False)
-        arrays = dict(zip(_TOP_NAMES, (*best, *worst)))
+            if arrays:
+                part = {name: np.hstack([arrays[name], part[name]]) for name in _TOP_NAMES}
+                best = _top(part["top_helpful"], part["top_helpful_values"], k, True)
+                worst = _top(part["top_harmful"], part["top_harmful_values"], k, False)
+                part = dict(zip(_TOP_NAMES, (*best, *worst)))
+            arrays = part
     store.write_summary(arrays, info)
     return info
 

@@ -218,7 +218,7 @@ def test_hessian_products_reusing_gradient_graphs_equal_rebuilt_ones(problem, mo
     built.clear()
     with op.reusing_graphs():
         first, second = op(vectors), op(vectors)
-        assert len(built) == op.n_batches  # once, on entry
+        assert len(built) == op.n_batches  # once, by the first product
         assert op._products is not None
     assert op._products is None  # released on exit
     torch.testing.assert_close(first, rebuilt, rtol=1e-12, atol=1e-14)
@@ -227,6 +227,12 @@ def test_hessian_products_reusing_gradient_graphs_equal_rebuilt_ones(problem, mo
     assert 0 < cg._fn.gradient_graph_bytes(x[:8], y[:8]) < cg._fn.gradient_graph_bytes(x[:16], y[:16])
 
     reused = cg.influence_factors(xt, yt)
+    # one vector at a time (a tight budget for the vectors' graphs): the same products
+    from prefect_influence.torch import base
+
+    monkeypatch.setattr(base, "PRODUCT_VECTOR_BYTES", 1)
+    assert op._vectors_at_once() == 1
+    torch.testing.assert_close(op(vectors), rebuilt, rtol=1e-12, atol=1e-14)
     monkeypatch.setattr(HessianOperator, "graph_budget_bytes", 0)
     built.clear()
     with op.reusing_graphs():

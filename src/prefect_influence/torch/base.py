@@ -343,6 +343,8 @@ class TorchInfluenceFunctionModel(InfluenceFunctionModel[Tensor, Batches]):
 
 #: one batch's gradient graph when the number of samples per Hessian-vector product is automatic
 PRODUCT_GRAPH_BYTES = 64 * 2**20
+#: what the vectors of one product may add (each needs about one more graph while it runs)
+PRODUCT_VECTOR_BYTES = 256 * 2**20
 
 
 def product_batch_size(
@@ -388,7 +390,7 @@ class HessianOperator:
         self.n = int(self.x.shape[0])
         self.batch_size = int(batch_size or self.n)
         self.regularization = regularization
-        self._products: Optional[list[Callable[[Tensor], Tensor]]] = None
+        self._products: Optional[list[Optional[Callable[[Tensor], Tensor]]]] = None
         self._graph_bytes: Optional[int] = None
 
     def batches(self) -> Iterator[tuple[Tensor, Tensor]]:
@@ -404,13 +406,20 @@ class HessianOperator:
             self._graph_bytes = -(-measured * self.n // probe)
         return self._graph_bytes
 
+    def _vectors_at_once(self) -> int:
+        """Vectors differentiated together in one product: their graphs stay within
+        ``PRODUCT_VECTOR_BYTES`` (block CG and Nyström apply the operator to many at once)."""
+        per_batch = -(-self.graph_bytes() // self.n_batches)
+        return max(1, PRODUCT_VECTOR_BYTES // max(per_batch, 1))
+
     @contextmanager
     def reusing_graphs(self) -> Iterator["HessianOperator"]:
-        """Products inside the block reuse each batch's gradient graph (if within budget)."""
+        """Products inside the block reuse each batch's gradient graph (if within budget),
+        built when a product first needs it."""
         if self._products is not None or self.graph_bytes() > self.graph_budget_bytes:
             yield self
             return
-        self._products = [self.fn.hvp_function(x, y) for x, y in self.batches()]
+        self._products = [None] * self.n_batches
         try:
             yield self
         finally:
@@ -422,11 +431,15 @@ class HessianOperator:
 
     def _summed_product(self, index: int, vectors: Tensor) -> Tensor:
         """Summed Hessian of batch ``index`` times each row of ``vectors``."""
-        if self._products is not None:
-            return self._products[index](vectors)
+        products = self._products
+        if products is not None and products[index] is not None:
+            return products[index](vectors)
         start = index * self.batch_size
         x, y = self.x[start : start + self.batch_size], self.y[start : start + self.batch_size]
-        return self.fn.hvp_function(x, y)(vectors)
+        product = self.fn.hvp_function(x, y, self._vectors_at_once())
+        if products is not None:
+            products[index] = product
+        return product(vectors)
 
     def batch_hessian_matmul(self, index: int, vectors: Tensor) -> Tensor:
         """Mean Hessian (without λ) of batch ``index`` times each row of ``vectors``."""

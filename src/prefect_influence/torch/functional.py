@@ -105,18 +105,22 @@ class ModelFunctions:
         return flat
 
     # -- second derivatives -------------------------------------------------------------------
-    def hvp_function(self, x: Tensor, y: Tensor) -> Callable[[Tensor], Tensor]:
+    def hvp_function(
+        self, x: Tensor, y: Tensor, vectors_at_once: Optional[int] = None
+    ) -> Callable[[Tensor], Tensor]:
         """``V ↦ Σ_i ∇²θ ℓ(x_i, y_i) v`` for every row ``v`` of ``V`` (``k × p → k × p``).
 
         The graph of the batch's gradient is built here, once, and every call only
         differentiates it again (reverse over reverse: ``H`` is symmetric, so the
         vector-Jacobian product of the gradient is the Hessian-vector product). Holding the
-        function holds that graph (about :meth:`gradient_graph_bytes`).
+        function holds that graph (about :meth:`gradient_graph_bytes`); each vector
+        differentiated at once needs about as much again, so ``vectors_at_once`` bounds them.
         """
         _, pullback = vjp(grad(lambda p: self.summed_loss(p, x, y)), self.params())
 
         def product(vectors: Tensor) -> Tensor:
-            return vmap(lambda v: self.flatten(pullback(self.unflatten(v))[0]))(vectors)
+            one = lambda v: self.flatten(pullback(self.unflatten(v))[0])  # noqa: E731
+            return vmap(one, chunk_size=vectors_at_once)(vectors)
 
         return product
 
@@ -151,7 +155,10 @@ class ModelFunctions:
 
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             out = functional_call(self.model, {**params, **self._fixed()}, (x,))
-            loss = self.loss(out, y)
+            try:  # the whole batch at once, as the vmapped per-sample loss computes it
+                loss = self.loss(out, y).sum()
+            except (RuntimeError, ValueError, IndexError):  # a loss for single samples only
+                loss = sum(self.loss(out[i : i + 1], y[i : i + 1]).sum() for i in range(len(x)))
             torch.autograd.grad(loss, list(params.values()), create_graph=True, allow_unused=True)
         return total
 
