@@ -1,7 +1,7 @@
 """Benchmark: the whole Prefect flow at ``auto`` chunking against the calculator alone, and
 against the same stages called in-process, on a job of about a minute or more.
 
-The job: the 10k-parameter MLP, 2,000 test × 60,000 train, Arnoldi (rank 20), output to a
+The job: the 10k-parameter MLP, 2,000 test × 90,000 train, Arnoldi (rank 20), output to a
 local zarr directory. Timed runs, each on a fresh output, alternating (the machine's load
 drifts), on ``--workers`` single-threaded Dask workers (default 2, what the flow picks here):
 
@@ -21,7 +21,7 @@ drifts), on ``--workers`` single-threaded Dask workers (default 2, what the flow
 The ephemeral Prefect API is started once before the flows and timed apart (a deployment talks
 to a running server).
 
-    python benchmarks/overhead.py [--n-train 60000] [--n-test 2000] [--workers 2] [--quick]
+    python benchmarks/overhead.py [--n-train 90000] [--n-test 2000] [--workers 2] [--quick]
 
 Last lines: each side's time, the flow's speed-up over in-process, and the flow's overhead over
 the calculator (target ≤ 10%).
@@ -84,7 +84,7 @@ def calculator_run(paths: dict, output: str, n_workers: int, chunks: tuple[int, 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n-train", type=int, default=60000)
+    parser.add_argument("--n-train", type=int, default=90000)
     parser.add_argument("--n-test", type=int, default=2000)
     parser.add_argument("--hidden", type=int, default=134)
     parser.add_argument("--workers", type=int, default=2)

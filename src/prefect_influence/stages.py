@@ -350,8 +350,15 @@ class _ColumnTop:
 
     def add(self, i: int, block: np.ndarray) -> None:
         s0, s1 = self.grid.train_ranges[self.j]
-        idx = np.broadcast_to(np.arange(s0, s1), block.shape)
-        self.rows[i] = (*_top(idx, block, self.k, True), *_top(idx, block, self.k, False))
+        # in slices of rows: ranking copies its input a few times, a whole block would add
+        # several blocks' worth of memory to the column task
+        step = max(1, (4 * 2**20) // max(1, block.shape[1] * block.itemsize))
+        parts = []
+        for r in range(0, block.shape[0], step):
+            rows = block[r : r + step]
+            idx = np.broadcast_to(np.arange(s0, s1), rows.shape)
+            parts.append((*_top(idx, rows, self.k, True), *_top(idx, rows, self.k, False)))
+        self.rows[i] = tuple(np.vstack([p[n] for p in parts]) for n in range(len(_TOP_NAMES)))
 
     def arrays(self) -> dict[str, np.ndarray]:
         ordered = [self.rows[i] for i in range(self.grid.shape[0])]
