@@ -321,12 +321,11 @@ class DaskInfluenceCalculator:
         if x is None:
             x, y = x_test, y_test
         _check_inputs(x, y, "x", "y")
-        model = self.influence_function_model
+        dtype = _float_dtype(self.influence_function_model, x_test.dtype)
         # each block depends on its factor solve directly, not on a chunk of a concatenated
         # array: such an alias is a task of its own that the scheduler places with its input
         # and may queue behind a long solve there, idling the other workers (measured)
-        factors = self._factor_tasks(x_test, y_test, _float_dtype(model, x_test.dtype))
-        return self._blocks(factors, x, y, mode, _float_dtype(model, x_test.dtype))
+        return self._blocks(self._factor_tasks(x_test, y_test, dtype), x, y, mode, dtype)
 
     def influences_from_factors(
         self,

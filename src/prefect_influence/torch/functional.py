@@ -124,10 +124,6 @@ class ModelFunctions:
 
         return product
 
-    def hvp(self, x: Tensor, y: Tensor, vectors: Tensor) -> Tensor:
-        """``Σ_i ∇²θ ℓ(x_i, y_i) v`` for every row ``v`` of ``vectors`` (``k × p``): ``k × p``."""
-        return self.hvp_function(x, y)(vectors)
-
     def gradient_graph_bytes(self, x: Tensor, y: Tensor) -> int:
         """Bytes of activations autograd keeps to differentiate the gradient of the loss over
         the batch ``(x, y)`` again (parameters and the inputs themselves excluded): what
