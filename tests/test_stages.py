@@ -257,5 +257,7 @@ def test_auto_chunks_bound_blocks_and_split_test_rows_evenly(n_train, n_test, p,
     rows = -(-n_test // test_chunk)
     assert rows * test_chunk - n_test < rows  # the last row is at most one sample short
     assert train_chunk * p * 4 <= stages.MAX_GRAD_BYTES
+    # large train chunks are GEMM-friendly (a multiple of 64 rows); small jobs keep one chunk
+    assert train_chunk % stages.ALIGN_TRAIN_ROWS == 0 or train_chunk == n_train
     # every worker solves factors from the start, unless that makes chunks thinner than 128
     assert rows >= min(workers, -(-n_test // stages.MIN_SPLIT_TEST_ROWS))

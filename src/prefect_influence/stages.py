@@ -58,6 +58,10 @@ WORKER_FLOPS = 1.0e9
 MAX_GRAD_BYTES = 256 * 2**20
 #: a block above ~32 MiB is a fresh mmap (page faults) on every allocation with glibc
 MAX_BLOCK_BYTES = 32 * 2**20
+#: auto train chunks are a multiple of this many rows: a block's row stride (train rows × 4
+#: bytes) then is a multiple of 256 bytes. MKL's single-thread SGEMM for a 1000 × 6250 × 610
+#: block ran at 38 GFLOP/s, for 1000 × 6272 × 610 at 74 (measured; 6248 rows: 68)
+ALIGN_TRAIN_ROWS = 64
 #: test rows are split between workers only down to this many per chunk (thinner chunks
 #: multiply blocks and files, and a block CG solve shares less of its Krylov space)
 MIN_SPLIT_TEST_ROWS = 128
@@ -98,13 +102,17 @@ def auto_chunk_sizes(n_train: int, n_test: int, n_parameters: int, n_workers: in
     enough test rows): the factor solves, which every column waits for, then run on all
     workers at once, and every worker pays its first-task start-up there instead of one after
     the other (measured: one factor chunk on two workers left one idle for 3 s, and its first
-    column then took 9 s instead of 5).
+    column then took 9 s instead of 5). Train chunks of more than ``ALIGN_TRAIN_ROWS`` rows are
+    a multiple of it (rounded up while that keeps the gradient cap, else down).
     """
     flops_per_sample = n_parameters * (6 + 2 * n_test)
     min_train = math.ceil(TASK_OVERHEAD_S / OVERHEAD_SHARE * WORKER_FLOPS / max(flops_per_sample, 1))
     spread = math.ceil(n_train / (4 * max(n_workers, 1)))
     cap = max(1, MAX_GRAD_BYTES // (n_parameters * itemsize))
     train_chunk = max(1, min(n_train, cap, max(min_train, spread)))
+    if ALIGN_TRAIN_ROWS < train_chunk < n_train:
+        up = -(-train_chunk // ALIGN_TRAIN_ROWS) * ALIGN_TRAIN_ROWS
+        train_chunk = min(n_train, up if up <= cap else train_chunk // ALIGN_TRAIN_ROWS * ALIGN_TRAIN_ROWS)
     per_worker = max(math.ceil(n_test / max(n_workers, 1)), min(n_test, MIN_SPLIT_TEST_ROWS))
     test_chunk = max(1, min(per_worker, MAX_BLOCK_BYTES // (train_chunk * itemsize), 4096))
     test_chunk = math.ceil(n_test / math.ceil(n_test / test_chunk))  # even rows, same count
