@@ -30,6 +30,7 @@ import socket
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any, Iterator, Optional
 
@@ -373,13 +374,18 @@ class InfluenceStore:
         values = np.asarray(values, dtype=np.dtype(grid.dtype))
         self._remove(self._record_path(name, index))
         layout = self._plain_layout(name)
-        if layout is None:
-            self.group[name][self._chunk_slices(name, grid, index)] = values
-        else:
-            self._write_plain(layout, index, values)
+        # hashing and writing both release the GIL: the checksum runs beside the write
+        # (measured: a column's last 25 MiB block, which nothing overlaps, 80 → 45 ms)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefect-influence-hash") as pool:
+            digest = pool.submit(checksum, values)
+            if layout is None:
+                self.group[name][self._chunk_slices(name, grid, index)] = values
+            else:
+                self._write_plain(layout, index, values)
+            sha256 = digest.result()
         self._write_json(
             self._record_path(name, index),
-            {"sha256": checksum(values), "shape": list(values.shape), "dtype": values.dtype.str},
+            {"sha256": sha256, "shape": list(values.shape), "dtype": values.dtype.str},
         )
 
     def read_chunk(self, name: str, grid: Grid, index: tuple[int, ...]) -> np.ndarray:
