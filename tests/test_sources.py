@@ -51,6 +51,49 @@ def test_every_source_kind_reads_the_same_rows(kind, tmp_path):
     assert source.fingerprint() == open_source(url).fingerprint()
 
 
+class _CountingArray:
+    """A chunked array (zarr-like: shape, dtype, chunks, slicing) that counts its reads."""
+
+    def __init__(self, values, chunks):
+        self.values, self.chunks, self.reads = values, chunks, []
+        self.shape, self.dtype = values.shape, values.dtype
+
+    def __getitem__(self, key):
+        self.reads.append((key.start, key.stop))
+        return self.values[key]
+
+
+def test_chunked_rows_are_read_whole_stored_chunks_once_and_returned_as_copies(tmp_path, monkeypatch):
+    from prefect_influence import sources
+
+    values = np.arange(50 * 4, dtype=np.float32).reshape(50, 4)
+    group = zarr.open_group(str(tmp_path / "c.zarr"), mode="w")
+    group.create_array("x", data=values, chunks=(7, 4))
+    group.create_array("y", data=np.arange(50), chunks=(7,))
+    source = open_source(str(tmp_path / "c.zarr"))
+    rng = np.random.default_rng(0)
+    ranges = [(0, 50), (3, 4), (6, 8), (49, 60), (10, 10)] + [tuple(sorted(rng.integers(0, 55, 2))) for _ in range(40)]
+    for start, stop in ranges:
+        x, y = source.rows(start, stop)
+        np.testing.assert_array_equal(x, values[start:stop])
+        np.testing.assert_array_equal(y, np.arange(50)[start:stop])
+        x[...] = -1  # the caller's own array: later reads are unaffected
+    np.testing.assert_array_equal(source.rows(0, 50)[0], values)
+
+    # consecutive train chunks inside one stored chunk span read it once
+    x = _CountingArray(values, (20, 4))
+    counted = sources.DataSource(x, _CountingArray(np.arange(50), (20,)), "counted")
+    for start in range(0, 20, 5):
+        np.testing.assert_array_equal(counted.rows(start, start + 5)[0], values[start : start + 5])
+    np.testing.assert_array_equal(counted.rows(18, 23)[0], values[18:23])
+    assert x.reads == [(0, 20), (0, 40)]
+    # a span above the cache size is read as asked, not cached
+    monkeypatch.setattr(sources, "ROW_CACHE_BYTES", 10 * 16 - 1)
+    x.reads.clear()
+    np.testing.assert_array_equal(counted.rows(41, 44)[0], values[41:44])
+    assert x.reads == [(41, 44)]
+
+
 def test_builtin_example_has_train_and_test_roles():
     train, test = open_source("builtin:digits", role="train"), open_source("builtin:digits", role="test")
     assert len(train) == 1500 and len(test) == 297 and train.x_shape == (64,)

@@ -9,6 +9,7 @@ import hashlib
 import importlib
 import io
 import pickle
+import threading
 from typing import Any, Callable, Optional
 
 import fsspec
@@ -37,6 +38,11 @@ __all__ = [
 ]
 
 _HASH_ROWS = 4096
+#: a chunked array's rows are read whole stored chunks at a time and the last such span is kept
+#: (per array, if within this size): a stored chunk is decoded whole even for a few of its rows,
+#: and consecutive train chunks usually share stored chunks (measured: reading 6,272 rows of a
+#: 65,536-row zstd chunk took 24 ms, 8 columns decoded the same chunk 8 times)
+ROW_CACHE_BYTES = 64 * 2**20
 
 
 class ConfigurationError(InfluenceInputError):
@@ -175,6 +181,8 @@ class DataSource:
         if x.shape[0] == 0:
             raise EmptyDataError(f"{description}: the data set is empty.")
         self._x, self._y, self.description = x, y, description
+        self._spans: dict[str, tuple[int, int, np.ndarray]] = {}
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return int(self._x.shape[0])
@@ -184,7 +192,24 @@ class DataSource:
         return tuple(self._x.shape[1:])
 
     def rows(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
-        return np.asarray(self._x[start:stop]), np.asarray(self._y[start:stop])
+        return self._read("x", start, stop), self._read("y", start, stop)
+
+    def _read(self, name: str, start: int, stop: int) -> np.ndarray:
+        arr = self._x if name == "x" else self._y
+        stop = min(stop, len(self))
+        step = _stored_rows(arr)
+        if step is None or start >= stop:
+            return np.asarray(arr[start:stop])
+        lo, hi = start // step * step, min(len(self), -(-stop // step) * step)
+        row_bytes = int(np.prod(arr.shape[1:], dtype=np.int64)) * np.dtype(arr.dtype).itemsize
+        if (hi - lo) * row_bytes > ROW_CACHE_BYTES:
+            return np.asarray(arr[start:stop])
+        with self._lock:
+            cached = self._spans.get(name)
+            if cached is None or not (cached[0] <= start and stop <= cached[1]):
+                cached = self._spans[name] = (lo, hi, np.asarray(arr[lo:hi]))
+        span_start, _, values = cached
+        return values[start - span_start : stop - span_start].copy()  # callers own their rows
 
     def fingerprint(self) -> str:
         """sha256 of shapes, dtypes and contents, read in slices (never all at once). The same
@@ -258,6 +283,14 @@ def _open(url: str, storage_options: dict) -> DataSource:
         ) from exc
     _require_keys(url, list(group.array_keys()))
     return DataSource(group["x"], group["y"], url)
+
+
+def _stored_rows(arr: Any) -> Optional[int]:
+    """Rows per stored chunk of a chunked array (zarr, h5py), ``None`` for in-memory ones."""
+    chunks = getattr(arr, "chunks", None)
+    if isinstance(arr, np.ndarray) or not isinstance(chunks, tuple) or not chunks:
+        return None
+    return chunks[0] if isinstance(chunks[0], int) and chunks[0] > 0 else None
 
 
 def _looks_like_drive(url: str) -> bool:
