@@ -63,7 +63,7 @@ class _CountingArray:
         return self.values[key]
 
 
-def test_chunked_rows_are_read_whole_stored_chunks_once_and_returned_as_copies(tmp_path, monkeypatch):
+def test_rows_within_a_stored_chunk_read_it_once_and_are_returned_as_copies(tmp_path, monkeypatch):
     from prefect_influence import sources
 
     values = np.arange(50 * 4, dtype=np.float32).reshape(50, 4)
@@ -80,13 +80,14 @@ def test_chunked_rows_are_read_whole_stored_chunks_once_and_returned_as_copies(t
         x[...] = -1  # the caller's own array: later reads are unaffected
     np.testing.assert_array_equal(source.rows(0, 50)[0], values)
 
-    # consecutive train chunks inside one stored chunk span read it once
+    # consecutive train chunks inside one stored chunk read it once; rows across stored chunks
+    # are read as asked
     x = _CountingArray(values, (20, 4))
     counted = sources.DataSource(x, _CountingArray(np.arange(50), (20,)), "counted")
     for start in range(0, 20, 5):
         np.testing.assert_array_equal(counted.rows(start, start + 5)[0], values[start : start + 5])
     np.testing.assert_array_equal(counted.rows(18, 23)[0], values[18:23])
-    assert x.reads == [(0, 20), (0, 40)]
+    assert x.reads == [(0, 20), (18, 23)]
     # a span above the cache size is read as asked, not cached
     monkeypatch.setattr(sources, "ROW_CACHE_BYTES", 10 * 16 - 1)
     x.reads.clear()

@@ -38,10 +38,11 @@ __all__ = [
 ]
 
 _HASH_ROWS = 4096
-#: a chunked array's rows are read whole stored chunks at a time and the last such span is kept
-#: (per array, if within this size): a stored chunk is decoded whole even for a few of its rows,
-#: and consecutive train chunks usually share stored chunks (measured: reading 6,272 rows of a
-#: 65,536-row zstd chunk took 24 ms, 8 columns decoded the same chunk 8 times)
+#: rows that lie within one stored chunk of a chunked array are read as that whole chunk, and
+#: the last such chunk is kept (per array, if within this size): a stored chunk is decoded whole
+#: even for a few of its rows, and consecutive train chunks often share one (measured: reading
+#: 6,272 rows of a 65,536-row zstd chunk took 24 ms; 8 columns decoded the same chunk 8 times).
+#: Rows spanning several stored chunks are read as asked (one call, nothing kept).
 ROW_CACHE_BYTES = 64 * 2**20
 
 
@@ -181,7 +182,7 @@ class DataSource:
         if x.shape[0] == 0:
             raise EmptyDataError(f"{description}: the data set is empty.")
         self._x, self._y, self.description = x, y, description
-        self._spans: dict[str, tuple[int, int, np.ndarray]] = {}
+        self._kept: dict[str, tuple[int, int, np.ndarray]] = {}  # last stored chunk per array
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -198,18 +199,17 @@ class DataSource:
         arr = self._x if name == "x" else self._y
         stop = min(stop, len(self))
         step = _stored_rows(arr)
-        if step is None or start >= stop:
-            return np.asarray(arr[start:stop])
-        lo, hi = start // step * step, min(len(self), -(-stop // step) * step)
+        lo = start // step * step if step else 0
+        hi = min(len(self), lo + step) if step else 0
         row_bytes = int(np.prod(arr.shape[1:], dtype=np.int64)) * np.dtype(arr.dtype).itemsize
-        if (hi - lo) * row_bytes > ROW_CACHE_BYTES:
+        if not step or start >= stop or stop > hi or (hi - lo) * row_bytes > ROW_CACHE_BYTES:
             return np.asarray(arr[start:stop])
         with self._lock:
-            cached = self._spans.get(name)
-            if cached is None or not (cached[0] <= start and stop <= cached[1]):
-                cached = self._spans[name] = (lo, hi, np.asarray(arr[lo:hi]))
-        span_start, _, values = cached
-        return values[start - span_start : stop - span_start].copy()  # callers own their rows
+            cached = self._kept.get(name)
+            if cached is None or cached[0] != lo:
+                self._kept.pop(name, None)  # never two stored chunks at once
+                cached = self._kept[name] = (lo, hi, np.asarray(arr[lo:hi]))
+        return cached[2][start - lo : stop - lo].copy()  # callers own their rows
 
     def fingerprint(self) -> str:
         """sha256 of shapes, dtypes and contents, read in slices (never all at once). The same
