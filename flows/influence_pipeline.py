@@ -113,15 +113,16 @@ class LocalClusterStart:
             self._cluster = None
 
     def close_in_background(self) -> threading.Thread:
-        """``close()`` in a background thread, for the caller to join later: stopping the
-        workers (1.4 s measured) then overlaps the work that follows."""
+        """``close()`` in a background thread: stopping the workers (1.5–1.8 s measured) then
+        overlaps the work that follows, and the flow need not wait for it. The thread is not
+        a daemon: a process that ends right after the flow still closes the cluster first."""
         def close() -> None:
             try:
                 self.close()
             except Exception:  # the run's results are written; a slow shutdown is not fatal
                 logging.getLogger("prefect_influence").exception("closing the local cluster failed")
 
-        thread = threading.Thread(target=close, daemon=True, name="prefect-influence-cluster-close")
+        thread = threading.Thread(target=close, daemon=False, name="prefect-influence-cluster-close")
         thread.start()
         return thread
 
@@ -241,14 +242,13 @@ def _run(config: PipelineConfig, resolved: PipelineConfig, logger) -> tuple[dict
             starting.close()
             raise
     t_grid = time.perf_counter()
-    closing = starting.close_in_background()  # the workers stop while the summary is written
-    try:
-        info = write_summary(config) if config.summary else {"summary": False}
-        end = time.perf_counter()
-        result = _result(config, grid, fit_reused, counts, start, t_fit, t_grid, end)
-        _publish(resolved, grid, result, info)
-    finally:
-        closing.join()
+    # the workers stop while the summary is written and after the flow returns: every result
+    # is stored by now, and the closing thread keeps the process alive until they are gone
+    starting.close_in_background()
+    info = write_summary(config) if config.summary else {"summary": False}
+    end = time.perf_counter()
+    result = _result(config, grid, fit_reused, counts, start, t_fit, t_grid, end)
+    _publish(resolved, grid, result, info)
     return result, info
 
 
