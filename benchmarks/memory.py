@@ -63,6 +63,7 @@ def main() -> None:
             start = time.perf_counter()
             result = influence_pipeline(config)
             elapsed = time.perf_counter() - start
+            common.wait_for_cluster_close()  # its workers are sampled until they are gone
         print(f"   flow: {elapsed:.1f} s, grid {result['grid']}, phases {result['seconds']}", flush=True)
         print("   peak RSS by role: " + ", ".join(f"{k} {common.gib(v)}" for k, v in
                                                   sorted(mem.peak_by_role.items())), flush=True)

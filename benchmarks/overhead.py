@@ -132,6 +132,7 @@ def main() -> None:
             start = time.perf_counter()
             result = influence_pipeline(cfg(f"flow{r}"))
             flows.append(time.perf_counter() - start)
+            common.wait_for_cluster_close()  # not timed (the calculator's close is not either)
             print(f"   flow: {flows[-1]:.1f} s, grid {result['grid']}, phases {result['seconds']}",
                   flush=True)
     finally:
