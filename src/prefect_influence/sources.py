@@ -43,7 +43,7 @@ _HASH_ROWS = 4096
 #: even for a few of its rows, and consecutive train chunks often share one (measured: reading
 #: 6,272 rows of a 65,536-row zstd chunk took 24 ms; 8 columns decoded the same chunk 8 times).
 #: Rows spanning several stored chunks are read as asked (one call, nothing kept).
-ROW_CACHE_BYTES = 64 * 2**20
+ROW_CACHE_BYTES = 32 * 2**20
 
 
 class ConfigurationError(InfluenceInputError):
