@@ -56,7 +56,9 @@ OVERHEAD_SHARE = 0.10
 #: conservative per-worker throughput of small per-sample gradient kernels (flop/s)
 WORKER_FLOPS = 1.0e9
 MAX_GRAD_BYTES = 256 * 2**20
-#: a block above ~32 MiB is a fresh mmap (page faults) on every allocation with glibc
+#: with glibc's adaptive mmap threshold a block above ~32 MiB is a fresh mmap (page faults) on
+#: every allocation (Dask workers started with ``TORCH_WORKER_DASK_CONFIG`` map every block
+#: above 4 MiB afresh and hand it back when freed: bounded memory, measured at equal speed)
 MAX_BLOCK_BYTES = 32 * 2**20
 #: auto train chunks are a multiple of this many rows: a block's row stride (train rows × 4
 #: bytes) then is a multiple of 256 bytes. MKL's single-thread SGEMM for a 1000 × 6250 × 610
