@@ -159,10 +159,10 @@ def wait_for_cluster_close() -> float:
     """Wait until the local clusters of finished flows have stopped (the flow returns while its
     workers shut down); seconds waited. Benchmarks call it outside their timers, so a closing
     cluster never competes with the next measurement."""
+    from prefect_influence.flows.influence_pipeline import wait_for_closing_clusters
+
     start = time.perf_counter()
-    for thread in threading.enumerate():
-        if thread.name == "prefect-influence-cluster-close":
-            thread.join()
+    wait_for_closing_clusters()
     return time.perf_counter() - start
 
 

@@ -78,6 +78,20 @@ def make_task_runner(config: PipelineConfig, cluster=None) -> DaskTaskRunner:
     return DaskTaskRunner(cluster_class=torch_local_cluster, cluster_kwargs=local_cluster_kwargs(config))
 
 
+#: threads still stopping the local clusters of earlier flows in this process
+_closing: list[threading.Thread] = []
+
+
+def wait_for_closing_clusters() -> None:
+    """Wait until the local clusters of earlier flows in this process have stopped. A flow
+    calls it before starting its own, so flows run back to back never hold two sets of workers
+    (memory) or two schedulers (ports) at once."""
+    for thread in list(_closing):
+        thread.join()
+        with contextlib.suppress(ValueError):
+            _closing.remove(thread)
+
+
 class LocalClusterStart:
     """Starts the local Dask cluster in a background thread, so that spawning the workers and
     their imports (seconds) overlap the fit; ``cluster()`` waits for it. Nothing is started
@@ -88,6 +102,7 @@ class LocalClusterStart:
         self._error: Optional[BaseException] = None
         self._thread: Optional[threading.Thread] = None
         if not config.dask_address:
+            wait_for_closing_clusters()
             self._thread = threading.Thread(target=self._start, args=(local_cluster_kwargs(config),),
                                             daemon=True, name="prefect-influence-cluster-start")
             self._thread.start()
@@ -123,6 +138,7 @@ class LocalClusterStart:
                 logging.getLogger("prefect_influence").exception("closing the local cluster failed")
 
         thread = threading.Thread(target=close, daemon=False, name="prefect-influence-cluster-close")
+        _closing.append(thread)
         thread.start()
         return thread
 

@@ -134,3 +134,32 @@ def test_second_run_on_a_leased_output_is_refused(uninterrupted):
         store.release_lease(token)
     for name, values in read_outputs(config.output).items():
         assert np.array_equal(values, before[name]), name
+
+
+def test_a_flow_returns_before_its_cluster_has_stopped_and_the_next_one_waits_for_it():
+    """The flow hands its local cluster to a closing thread and returns; a local cluster
+    started afterwards in the same process first waits until the earlier one is gone."""
+    import psutil
+
+    from prefect_influence.config import PipelineConfig
+    from prefect_influence.flows.influence_pipeline import LocalClusterStart
+
+    first = LocalClusterStart(PipelineConfig(n_workers=1))
+    workers = [psutil.Process(pid) for pid in _worker_pids(first.cluster())]
+    assert workers
+    closing = first.close_in_background()
+    assert not closing.daemon  # a process ending right after the flow still stops its workers
+    second = LocalClusterStart(PipelineConfig(n_workers=1))
+    try:
+        assert not closing.is_alive()
+        assert not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)
+        assert second.cluster().scheduler_address
+    finally:
+        second.close()
+
+
+def _worker_pids(cluster) -> list[int]:
+    from distributed import Client
+
+    with Client(cluster.scheduler_address) as client:
+        return list(client.run(os.getpid).values())
