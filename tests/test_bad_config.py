@@ -210,6 +210,16 @@ def test_bad_input_fails_clearly_and_keeps_output(finished, make, error, message
     assert tree_digest(out) == before
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is usable here")
+def test_cuda_without_a_usable_gpu_fails_clearly_and_keeps_output(finished):
+    _, inputs, out = finished
+    before = tree_digest(out)
+    config = job_config(inputs, str(out), device="cuda")
+    with pytest.raises(ConfigurationError, match="device='cuda', but this process has no usable CUDA"):
+        stages.plan_job(config)
+    assert tree_digest(out) == before
+
+
 VALIDATION_CASES = [
     ({"train_chunk_size": 0}, "chunk size"),
     ({"test_chunk_size": -3}, "chunk size"),

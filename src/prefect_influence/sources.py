@@ -133,9 +133,23 @@ def load_network(config: PipelineConfig) -> tuple[nn.Module, str]:
             f"checkpoint {spec.checkpoint or BUILTIN!r} does not fit the model from "
             f"{spec.factory!r}: {exc}"
         ) from exc
+    check_device(config.device.value)
     network = network.to(device=config.device.value, dtype=torch_dtype(config.dtype)).eval()
     digest = hashlib.sha256(raw).hexdigest()
     return network, f"{spec.factory}|{json_kwargs(spec.factory_kwargs)}|sha256:{digest}"
+
+
+def check_device(name: str) -> None:
+    """Refuse a CUDA device this process cannot use, before anything is computed or written
+    (torch would fail later with "Torch not compiled with CUDA enabled")."""
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "no CUDA"
+        raise ConfigurationError(
+            f"device={name!r}, but this process has no usable CUDA device (torch "
+            f"{torch.__version__}, built with {build}). Run where a GPU is visible with a CUDA "
+            "build of torch (the flow process and every Dask worker need one), or set "
+            "device='cpu'."
+        )
 
 
 def json_kwargs(kwargs: dict) -> str:
