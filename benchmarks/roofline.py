@@ -11,9 +11,13 @@ Self-influence and the top-k summary are off (the baseline has neither). Chunk s
 then bare and ours run alternately ``--repeat`` times (3) and the fastest of each counts.
 
 Rows: the 10k-parameter MLP (GEMM-bound) and a small 610-parameter MLP (gradient- and
-I/O-bound). No GPU here: the GPU row prints "not measured".
+I/O-bound), on the CPU; where torch sees a GPU, both rows again with ``device: cuda`` (the
+stage's model and blocks on the GPU; the baseline's data, factors, gradients and GEMM there too,
+plus the copy of the scores to host memory, without which nothing can be stored). Without a GPU
+the GPU rows print "not measured". ``--device cpu`` runs those device rows on the CPU instead,
+which checks their code path on a machine without a GPU (its ratio is not the GPU figure).
 
-    python benchmarks/roofline.py [--quick]
+    python benchmarks/roofline.py [--quick] [--device auto|cuda|cpu|none]
 
 Last lines: per row ``ours / bare`` (target ≤ 1.25).
 """
@@ -27,6 +31,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
@@ -38,27 +43,36 @@ FIT = {"name": "arnoldi", "rank": 10, "krylov_dimension": 20, "regularization": 
 
 
 def bare_scores(net, x, y, factors, ranges):
-    """Per-sample gradients once (vmap(grad)) and one GEMM: the unavoidable work."""
+    """Per-sample gradients once (vmap(grad)) and one GEMM: the unavoidable work. On a GPU
+    (everything on the network's device) the scores are copied to host memory at the end."""
     import torch
     from torch.func import functional_call, grad, vmap
     from torch.nn import functional as F
 
     params = {k: v.detach() for k, v in net.named_parameters()}
+    device = next(iter(params.values())).device
 
     def loss(p, xi, yi):
         return F.cross_entropy(functional_call(net, p, (xi[None],)), yi[None])
 
     per_sample = vmap(grad(loss), in_dims=(None, 0, 0))
     n_params = sum(v.numel() for v in params.values())
-    grads = torch.empty(x.shape[0], n_params)
+    grads = torch.empty(x.shape[0], n_params, device=device)
     for s0, s1 in ranges:
         g = per_sample(params, x[s0:s1], y[s0:s1])
         grads[s0:s1] = torch.cat([t.reshape(s1 - s0, -1) for t in g.values()], dim=1)
-    return factors @ grads.T
+    return (factors @ grads.T).cpu()  # a no-op on the CPU; on a GPU it waits for the device
+
+
+def _synchronize(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 def run_row(label: str, hidden: int, n_test: int, n_train: int, root: Path,
-            repeat: int = 3) -> tuple[float, float, float]:
+            repeat: int = 3, device: str = "cpu") -> tuple[float, float, float]:
     import torch
 
     from prefect_influence import stages
@@ -67,10 +81,11 @@ def run_row(label: str, hidden: int, n_test: int, n_train: int, root: Path,
     torch.set_num_threads(1)  # the stage computes with one torch thread
     paths = common.write_job(root / f"{label}-data", n_train, n_test, hidden)
     warm = common.write_job(root / f"{label}-warm", 512, 64, hidden)
-    net = common.load_network(paths)
+    net = common.load_network(paths).to(device)
 
     def prepare(p, out):
-        config = common.job_config(p, str(out), method=FIT, self_influence=False, summary=False)
+        config = common.job_config(p, str(out), method=FIT, self_influence=False, summary=False,
+                                   device=device)
         plan = stages.plan_job(config, n_workers=2)
         stages.fit_stage(config)
         for i in range(plan.grid.shape[0]):
@@ -82,16 +97,17 @@ def run_row(label: str, hidden: int, n_test: int, n_train: int, root: Path,
     for j in range(wgrid.shape[1]):
         stages.column_stage(wconfig, j)
     wdata = common.load_job_arrays(warm)
-    wf = torch.from_numpy(InfluenceStore(wconfig.output).read_chunk(FACTORS, wgrid, (0,)))
-    bare_scores(net, torch.from_numpy(wdata["x_train"]), torch.from_numpy(wdata["y_train"]), wf,
-                wgrid.train_ranges)
+    wf = torch.from_numpy(np.array(InfluenceStore(wconfig.output).read_chunk(FACTORS, wgrid, (0,))))
+    bare_scores(net, torch.from_numpy(wdata["x_train"]).to(device),
+                torch.from_numpy(wdata["y_train"]).to(device), wf.to(device), wgrid.train_ranges)
 
     config, grid = prepare(paths, root / f"{label}-out")
     store = InfluenceStore(config.output)
-    factors = torch.from_numpy(np.asarray(store.group[FACTORS][...]))
+    factors = torch.from_numpy(np.asarray(store.group[FACTORS][...])).to(device)
     data = common.load_job_arrays(paths)
-    x, y = torch.from_numpy(data["x_train"]), torch.from_numpy(data["y_train"])
-    print(f"-- {label}: p = {grid.n_parameters}, {n_test} test × {n_train} train, grid "
+    x, y = torch.from_numpy(data["x_train"]).to(device), torch.from_numpy(data["y_train"]).to(device)
+    _synchronize(device)
+    print(f"-- {label} on {device}: p = {grid.n_parameters}, {n_test} test × {n_train} train, grid "
           f"{grid.shape[0]} × {grid.shape[1]} blocks of {grid.test_chunk} × {grid.train_chunk}, "
           f"scores {n_test * n_train * 4 / 2**20:.0f} MiB", flush=True)
 
@@ -101,7 +117,7 @@ def run_row(label: str, hidden: int, n_test: int, n_train: int, root: Path,
             shutil.rmtree(root / f"{label}-out" / sub, ignore_errors=True)
         start = time.perf_counter()
         for j in range(grid.shape[1]):
-            stages.column_stage(config, j)
+            stages.column_stage(config, j)  # stored blocks: on the host when it returns
         return time.perf_counter() - start
 
     t_bare, t_ours = [], []
@@ -126,27 +142,51 @@ def run_row(label: str, hidden: int, n_test: int, n_train: int, root: Path,
     return min(t_ours), min(t_bare), ratio
 
 
+def device_rows(choice: str) -> Optional[str]:
+    """The device of the GPU rows: ``auto`` is ``cuda`` where torch sees a GPU, else none."""
+    import torch
+
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else None
+    return None if choice == "none" else choice
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller shapes (smoke run)")
     parser.add_argument("--rows", default="mlp10k,mlp610")
     parser.add_argument("--repeat", type=int, default=3, help="alternating timed runs of each side")
+    parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu", "none"],
+                        help="device of the GPU rows (auto: cuda if torch sees a GPU, else none; "
+                             "cpu: run them on the CPU to check their code path)")
     args = parser.parse_args()
     shapes = {  # label: (hidden, n_test, n_train)
         "mlp10k": (134, 1000, 8000) if not args.quick else (134, 500, 2000),
         "mlp610": (8, 2000, 50000) if not args.quick else (8, 1000, 10000),
     }
-    common.header("roofline: column stage vs bare PyTorch (grads once + one GEMM), 1 torch thread")
+    gpu = device_rows(args.device)
+    common.header("roofline: column stage vs bare PyTorch (grads once + one GEMM), 1 torch thread",
+                  gpu_rows=gpu or f"not run (--device {args.device}"
+                  + (": torch sees no GPU)" if args.device == "auto" else ")"))
+    labels = args.rows.split(",")
+    # (row name, shape label, device): the CPU rows, then the same shapes on the GPU rows' device
+    runs = [(f"{label} CPU", label, "cpu") for label in labels]
+    if gpu:
+        suffix = "GPU" if gpu.startswith("cuda") else f"GPU-row path on {gpu}, not a GPU figure"
+        runs += [(f"{label} {suffix}", label, gpu) for label in labels]
     root = Path(tempfile.mkdtemp(prefix="bench-roofline-"))
     results = []
     try:
-        for label in args.rows.split(","):
-            results.append((label, *run_row(label, *shapes[label], root, args.repeat)))
+        for name, label, device in runs:
+            results.append((name, *run_row(f"{label}-{len(results)}-{device}", *shapes[label],
+                                           root, args.repeat, device)))
     finally:
         shutil.rmtree(root, ignore_errors=True)
     for label, t_ours, t_bare, ratio in results:
         print(f"time {label}: column stages {t_ours:.2f} s, bare PyTorch {t_bare:.2f} s")
-    print("ratio GPU: not measured (no GPU on this machine)")
+    if not gpu:
+        print(f"ratio GPU: not measured (no GPU rows: --device {args.device}"
+              + (", torch sees no GPU)" if args.device == "auto" else ")"))
     for label, t_ours, t_bare, ratio in results:
         print(f"ratio {label} ours / bare: {ratio:.2f} (target <= {TARGET}: {common.verdict(ratio <= TARGET)})")
 
