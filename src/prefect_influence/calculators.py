@@ -55,7 +55,11 @@ logger = logging.getLogger(__name__)
 #: of 4 MiB keeps the small and mid-sized tensors of products and solves on the heap (no page
 #: faults) and returns every larger one (blocks, gradient matrices) to the system when freed:
 #: 5,000 × 200,000 scores on two workers peaked at 1.16 GiB for both instead of 1.60 GiB, at
-#: the same speed. Use it around starting a cluster:
+#: the same speed. (Once the mmap threshold is fixed, glibc trims the heap whenever more than
+#: 128 KiB lie free at its top, so a Hessian-vector product's few-MiB temporaries fault in
+#: fresh pages, 600–1,200 per product. ``MALLOC_TOP_PAD_`` of 16 MiB cut that to ~20 and products
+#: by 15–20%, but the memory benchmark's peak rose from 1.80 to 1.94–1.99 GiB, one pad per
+#: arena and worker; not used.) Use it around starting a cluster:
 #: ``with dask.config.set(TORCH_WORKER_DASK_CONFIG): LocalCluster(...)``.
 #: distributed copies these variables into the starting process's ``os.environ``, and set
 #: variables win over the config, so after a cluster without this config has started in the
