@@ -1,6 +1,6 @@
 """Benchmark: the sequential and Dask calculators against one in-memory ``model.influences`` call.
 
-An MLP with ~10k parameters, 2,000 train × 500 test samples cut into 4 × 4 blocks. The
+An MLP with ~10k parameters, 20,000 train × 500 test samples cut into 4 × 4 blocks. The
 influence model is fitted once, outside the timings; every path then computes the same
 500 × 2,000 Up-influence matrix, checked against the in-memory result. Each path runs once to
 warm up (imports, torch.func first calls, worker start-up); then all paths are timed
@@ -18,7 +18,12 @@ Methods (``--method``):
 * ``direct``: the exact method. Its fit eigendecomposes a dense 10k × 10k Hessian, which takes
   well over 10 minutes on 2 CPU cores (use a GPU machine or be patient).
 
+The LocalCluster's workers start with ``TORCH_WORKER_DASK_CONFIG``, as the README advises for
+any cluster running torch. With 2,000 train samples (the earlier default) the whole job took a
+quarter of a second and the LocalCluster row measured Dask's fixed latency instead.
+
     python benchmarks/calculators.py [--method arnoldi|cg|direct] [--repeat 3] [--no-cluster]
+                                     [--n-train 20000] [--n-test 500]
 """
 
 from __future__ import annotations
@@ -45,10 +50,10 @@ from prefect_influence import (  # noqa: E402
 )
 from prefect_influence.torch import DirectInfluence  # noqa: E402
 
-N_TRAIN, N_TEST, D_IN, HIDDEN, CLASSES, BLOCKS = 2000, 500, 64, 150, 3, 4
+D_IN, HIDDEN, CLASSES, BLOCKS = 64, 150, 3, 4
 
 
-def make_problem(seed: int = 0):
+def make_problem(n_train: int, n_test: int, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
     centers = 2.0 * torch.randn(CLASSES, D_IN, generator=gen)
 
@@ -58,7 +63,7 @@ def make_problem(seed: int = 0):
 
     torch.manual_seed(seed)
     net = nn.Sequential(nn.Linear(D_IN, HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, CLASSES)).eval()
-    return net, sample(N_TRAIN), sample(N_TEST)
+    return net, sample(n_train), sample(n_test)
 
 
 def batches(x, y, n_chunks):
@@ -87,9 +92,11 @@ def main() -> None:
     parser.add_argument("--cg-maxiter", type=int, default=3)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--no-cluster", action="store_true", help="skip the LocalCluster run")
+    parser.add_argument("--n-train", type=int, default=20000)
+    parser.add_argument("--n-test", type=int, default=500)
     args = parser.parse_args()
 
-    net, (x, y), (x_test, y_test) = make_problem()
+    net, (x, y), (x_test, y_test) = make_problem(args.n_train, args.n_test)
     # λ = 5 keeps H + λI positive definite for this untrained MLP (its Hessian is indefinite)
     if args.method == "cg":
         from prefect_influence.torch import CgInfluence
@@ -101,14 +108,14 @@ def main() -> None:
         model = ArnoldiInfluence(net, F.cross_entropy, regularization=5.0, rank=20)
     else:
         model = DirectInfluence(net, F.cross_entropy, regularization=5.0)
-    print(f"{type(model).__name__}: p = {model.n_parameters} parameters, float32, {N_TEST} test × "
-          f"{N_TRAIN} train, {BLOCKS} × {BLOCKS} blocks, torch threads {torch.get_num_threads()}")
+    print(f"{type(model).__name__}: p = {model.n_parameters} parameters, float32, {args.n_test} test × "
+          f"{args.n_train} train, {BLOCKS} × {BLOCKS} blocks, torch threads {torch.get_num_threads()}")
     start = time.perf_counter()
     model.fit(batches(x, y, BLOCKS))
     print(f"fit (not timed below): {time.perf_counter() - start:.1f} s")
 
     train_batches, test_batches = batches(x, y, BLOCKS), batches(x_test, y_test, BLOCKS)
-    chunk, test_chunk = -(-N_TRAIN // BLOCKS), -(-N_TEST // BLOCKS)
+    chunk, test_chunk = -(-args.n_train // BLOCKS), -(-args.n_test // BLOCKS)
     da_x = da.from_array(x.numpy(), chunks=(chunk, -1))
     da_y = da.from_array(y.numpy(), chunks=chunk)
     da_xt = da.from_array(x_test.numpy(), chunks=(test_chunk, -1))
@@ -135,9 +142,13 @@ def main() -> None:
     }
     with contextlib.ExitStack() as stack:
         if not args.no_cluster:
+            import dask
             from distributed import Client, LocalCluster
 
+            from prefect_influence import TORCH_WORKER_DASK_CONFIG
+
             n_workers = max(1, min(torch.get_num_threads(), os.cpu_count() or 1))
+            stack.enter_context(dask.config.set(TORCH_WORKER_DASK_CONFIG))
             cluster = stack.enter_context(
                 LocalCluster(
                     n_workers=n_workers, threads_per_worker=1, processes=True,
