@@ -22,9 +22,9 @@ BENCH_DIR = Path(__file__).resolve().parent
 
 #: name: (arguments at the default size, arguments for --quick, closing lines to repeat)
 BENCHMARKS = {
-    "calculators": ([], ["--repeat", "1"], 8),
+    "calculators": ([], ["--repeat", "1", "--n-train", "2000"], 8),
     "vs_pydvl": ([], ["--quick"], 2),
-    "roofline": ([], ["--quick"], 5),
+    "roofline": ([], ["--quick"], 8),  # 5 lines without a GPU, 8 with one
     "overhead": ([], ["--quick"], 4),
     # the 3.7 GiB grid (memory.py's default) takes far longer than the suite's budget: run it
     # by hand; the suite runs 1,000 × 50,000
