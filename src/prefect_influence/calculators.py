@@ -55,17 +55,18 @@ logger = logging.getLogger(__name__)
 #: of 4 MiB keeps the small and mid-sized tensors of products and solves on the heap (no page
 #: faults) and returns every larger one (blocks, gradient matrices) to the system when freed:
 #: 5,000 × 200,000 scores on two workers peaked at 1.16 GiB for both instead of 1.60 GiB, at
-#: the same speed. (Once the mmap threshold is fixed, glibc trims the heap whenever more than
-#: 128 KiB lie free at its top, so a Hessian-vector product's few-MiB temporaries fault in
-#: fresh pages, 600–1,200 per product. ``MALLOC_TOP_PAD_`` of 16 MiB cut that to ~20 and products
-#: by 15–20%, but the memory benchmark's peak rose from 1.80 to 1.94–1.99 GiB, one pad per
-#: arena and worker; not used.) Use it around starting a cluster:
+#: the same speed. Use it around starting a cluster:
 #: ``with dask.config.set(TORCH_WORKER_DASK_CONFIG): LocalCluster(...)``.
-#: distributed copies these variables into the starting process's ``os.environ``, and set
-#: variables win over the config, so after a cluster without this config has started in the
-#: process, later workers still inherit ``MALLOC_TRIM_THRESHOLD_=65536``. With the mmap
-#: threshold fixed that is harmless: 2,000-sample CG solves took 2.97 s best / 3.20 s median
-#: without it and 3.03 / 3.24 s with it (distributed's setting alone: 3.11 / 3.57 s).
+#:
+#: Measured and left as is: (1) distributed copies these variables into the starting
+#: process's ``os.environ``, where they win over the config, so once a cluster without this
+#: config has started in a process, later workers inherit ``MALLOC_TRIM_THRESHOLD_=65536``;
+#: beside the fixed mmap threshold that is harmless (2,000-sample CG solves 3.03 / 3.24 s best /
+#: median with it, 2.97 / 3.20 s without). (2) With the mmap threshold fixed, glibc trims the
+#: heap whenever more than 128 KiB lie free at its top, so a Hessian-vector product's few-MiB
+#: temporaries fault in 600–1,200 fresh pages; ``MALLOC_TOP_PAD_`` of 16 MiB cut that to ~20
+#: and products by 15–20%, but raised the memory benchmark's peak from 1.80 to 1.94–1.99 GiB
+#: (a pad per arena and worker), so it is not set.
 TORCH_WORKER_DASK_CONFIG = {
     "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None,
     "distributed.nanny.pre-spawn-environ.MALLOC_MMAP_THRESHOLD_": str(4 * 2**20),
