@@ -155,17 +155,6 @@ def start_prefect_api() -> float:
     return time.perf_counter() - start
 
 
-def wait_for_cluster_close() -> float:
-    """Wait until the local clusters of finished flows have stopped (the flow returns while its
-    workers shut down); seconds waited. Benchmarks call it outside their timers, so a closing
-    cluster never competes with the next measurement."""
-    from prefect_influence.flows.influence_pipeline import wait_for_closing_clusters
-
-    start = time.perf_counter()
-    wait_for_closing_clusters()
-    return time.perf_counter() - start
-
-
 def best_time(fn: Callable[[], Any], repeat: int = 1, warmup: bool = True) -> tuple[float, Any]:
     """Minimum wall time of ``repeat`` calls (after one untimed warm-up call) and the last result."""
     result = fn() if warmup else None

@@ -44,6 +44,7 @@ def main() -> None:
 
     from prefect_influence import stages
     from prefect_influence.flows import influence_pipeline
+    from prefect_influence.flows.influence_pipeline import wait_for_closing_clusters
 
     grid_bytes = args.n_test * args.n_train * 4
     root = Path(tempfile.mkdtemp(prefix="bench-memory-"))
@@ -63,7 +64,7 @@ def main() -> None:
             start = time.perf_counter()
             result = influence_pipeline(config)
             elapsed = time.perf_counter() - start
-            common.wait_for_cluster_close()  # its workers are sampled until they are gone
+            wait_for_closing_clusters()  # its workers are sampled until they are gone
         print(f"   flow: {elapsed:.1f} s, grid {result['grid']}, phases {result['seconds']}", flush=True)
         print("   peak RSS by role: " + ", ".join(f"{k} {common.gib(v)}" for k, v in
                                                   sorted(mem.peak_by_role.items())), flush=True)

@@ -98,6 +98,7 @@ def main() -> None:
 
     from prefect_influence import stages
     from prefect_influence.flows import influence_pipeline
+    from prefect_influence.flows.influence_pipeline import wait_for_closing_clusters
 
     # the fit runs in this process on every path; one thread keeps it immune to oversubscribed
     # cores (2 OpenMP threads on a busy 2-core machine slow down many-fold); chunks use 1 anyway
@@ -132,7 +133,7 @@ def main() -> None:
             start = time.perf_counter()
             result = influence_pipeline(cfg(f"flow{r}"))
             flows.append(time.perf_counter() - start)
-            common.wait_for_cluster_close()  # not timed (the calculator's close is not either)
+            wait_for_closing_clusters()  # not timed (the calculator's close is not either)
             print(f"   flow: {flows[-1]:.1f} s, grid {result['grid']}, phases {result['seconds']}",
                   flush=True)
     finally:

@@ -64,13 +64,6 @@ def bare_scores(net, x, y, factors, ranges):
     return (factors @ grads.T).cpu()  # a no-op on the CPU; on a GPU it waits for the device
 
 
-def _synchronize(device: str) -> None:
-    import torch
-
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def run_row(label: str, hidden: int, n_test: int, n_train: int, root: Path,
             repeat: int = 3, device: str = "cpu") -> tuple[float, float, float]:
     import torch
@@ -106,7 +99,8 @@ def run_row(label: str, hidden: int, n_test: int, n_train: int, root: Path,
     factors = torch.from_numpy(np.asarray(store.group[FACTORS][...])).to(device)
     data = common.load_job_arrays(paths)
     x, y = torch.from_numpy(data["x_train"]).to(device), torch.from_numpy(data["y_train"]).to(device)
-    _synchronize(device)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()  # the copies are done before the first timing
     print(f"-- {label} on {device}: p = {grid.n_parameters}, {n_test} test × {n_train} train, grid "
           f"{grid.shape[0]} × {grid.shape[1]} blocks of {grid.test_chunk} × {grid.train_chunk}, "
           f"scores {n_test * n_train * 4 / 2**20:.0f} MiB", flush=True)
@@ -165,9 +159,10 @@ def main() -> None:
         "mlp610": (8, 2000, 50000) if not args.quick else (8, 1000, 10000),
     }
     gpu = device_rows(args.device)
+    no_gpu_rows = f"not run (--device {args.device}" + (
+        ", torch sees no GPU)" if args.device == "auto" else ")")
     common.header("roofline: column stage vs bare PyTorch (grads once + one GEMM), 1 torch thread",
-                  gpu_rows=gpu or f"not run (--device {args.device}"
-                  + (": torch sees no GPU)" if args.device == "auto" else ")"))
+                  gpu_rows=gpu or no_gpu_rows)
     labels = args.rows.split(",")
     # (row name, shape label, device): the CPU rows, then the same shapes on the GPU rows' device
     runs = [(f"{label} CPU", label, "cpu") for label in labels]
@@ -185,8 +180,7 @@ def main() -> None:
     for label, t_ours, t_bare, ratio in results:
         print(f"time {label}: column stages {t_ours:.2f} s, bare PyTorch {t_bare:.2f} s")
     if not gpu:
-        print(f"ratio GPU: not measured (no GPU rows: --device {args.device}"
-              + (", torch sees no GPU)" if args.device == "auto" else ")"))
+        print(f"ratio GPU: not measured, GPU rows {no_gpu_rows}")
     for label, t_ours, t_bare, ratio in results:
         print(f"ratio {label} ours / bare: {ratio:.2f} (target <= {TARGET}: {common.verdict(ratio <= TARGET)})")
 
