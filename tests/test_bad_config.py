@@ -79,6 +79,10 @@ def case_float_labels_for_cross_entropy(root, inputs):
     return {"data": {"train": _zarr_data(root / "flab.zarr", _good_x(), np.zeros(10, np.float32))}}
 
 
+def case_int32_labels_for_cross_entropy(root, inputs):
+    return {"data": {"train": _zarr_data(root / "i32.zarr", _good_x(), np.zeros(10, np.int32))}}
+
+
 def case_x_y_lengths_differ(root, inputs):
     return {"data": {"train": _zarr_data(root / "len.zarr", _good_x(10), np.zeros(9, np.int64))}}
 
@@ -178,6 +182,7 @@ CASES = [
     (case_inf_in_test_x, NonFiniteError, "NaN or Inf"),
     (case_label_out_of_range, InfluenceInputError, "outside \\[0, 10\\)"),
     (case_float_labels_for_cross_entropy, InfluenceInputError, "integer class labels"),
+    (case_int32_labels_for_cross_entropy, InfluenceInputError, "int64 class labels"),
     (case_x_y_lengths_differ, ShapeMismatchError, "10 rows but y has 9"),
     (case_wrong_input_rank, InputRankError, "cannot be applied"),
     (case_train_test_shapes_differ, ShapeMismatchError, "shape"),
@@ -229,11 +234,35 @@ VALIDATION_CASES = [
     ({"top_k": 0}, "greater than or equal to 1"),
     ({"dtype": "float16"}, "float32"),
     ({"unknown_field": 1}, "Extra inputs"),
+    ({"output": "memory://"}, "root of a filesystem"),
+    ({"output": "/"}, "root of a filesystem"),
+    ({"output": "file:///"}, "root of a filesystem"),
 ]
 
 
 @pytest.mark.parametrize("overrides, message", VALIDATION_CASES, ids=[str(c[0]) for c in VALIDATION_CASES])
 def test_invalid_parameters_are_rejected_by_the_schema(finished, overrides, message):
     _, inputs, out = finished
+    overrides = dict(overrides)
     with pytest.raises(pydantic.ValidationError, match=message):
-        job_config(inputs, str(out), **overrides)
+        job_config(inputs, overrides.pop("output", str(out)), **overrides)
+
+
+def test_output_url_keeps_its_protocol_without_trailing_slashes(finished):
+    _, inputs, _ = finished
+    assert job_config(inputs, "memory://somewhere/out//").output == "memory://somewhere/out"
+    assert job_config(inputs, "s3://bucket/prefix/").output == "s3://bucket/prefix"
+
+
+@pytest.mark.parametrize("where", ["inputs", "train", "inside train"])
+def test_an_output_overlapping_the_inputs_is_refused_and_they_survive(where, tmp_path):
+    """overwrite=True with an output that holds, is or lies inside an input: refused before
+    anything is cleared or written (it would delete the job's own data or checkpoint)."""
+    inputs = write_inputs(tmp_path / "inputs")
+    output = {"inputs": tmp_path / "inputs", "train": Path(inputs["train"]),
+              "inside train": Path(inputs["train"]) / "results"}[where]
+    before = tree_digest(tmp_path / "inputs")
+    config = job_config(inputs, str(output) + "/", overwrite=True)
+    with pytest.raises(ConfigurationError, match="overlaps the job's input"):
+        stages.plan_job(config)
+    assert tree_digest(tmp_path / "inputs") == before

@@ -7,10 +7,12 @@ import dask
 import numpy as np
 import pytest
 import torch
+import zarr
 
 from prefect_influence import stages
 from prefect_influence.sources import build_influence_model, load_network, open_source
-from prefect_influence.storage import ConfigMismatchError, InfluenceStore
+from prefect_influence.errors import StorageError
+from prefect_influence.storage import FACTORS, ConfigMismatchError, InfluenceStore
 from prefect_influence.tasks import compute_factors, fit_model, influences_from_factors, write_summary
 from jobs import job_config, read_outputs, write_inputs
 
@@ -261,3 +263,68 @@ def test_auto_chunks_bound_blocks_and_split_test_rows_evenly(n_train, n_test, p,
     assert train_chunk % stages.ALIGN_TRAIN_ROWS == 0 or train_chunk == n_train
     # every worker solves factors from the start, unless that makes chunks thinner than 128
     assert rows >= min(workers, -(-n_test // stages.MIN_SPLIT_TEST_ROWS))
+
+
+def test_summary_of_an_incomplete_grid_is_refused(inputs, tmp_path):
+    """The summary task alone, before every column is done: it must not rank missing blocks
+    (read as NaN) and record a summary that a later complete run would keep."""
+    config = job_config(inputs, str(tmp_path / "out"))
+    plan = stages.plan_job(config, n_workers=1)
+    with dask.config.set(scheduler="synchronous"):
+        fit_model.fn(config)
+        for i in range(plan.grid.shape[0]):
+            compute_factors.fn(config, i)
+        influences_from_factors.fn(config, 0)
+        with pytest.raises(StorageError, match=r"block \(0, 1\) is missing"):
+            write_summary.fn(config)
+    assert InfluenceStore(config.output).read_summary() is None
+
+
+def test_overwrite_resume_keeps_the_stored_auto_chunks(inputs, tmp_path):
+    """A same-configuration rerun with overwrite=True on fewer workers (auto chunks would split
+    the test rows differently) resumes the stored grid instead of discarding it."""
+    rng = np.random.default_rng(5)
+    test_url = str(tmp_path / "test300.zarr")
+    group = zarr.open_group(test_url, mode="w")
+    group.create_array("x", data=rng.random((300, 64), dtype=np.float32))
+    group.create_array("y", data=rng.integers(0, 10, 300).astype(np.int64))
+    config = job_config(inputs, str(tmp_path / "out"), data={"test": test_url},
+                        test_chunk_size="auto", overwrite=True, summary=False, self_influence=False)
+    first = stages.plan_job(config, n_workers=2)
+    assert first.grid.shape[0] == 2  # one test chunk per worker
+    stages.fit_stage(config)
+    stages.factors_stage(config, 0)
+    again = stages.plan_job(config, n_workers=1)
+    assert again.reused_output and again.grid == first.grid
+    assert InfluenceStore(config.output).chunk_done(FACTORS, again.grid, (0,))
+
+
+def test_new_data_at_the_same_url_is_never_served_from_an_earlier_run(tmp_path):
+    """The nightly re-scoring case in one process: the training data changes at the same URL
+    and the next run overwrites the output. It must fingerprint and compute the new data, as a
+    run to a fresh output does (sources and job contexts belong to one state of the output)."""
+    inputs = write_inputs(tmp_path / "inputs")
+    config = job_config(inputs, str(tmp_path / "out"), overwrite=True)
+    run_tasks(config)
+    before = read_outputs(config.output)
+    group = zarr.open_group(inputs["train"], mode="a")
+    group["x"][...] = np.random.default_rng(9).random(group["x"].shape, dtype=np.float32)
+    assert run_tasks(config) == {"computed": 12, "reused": 0}
+    fresh = job_config(inputs, str(tmp_path / "fresh"))
+    run_tasks(fresh)
+    got, want = read_outputs(config.output), read_outputs(fresh.output)
+    assert not np.array_equal(got["influences"], before["influences"])
+    for name in want:
+        assert np.array_equal(got[name], want[name], equal_nan=True), name
+
+
+def test_a_worker_context_follows_the_output_manifest(inputs, tmp_path):
+    """A long-lived process (an external cluster's worker) keeps one context per job while the
+    output's manifest stays, and builds a new one when another process re-plans the output."""
+    config = job_config(inputs, str(tmp_path / "out"))
+    stages.plan_job(config, n_workers=1)
+    ctx = stages._context(config)
+    assert stages._context(config) is ctx
+    store = InfluenceStore(config.output)
+    store.write_manifest({**store.read_manifest(), "created": "a later plan"})
+    assert stages._context(config) is not ctx

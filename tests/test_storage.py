@@ -9,6 +9,7 @@ import time
 import numpy as np
 import pytest
 
+from prefect_influence.errors import StorageError
 from prefect_influence.storage import Grid, InfluenceStore, LeaseHeldError, checksum
 
 GRID = Grid(n_test=5, n_train=7, test_chunk=2, train_chunk=3, n_parameters=4, x_shape=(2,),
@@ -171,3 +172,10 @@ def test_the_same_owner_takes_its_lease_back(store):
     with pytest.raises(LeaseHeldError):
         store.acquire_lease(ttl_seconds=60, owner="flow-run-2")
     store.release_lease("flow-run-1")
+
+
+def test_a_lease_on_an_unwritable_output_is_a_storage_error(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    with pytest.raises(StorageError, match="Cannot take the lease"):
+        InfluenceStore(str(blocker / "out")).acquire_lease()

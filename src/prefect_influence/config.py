@@ -213,7 +213,9 @@ class PipelineConfig(_Section):
     def _output_nonempty(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("output must be a non-empty URL or path")
-        return value.rstrip("/")
+        from .storage import output_location
+
+        return output_location(value)
 
     def redacted(self) -> dict[str, Any]:
         """The configuration as JSON data with credential-like storage options masked."""

@@ -244,16 +244,11 @@ class DataSource:
         return "sha256:" + h.hexdigest()
 
 
-@functools.lru_cache(maxsize=8)
-def _open_cached(url: str, options_json: str) -> DataSource:
-    import json
-
-    return _open(url, json.loads(options_json))
-
-
 def open_source(url: str, storage_options: Optional[dict] = None, role: str = "train") -> DataSource:
-    """Open a data location (see :class:`~prefect_influence.config.DataSpec`); cached per process."""
-    return _open_cached(_role_url(url, role), json_kwargs(storage_options or {}))
+    """Open a data location (see :class:`~prefect_influence.config.DataSpec`), anew on every
+    call: data may change between runs at the same URL (the pipeline keeps one job's sources
+    for the tasks of that job)."""
+    return _open(_role_url(url, role), dict(storage_options or {}))
 
 
 def _role_url(url: str, role: str) -> str:
@@ -267,7 +262,7 @@ def _open(url: str, storage_options: dict) -> DataSource:
         ex = load_digits_example()
         role = url.split("#", 1)[1]
         return DataSource(*((ex.x_train, ex.y_train) if role == "train" else (ex.x_test, ex.y_test)), url)
-    if "://" not in url and ":" in url and not url.startswith(("/", ".")) and not _looks_like_drive(url):
+    if not is_stored(url):
         return _dataset_source(url)
     if url.endswith(".npz"):
         raw = _read_bytes(url, storage_options, "data")
@@ -307,6 +302,14 @@ def _stored_rows(arr: Any) -> Optional[int]:
     return chunks[0] if isinstance(chunks[0], int) and chunks[0] > 0 else None
 
 
+def is_stored(url: str) -> bool:
+    """Whether a data or checkpoint URL names stored files (not the built-in example and not a
+    ``module:function`` data factory)."""
+    if url == BUILTIN or url.startswith(BUILTIN + "#"):
+        return False
+    return "://" in url or ":" not in url or url.startswith(("/", ".")) or _looks_like_drive(url)
+
+
 def _looks_like_drive(url: str) -> bool:
     return len(url) > 1 and url[1] == ":"
 
@@ -333,8 +336,9 @@ def _dataset_source(path: str) -> DataSource:
 
 
 def check_model_fits_data(network: nn.Module, loss_name: str, source: DataSource, dtype) -> None:
-    """Run the network and loss on the first rows, and check labels against the outputs, so a
-    wrong input rank or out-of-range labels fail before any expensive work."""
+    """Run the network on the first rows and the loss on the first one, and check labels
+    against the outputs, so a wrong input rank, label dtype or out-of-range labels fail before
+    any expensive work (and before anything is written)."""
     x, y = source.rows(0, min(len(source), 64))
     tx = torch.from_numpy(np.ascontiguousarray(x))
     tx = tx.to(dtype) if tx.is_floating_point() else tx
@@ -364,6 +368,27 @@ def check_model_fits_data(network: nn.Module, loss_name: str, source: DataSource
         raise ShapeMismatchError(
             f"{source.description}: mse targets have shape {tuple(y.shape[1:])} per sample but "
             f"the model outputs {tuple(out.shape[1:])}."
+        )
+    # the loss itself, on one sample as the influence models evaluate it (labels as the
+    # pipeline passes them: floating ones in the computation dtype, integer ones unchanged)
+    ty = torch.from_numpy(np.ascontiguousarray(y[:1]))
+    ty = ty.to(dtype) if ty.is_floating_point() else ty
+    loss = resolve_loss(loss_name)
+    try:
+        with torch.no_grad():
+            value = loss(out[:1], ty)
+    except Exception as exc:
+        hint = ""
+        if loss_name == LossName.cross_entropy.value and y.dtype != np.int64:
+            hint = " (cross_entropy takes int64 class labels: store y as int64)"
+        raise InfluenceInputError(
+            f"{source.description}: the loss {loss_name!r} fails on the model's output and y "
+            f"({y.dtype}, shape {tuple(y.shape[1:])} per sample){hint}: {exc}"
+        ) from exc
+    if value.numel() != 1:
+        raise InfluenceInputError(
+            f"{source.description}: the loss {loss_name!r} must return a scalar for one sample, "
+            f"got shape {tuple(value.shape)}."
         )
 
 

@@ -16,7 +16,9 @@ import json
 import logging
 import math
 import os
+import threading
 import time
+from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional
@@ -28,14 +30,26 @@ from . import __version__
 from .base import InfluenceMode
 from .blocks import influence_block, train_operand
 from .config import PipelineConfig
+from .errors import ShapeMismatchError, StorageError
 from .sources import (
+    ConfigurationError,
+    DataSource,
     build_influence_model,
     check_model_fits_data,
+    is_stored,
     load_network,
     open_source,
     torch_dtype,
 )
-from .storage import FACTORS, INFLUENCES, SELF_INFLUENCE, ConfigMismatchError, Grid, InfluenceStore
+from .storage import (
+    FACTORS,
+    INFLUENCES,
+    SELF_INFLUENCE,
+    ConfigMismatchError,
+    Grid,
+    InfluenceStore,
+    location_key,
+)
 from .torch.functional import rows_within
 
 __all__ = [
@@ -137,26 +151,44 @@ def _fingerprint(config: PipelineConfig, model_fp: str, train_fp: str, test_fp: 
     }
 
 
+def check_output_apart_from_inputs(config: PipelineConfig) -> None:
+    """Refuse an output that is, holds or lies inside one of the job's stored inputs: writing
+    (and with ``overwrite``, clearing) it would destroy them."""
+    out = location_key(config.output, config.storage_options)
+    inputs = {"data.train": config.data.train, "data.test": config.data.test,
+              "model.checkpoint": config.model.checkpoint}
+    for what, url in inputs.items():
+        if not url or not is_stored(url):
+            continue
+        where = location_key(url, config.storage_options)
+        if where == out or where.startswith(out + "/") or out.startswith(where + "/"):
+            raise ConfigurationError(
+                f"output {config.output!r} overlaps the job's input {what} ({url!r}): results "
+                "written there (or cleared by overwrite) would destroy it. Choose an output "
+                "location apart from the inputs."
+            )
+
+
 def plan_job(config: PipelineConfig, n_workers: int = 1) -> Plan:
     """Resolve inputs, fingerprint them, check or create the output; cheap relative to the job.
 
     An existing output with another fingerprint raises :class:`ConfigMismatchError` naming the
     differences, unless ``config.overwrite`` (then it is cleared). With ``auto`` chunking, an
-    existing output's chunk sizes are adopted, so a resume never re-chunks.
+    existing output's chunk sizes are adopted, so a resume never re-chunks (with or without
+    ``overwrite``, even when the worker count changed).
     """
     network, model_fp = load_network(config)
     train = open_source(config.data.train, config.storage_options, "train")
     test = open_source(config.data.test, config.storage_options, "test")
     data_fps = (train.fingerprint(), test.fingerprint())  # also refuses NaN/Inf
     if train.x_shape != test.x_shape:
-        from .errors import ShapeMismatchError
-
         raise ShapeMismatchError(
             f"training samples have shape {train.x_shape} but test samples {test.x_shape}."
         )
     for source in (train, test):
         check_model_fits_data(network, config.model.loss, source, torch_dtype(config.dtype))
     build_influence_model(config, network)  # validates the method's options (rank, layers...)
+    check_output_apart_from_inputs(config)
     p = sum(q.numel() for q in network.parameters() if q.requires_grad)
     store = InfluenceStore(config.output, config.storage_options)
     store.check_writable()
@@ -165,14 +197,20 @@ def plan_job(config: PipelineConfig, n_workers: int = 1) -> Plan:
     auto_train, auto_test = auto_chunk_sizes(len(train), len(test), p, n_workers, itemsize)
     train_chunk = auto_train if config.train_chunk_size == "auto" else int(config.train_chunk_size)
     test_chunk = auto_test if config.test_chunk_size == "auto" else int(config.test_chunk_size)
-    if manifest is not None and not config.overwrite:
+
+    def grid_of(test_rows: int, train_rows: int) -> Grid:
+        return Grid(len(test), len(train), min(test_rows, len(test)), min(train_rows, len(train)),
+                    p, train.x_shape, config.mode.value, config.dtype.value)
+
+    grid = grid_of(test_chunk, train_chunk)
+    if manifest is not None:
+        # auto chunking adopts the stored chunk sizes: a resume never re-chunks (with
+        # overwrite only when the rest matches too; otherwise the output is replaced anyway)
         old = manifest.get("fingerprint", {})
-        if config.train_chunk_size == "auto":
-            train_chunk = old.get("train_chunk", train_chunk)
-        if config.test_chunk_size == "auto":
-            test_chunk = old.get("test_chunk", test_chunk)
-    grid = Grid(len(test), len(train), min(test_chunk, len(test)), min(train_chunk, len(train)),
-                p, train.x_shape, config.mode.value, config.dtype.value)
+        stored = grid_of(old.get("test_chunk", test_chunk) if config.test_chunk_size == "auto" else test_chunk,
+                         old.get("train_chunk", train_chunk) if config.train_chunk_size == "auto" else train_chunk)
+        if not config.overwrite or _fingerprint(config, model_fp, *data_fps, stored) == old:
+            grid = stored
     fingerprint = _fingerprint(config, model_fp, *data_fps, grid)
     reused = False
     if manifest is not None:
@@ -205,19 +243,35 @@ def plan_job(config: PipelineConfig, n_workers: int = 1) -> Plan:
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         })
     store.create_arrays(grid)
-    _context.cache_clear()  # a process may have cached an older state of this output
     return Plan(grid, fingerprint, reused)
 
 
 # -- the job context of a process ------------------------------------------------------------------
 class _Context:
-    """What the tasks of one job share within a process: store, grid and (lazily) the fitted
-    influence model, loaded once per worker process rather than once per task."""
+    """What the tasks of one job share within a process: store, grid, data sources and (lazily)
+    the fitted influence model, loaded once per worker process rather than once per task.
 
-    def __init__(self, config: PipelineConfig):
+    A context belongs to one state of the output: :func:`_context` replaces it when the
+    manifest changes (an ``overwrite``, new data at the same URLs), so a long-lived process
+    (an external cluster's worker, a notebook) never serves an older run's model or rows.
+    """
+
+    def __init__(self, config: PipelineConfig, store: InfluenceStore, manifest: dict[str, Any]):
         self.config = config
-        self.store = InfluenceStore(config.output, config.storage_options)
-        self.grid = self.store.grid()
+        self.store = store
+        self.grid = Grid.from_json(manifest["grid"])
+        self.stamp = _manifest_stamp(manifest)
+        self._sources: dict[str, DataSource] = {}
+        self._lock = threading.Lock()
+
+    def rows(self, role: str, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        with self._lock:
+            if role not in self._sources:
+                url = self.config.data.train if role == "train" else self.config.data.test
+                self._sources[role] = open_source(url, self.config.storage_options, role)
+            source = self._sources[role]
+        x, y = source.rows(start, stop)
+        return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y))
 
     @functools.cached_property
     def model(self) -> Any:
@@ -225,23 +279,38 @@ class _Context:
         model = build_influence_model(self.config, network)
         state = self.store.read_fitted_state()
         if state is None:
-            from .errors import StorageError
-
             raise StorageError(
                 f"{self.config.output!r} has no valid fitted state; run the fit stage first."
             )
         return model.load_fitted_state(state)
 
 
-@functools.lru_cache(maxsize=4)
-def _context(key: str) -> _Context:
-    return _Context(PipelineConfig.model_validate_json(key))
+#: job contexts kept per process (most recently used last)
+MAX_CONTEXTS = 4
+_contexts: "OrderedDict[str, _Context]" = OrderedDict()
+_contexts_lock = threading.Lock()
 
 
-def _rows(config: PipelineConfig, role: str, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
-    url = config.data.train if role == "train" else config.data.test
-    x, y = open_source(url, config.storage_options, role).rows(start, stop)
-    return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y))
+def _manifest_stamp(manifest: dict[str, Any]) -> str:
+    return json.dumps([manifest.get("fingerprint"), manifest.get("created")], sort_keys=True)
+
+
+def _context(config: PipelineConfig) -> _Context:
+    """This process's context for the job, checked against the output's manifest on every
+    call (one small read per task) and rebuilt when the manifest changed."""
+    store = InfluenceStore(config.output, config.storage_options)
+    manifest = store.read_manifest()
+    if manifest is None:
+        raise StorageError(f"{config.output!r} holds no prefect-influence manifest; plan the job first.")
+    key, stamp = _config_key(config), _manifest_stamp(manifest)
+    with _contexts_lock:
+        ctx = _contexts.get(key)
+        if ctx is None or ctx.stamp != stamp:
+            ctx = _contexts[key] = _Context(config, store, manifest)
+        _contexts.move_to_end(key)
+        while len(_contexts) > MAX_CONTEXTS:
+            _contexts.popitem(last=False)
+    return ctx
 
 
 def _writable(values: np.ndarray) -> np.ndarray:
@@ -260,7 +329,6 @@ def fit_stage(config: PipelineConfig) -> bool:
     if store.read_fitted_state() is not None:
         return True
     _fit_and_store(config, store)
-    _context.cache_clear()
     release_free_memory()  # the training set and the fit's temporaries are gone by now
     return False
 
@@ -270,7 +338,8 @@ def _fit_and_store(config: PipelineConfig, store: InfluenceStore) -> None:
 
     network, _ = load_network(config)
     model = build_influence_model(config, network)
-    x, y = _rows(config, "train", 0, len(open_source(config.data.train, config.storage_options, "train")))
+    source = open_source(config.data.train, config.storage_options, "train")
+    x, y = (torch.from_numpy(np.ascontiguousarray(a)) for a in source.rows(0, len(source)))
     model.fit(DataLoader(TensorDataset(x, y), batch_size=config.method.fit_batch_size))
     store.write_fitted_state(model.fitted_state())
 
@@ -291,12 +360,12 @@ def release_free_memory() -> None:
 
 def factors_stage(config: PipelineConfig, i: int) -> bool:
     """Factors of test chunk ``i``; returns ``True`` if the stored chunk was reused."""
-    ctx = _context(_config_key(config))
+    ctx = _context(config)
     if ctx.store.chunk_done(FACTORS, ctx.grid, (i,)):
         return True
     start, stop = ctx.grid.test_ranges[i]
     with torch_threads(1):
-        x, y = _rows(config, "test", start, stop)
+        x, y = ctx.rows("test", start, stop)
         factors = ctx.model.influence_factors(x, y)
     ctx.store.write_chunk(FACTORS, ctx.grid, (i,), _numpy(factors))
     return False
@@ -306,7 +375,7 @@ def column_stage(config: PipelineConfig, j: int, test_chunks: Optional[list[int]
     """Blocks ``(i, j)`` for the given test chunks (default all) and, if asked, the
     self-influence of train chunk ``j``. The train chunk's gradients are computed once, only if
     something is missing. Returns counts of computed and reused blocks."""
-    ctx = _context(_config_key(config))
+    ctx = _context(config)
     grid, store, mode = ctx.grid, ctx.store, InfluenceMode.parse(config.mode)
     rows = list(range(grid.shape[0])) if test_chunks is None else list(test_chunks)
     missing = [i for i in rows if not store.chunk_done(INFLUENCES, grid, (i, j))]
@@ -323,7 +392,7 @@ def column_stage(config: PipelineConfig, j: int, test_chunks: Optional[list[int]
     top = _ColumnTop(grid, j, k)
     with torch_threads(1), _Writer() as writer:
         if missing or want_self:
-            x, y = _rows(config, "train", start, stop)
+            x, y = ctx.rows("train", start, stop)
             operand = train_operand(ctx.model, x, y, mode)
         for i in rows if want_top else missing:
             if i not in missing:  # a stored block: read back for the column's top-k
@@ -432,7 +501,14 @@ def summary_stage(config: PipelineConfig) -> dict[str, Any]:
             if part is None:
                 top = _ColumnTop(grid, j, k)
                 for i in range(grid.shape[0]):
-                    top.add(i, store.read_chunk(INFLUENCES, grid, (i, j)))
+                    block = store.read_done_chunk(INFLUENCES, grid, (i, j))
+                    if block is None:
+                        raise StorageError(
+                            f"{config.output!r}: influence block ({i}, {j}) is missing or does "
+                            "not match its record; compute the influences (column "
+                            f"{j}) before the summary."
+                        )
+                    top.add(i, block)
                 part = top.arrays()
             if arrays:
                 part = {name: np.hstack([arrays[name], part[name]]) for name in _TOP_NAMES}

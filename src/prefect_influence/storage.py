@@ -41,6 +41,7 @@ from .errors import StorageError
 
 __all__ = [
     "Grid", "InfluenceStore", "ConfigMismatchError", "LeaseHeldError", "SCHEMA_VERSION", "checksum",
+    "output_location", "location_key",
 ]
 
 SCHEMA_VERSION = 1
@@ -56,6 +57,30 @@ class ConfigMismatchError(StorageError, ValueError):
 
 class LeaseHeldError(StorageError):
     """Another live run holds the output's lease."""
+
+
+def output_location(url: str) -> str:
+    """``url`` without trailing slashes on its path (``memory://out/`` → ``memory://out``, while
+    ``memory://`` keeps its protocol). Refuses the root of a filesystem (``/``, ``file:///``,
+    ``memory://``): ``overwrite`` would clear everything on it.
+    """
+    protocol, sep, path = url.rpartition("://")
+    stripped = path.rstrip("/")
+    if not stripped.strip():
+        raise ValueError(
+            f"output {url!r} is the root of a filesystem; name a directory under it (overwrite "
+            "clears the whole output location)."
+        )
+    return f"{protocol}{sep}{stripped}"
+
+
+def location_key(url: str, storage_options: Optional[dict] = None) -> str:
+    """One spelling per location, to compare two URLs: the protocol plus the path (local
+    paths absolute, with ``..`` and symbolic links resolved), without trailing slashes."""
+    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    if "file" in _protocols(fs):
+        path = os.path.realpath(path)
+    return fs.unstrip_protocol(path).rstrip("/")
 
 
 def checksum(values: np.ndarray) -> str:
@@ -168,7 +193,10 @@ class InfluenceStore:
     """Reads and writes one job's outputs under ``url`` (see the module docstring)."""
 
     def __init__(self, url: str, storage_options: Optional[dict] = None):
-        self.url = url.rstrip("/")
+        try:
+            self.url = output_location(url)
+        except ValueError as exc:
+            raise StorageError(str(exc)) from None
         self.storage_options = dict(storage_options or {})
         try:
             self.fs, self.root = fsspec.core.url_to_fs(self.url, **self.storage_options)
@@ -238,6 +266,16 @@ class InfluenceStore:
     def acquire_lease(self, ttl_seconds: float = 600.0, force: bool = False,
                       owner: Optional[str] = None) -> str:
         """Take the output for this run; returns the owner token to renew and release with."""
+        try:
+            return self._acquire_lease(ttl_seconds, force, owner)
+        except StorageError:
+            raise
+        except Exception as exc:  # e.g. a path under a file, no permission, unreachable
+            raise StorageError(
+                f"Cannot take the lease on the output {self.url!r} (is it writable?): {exc}"
+            ) from exc
+
+    def _acquire_lease(self, ttl_seconds: float, force: bool, owner: Optional[str]) -> str:
         current = self._read_json(LEASE)
         ours = owner is not None and current is not None and current.get("owner") == owner
         if current and not force and not ours and not _lease_stale(current):
@@ -433,14 +471,18 @@ class InfluenceStore:
 
     def chunk_done(self, name: str, grid: Grid, index: tuple[int, ...]) -> bool:
         """True only if the record exists and the stored chunk matches its checksum."""
+        return self.read_done_chunk(name, grid, index) is not None
+
+    def read_done_chunk(self, name: str, grid: Grid, index: tuple[int, ...]) -> Optional[np.ndarray]:
+        """The chunk's values if it is done (see :meth:`chunk_done`), else ``None``."""
         record = self._read_json(self._record_path(name, index))
         if record is None:
-            return False
+            return None
         try:
             values = self.read_chunk(name, grid, index)
         except Exception:
-            return False  # unreadable (e.g. truncated, undecodable) chunk
-        return checksum(values) == record.get("sha256")
+            return None  # unreadable (e.g. truncated, undecodable) chunk
+        return values if checksum(values) == record.get("sha256") else None
 
     def recorded(self, name: str) -> set[tuple[int, ...]]:
         """Indices that have a completion record (not verified; see :meth:`chunk_done`)."""

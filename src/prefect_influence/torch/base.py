@@ -318,7 +318,7 @@ class TorchInfluenceFunctionModel(InfluenceFunctionModel[Tensor, Batches]):
         except (RuntimeError, IndexError, ValueError) as exc:
             raise InputRankError(
                 f"{what}: the model and loss cannot be evaluated on a sample of x with shape "
-                f"{tuple(x.shape[1:])} and y with shape {tuple(y.shape[1:])}: {exc}"
+                f"{tuple(x.shape[1:])} and y with shape {tuple(y.shape[1:])} ({y.dtype}): {exc}"
             ) from exc
         if value.numel() != 1:
             raise InfluenceInputError(
