@@ -167,3 +167,29 @@ def test_cg_refuses_indefinite_hessian():
     cg = CgInfluence(net, cross_entropy, 1e-6, maxiter=200).fit(loader(x, y))
     with pytest.raises(InvalidRegularizationError, match="non-positive curvature"):
         cg.influence_factors(x, y)
+
+
+def test_one_shot_iterators_are_refused_before_a_silently_empty_second_pass(problem):
+    """fit() reads the data more than once (count, then fit): a generator would be empty on the
+    second pass, which made Direct's Hessian zero (factors = gradients / λ) without an error."""
+    model, x, y, _, _ = problem
+    batches = [(x[i : i + 10], y[i : i + 10]) for i in range(0, len(x), 10)]
+    for one_shot in ((b for b in batches), iter(batches), zip([x], [y])):
+        with pytest.raises(InfluenceInputError, match="one-shot iterator"):
+            DirectInfluence(model, cross_entropy, 0.1).fit(one_shot)
+
+
+def test_data_that_changes_between_passes_is_refused(problem):
+    model, x, y, _, _ = problem
+
+    class Shrinking:
+        def __init__(self):
+            self.passes = 0
+
+        def __iter__(self):
+            self.passes += 1
+            n = len(x) if self.passes == 1 else len(x) // 2
+            return iter([(x[:n], y[:n])])
+
+    with pytest.raises(InfluenceInputError, match="on its first pass and"):
+        DirectInfluence(model, cross_entropy, 0.1).fit(Shrinking())

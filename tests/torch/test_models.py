@@ -151,6 +151,24 @@ def test_low_rank_arnoldi_keeps_dominant_curvature(classifier):
     torch.testing.assert_close(arnoldi._vals.abs().sort().values, vals[top].abs().sort().values, rtol=1e-6, atol=1e-9)
 
 
+def test_full_rank_arnoldi_is_exact_at_tiny_curvature(classifier):
+    """The Lanczos restart test is relative to the operator's size: a loss scaled by 1e-11
+    (Hessian norm ~1e-11) still gives Direct's factors at rank = p (it restarted at every step
+    and returned random Rayleigh quotients when the test had an absolute floor)."""
+    model, x, y, xt, yt, _, _ = classifier
+    scale = 1e-11
+
+    def tiny(out, target):
+        return scale * cross_entropy(out, target)
+
+    reg = REG * scale
+    direct = DirectInfluence(model, tiny, reg).fit(loader(x, y))
+    arnoldi = ArnoldiInfluence(model, tiny, reg, rank=direct.n_parameters).fit(loader(x, y))
+    expected = direct.influence_factors(xt[:3], yt[:3])
+    torch.testing.assert_close(arnoldi.influence_factors(xt[:3], yt[:3]), expected,
+                               rtol=1e-6, atol=1e-6 * expected.abs().max())
+
+
 @pytest.mark.parametrize(
     "make",
     [

@@ -118,3 +118,11 @@ def test_dataset_to_dask_array_rejects_bad_total_size():
             torch_dataset_to_dask_array(data, 2, total_size=total)
     with pytest.raises(InfluenceInputError, match="total_size"):
         torch_dataset_to_dask_array(iter([]), 2)
+
+
+def test_converter_takes_reversed_and_big_endian_arrays():
+    conv = TorchNumpyConverter()
+    a = np.arange(6.0, dtype=np.float32).reshape(3, 2)
+    assert torch.equal(conv.from_numpy(a[::-1]), torch.from_numpy(a[::-1].copy()))
+    big = a.astype(">f4")
+    assert torch.equal(conv.from_numpy(big), torch.from_numpy(a))

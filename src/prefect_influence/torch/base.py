@@ -7,12 +7,14 @@ A concrete method only implements ``_fit(data)`` (build its inverse-Hessian appr
 
 from __future__ import annotations
 
+import collections.abc
 import math
 import warnings
 from abc import abstractmethod
 from contextlib import contextmanager
 from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -43,18 +45,26 @@ class TrainingData:
     """
 
     def __init__(self, owner: "TorchInfluenceFunctionModel", data: Batches):
+        if isinstance(data, collections.abc.Iterator):  # generator, zip, iter(loader): one pass
+            raise InfluenceInputError(
+                "fit() reads the training data more than once and needs a re-iterable (a "
+                f"DataLoader, a list of batches); got a one-shot iterator ({type(data).__name__})."
+            )
         self._owner = owner
         self._data = data
-        self.n_samples = 0
+        self.n_samples: Optional[int] = None
         self.batch_size = getattr(data, "batch_size", None)
+        counted = 0
         for x, y in self:
-            self.n_samples += x.shape[0]
+            counted += x.shape[0]
             if self.batch_size is None:
                 self.batch_size = x.shape[0]
-        if self.n_samples == 0:
+        if counted == 0:
             raise EmptyDataError("The training data passed to fit() holds no samples.")
+        self.n_samples = counted
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        seen = 0
         for batch in self._data:
             if not isinstance(batch, (tuple, list)) or len(batch) != 2:
                 raise InfluenceInputError(
@@ -62,8 +72,14 @@ class TrainingData:
                     f"TensorDataset; got a batch of type {type(batch).__name__}."
                 )
             x, y = self._owner._prepare(batch[0], batch[1], "training batch", allow_empty=True)
+            seen += x.shape[0]
             if x.shape[0]:
                 yield x, y
+        if self.n_samples is not None and seen != self.n_samples:
+            raise InfluenceInputError(
+                f"The training data yielded {self.n_samples} samples on its first pass and {seen} "
+                "on a later one; fit() reads it more than once and needs the same data each time."
+            )
 
     def tensors(self) -> tuple[Tensor, Tensor]:
         xs, ys = zip(*self)
@@ -462,6 +478,8 @@ class HessianOperator:
 def _as_tensor(value: Any, what: str) -> Tensor:
     if isinstance(value, Tensor):
         return value
+    if isinstance(value, np.ndarray):  # torch takes neither negative strides nor big-endian data
+        value = np.ascontiguousarray(value, dtype=value.dtype.newbyteorder("="))
     try:
         return torch.as_tensor(value)
     except (TypeError, ValueError, RuntimeError) as exc:
@@ -473,7 +491,10 @@ def dense_hessian(fn: ModelFunctions, data: Iterable[tuple[Tensor, Tensor]], n: 
     p = fn.n_parameters
     hessian = torch.zeros(p, p, dtype=fn.dtype, device=fn.device)
     for x, y in data:
-        product = fn.hvp_function(x, y)  # the batch's graph, reused by every column block
+        # the batch's graph, reused by every column block; the columns differentiated at once
+        # stay within PRODUCT_VECTOR_BYTES of vector graphs (each about the batch's graph)
+        at_once = max(1, PRODUCT_VECTOR_BYTES // max(1, fn.gradient_graph_bytes(x, y)))
+        product = fn.hvp_function(x, y, at_once)
         cols = max(1, min(p, 2**16 // max(1, x.shape[0])))
         for start in range(0, p, cols):
             eye = torch.zeros(min(cols, p - start), p, dtype=fn.dtype, device=fn.device)

@@ -113,7 +113,8 @@ class CgInfluence(_DataBackedInfluence):
         if self.preconditioner is not None:
             with self._op.reusing_graphs():
                 self.preconditioner.fit(
-                    self._op.hessian_matmul, self.n_parameters, self.regularization, self.dtype
+                    self._op.hessian_matmul, self.n_parameters, self.regularization, self.dtype,
+                    self.device,
                 )
 
     def _get_state(self) -> dict[str, Tensor]:

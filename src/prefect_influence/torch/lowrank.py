@@ -44,15 +44,18 @@ def lanczos_eigen(
     q = torch.randn(p, generator=gen, dtype=torch.float64)
     basis[0] = q / q.norm()
     for j in range(m):
-        w = matmul(basis[j : j + 1]).reshape(-1).to(torch.float64)
+        # the product may live on the model's device (CUDA); the recurrence runs here
+        w = matmul(basis[j : j + 1]).reshape(-1).to(device=basis.device, dtype=torch.float64)
         alphas[j] = w @ basis[j]
         for _ in range(2):  # full reorthogonalization, twice is enough
             w = w - basis[: j + 1].T @ (basis[: j + 1] @ w)
         if j + 1 == m:
             break
         beta = w.norm()
-        scale = max(float(alphas[: j + 1].abs().max()), 1.0)
-        if beta <= 1e-10 * scale:  # invariant subspace: restart orthogonally
+        # relative to the operator's size seen so far (no absolute floor: an operator of
+        # norm ~1e-10 would restart at every step and return random Rayleigh quotients)
+        scale = max(float(alphas[: j + 1].abs().max()), float(betas[:j].max()) if j else 0.0)
+        if beta <= 1e-10 * scale or beta == 0:  # invariant subspace: restart orthogonally
             betas[j] = 0.0
             w = torch.randn(p, generator=gen, dtype=torch.float64)
             for _ in range(2):
@@ -74,7 +77,7 @@ def nystroem_eigen(matmul: MatMul, p: int, rank: int, seed: int = 0) -> tuple[Te
     """
     gen = _generator(seed)
     omega, _ = torch.linalg.qr(torch.randn(p, rank, generator=gen, dtype=torch.float64))
-    y = matmul(omega.T.contiguous()).to(torch.float64).T  # p × rank
+    y = matmul(omega.T.contiguous()).to(device=omega.device, dtype=torch.float64).T  # p × rank
     core = omega.T @ y
     core = 0.5 * (core + core.T)
     s, q = torch.linalg.eigh(core)
@@ -115,7 +118,8 @@ class _LowRankInfluence(TorchInfluenceFunctionModel):
                 f"An eigenvalue of H + λI is (numerically) zero with regularization="
                 f"{self.regularization}; increase the regularization or lower the rank."
             )
-        self._vals, self._vecs = vals.to(self.dtype), vecs.to(self.dtype)
+        self._vals = vals.to(device=self.device, dtype=self.dtype)
+        self._vecs = vecs.to(device=self.device, dtype=self.dtype)
 
     def _eigen(self, matmul: MatMul) -> tuple[Tensor, Tensor]:
         raise NotImplementedError

@@ -4,7 +4,7 @@ low-rank Nyström. Each is fitted from Hessian-vector products and exports plain
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -25,9 +25,11 @@ class Preconditioner(ABC):
 
     @abstractmethod
     def fit(
-        self, hessian_matmul: MatMul, n_parameters: int, regularization: float, dtype: torch.dtype
+        self, hessian_matmul: MatMul, n_parameters: int, regularization: float, dtype: torch.dtype,
+        device: Optional[torch.device] = None,
     ) -> None:
-        """Build from ``hessian_matmul`` (mean Hessian without λ, applied to rows)."""
+        """Build from ``hessian_matmul`` (mean Hessian without λ, applied to rows); the fitted
+        tensors live on ``device`` (the model's), in ``dtype``."""
 
     @abstractmethod
     def solve(self, rhs: Tensor) -> Tensor:
@@ -56,10 +58,10 @@ class JacobiPreconditioner(Preconditioner):
         self.num_samples_estimator = positive_int(num_samples_estimator, "num_samples_estimator")
         self.seed = int(seed)
 
-    def fit(self, hessian_matmul, n_parameters, regularization, dtype) -> None:
+    def fit(self, hessian_matmul, n_parameters, regularization, dtype, device=None) -> None:
         gen = torch.Generator().manual_seed(self.seed)
         z = torch.randint(0, 2, (self.num_samples_estimator, n_parameters), generator=gen) * 2 - 1
-        z = z.to(dtype)
+        z = z.to(device=device, dtype=dtype)
         probe = hessian_matmul(z)
         diag = (z.to(probe) * probe).mean(dim=0).abs() + regularization
         floor = max(regularization, float(diag.max()) * 1e-6, 1e-30)
@@ -86,16 +88,16 @@ class NystroemPreconditioner(Preconditioner):
         self.rank = positive_int(rank, "rank")
         self.seed = int(seed)
 
-    def fit(self, hessian_matmul, n_parameters, regularization, dtype) -> None:
+    def fit(self, hessian_matmul, n_parameters, regularization, dtype, device=None) -> None:
         if self.rank > n_parameters:
             raise InvalidRankError(
                 f"NystroemPreconditioner rank={self.rank} exceeds the number of trainable "
                 f"parameters ({n_parameters})."
             )
         vals, vecs = nystroem_eigen(hessian_matmul, n_parameters, self.rank, self.seed)
-        self._vals = vals.clamp_min(0).to(dtype)
-        self._vecs = vecs.to(dtype)
-        self._reg = torch.tensor(float(regularization), dtype=dtype)
+        self._vals = vals.clamp_min(0).to(device=device, dtype=dtype)
+        self._vecs = vecs.to(device=device, dtype=dtype)
+        self._reg = torch.tensor(float(regularization), dtype=dtype, device=device)
 
     def solve(self, rhs: Tensor) -> Tensor:
         coeffs = rhs @ self._vecs

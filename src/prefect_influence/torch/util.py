@@ -42,6 +42,8 @@ class TorchNumpyConverter(NumpyConverter[Tensor]):
 
     def from_numpy(self, x: np.ndarray) -> Tensor:
         x = np.asarray(x)
+        # torch takes neither negative strides (a reversed dask array) nor big-endian data
+        x = np.ascontiguousarray(x, dtype=x.dtype.newbyteorder("="))
         # torch warns on read-only arrays (dask chunks often are); copy those instead of sharing.
         t = torch.from_numpy(x) if x.flags.writeable else torch.tensor(x)
         return t if self.device is None else t.to(self.device)
