@@ -193,3 +193,25 @@ def test_data_that_changes_between_passes_is_refused(problem):
 
     with pytest.raises(InfluenceInputError, match="on its first pass and"):
         DirectInfluence(model, cross_entropy, 0.1).fit(Shrinking())
+
+
+def test_fit_leaves_a_train_mode_models_buffers_alone():
+    """Fitting runs the user's model (the input probe, the fit's own passes); in train mode
+    those forward passes update BatchNorm's running statistics, whether the fit then succeeds
+    or fails (torch.func refuses train-mode batch norm)."""
+    import warnings
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2), torch.nn.Flatten(),
+                              torch.nn.Linear(32, 3)).double().train()
+    x, y = torch.randn(8, 1, 6, 6, dtype=torch.float64), torch.randint(0, 3, (8,))
+    before = {n: b.clone() for n, b in net.named_buffers()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the train-mode warning is expected here
+        model = DirectInfluence(net, cross_entropy, 1.0)
+    try:
+        model.fit([(x, y)])
+    except Exception:
+        pass  # whether a train-mode model can be fitted is not the point here
+    for name, buffer in net.named_buffers():
+        assert torch.equal(buffer, before[name]), name

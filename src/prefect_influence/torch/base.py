@@ -172,9 +172,10 @@ class TorchInfluenceFunctionModel(InfluenceFunctionModel[Tensor, Batches]):
         """Fit on training batches ``(x, y)`` (a ``DataLoader`` or any re-iterable of pairs)."""
         self._x_shape = self._y_shape = None
         self._fitted = False
-        training = TrainingData(self, data)
-        with torch.no_grad():
-            self._fit(training)
+        with buffers_kept(self.model):
+            training = TrainingData(self, data)
+            with torch.no_grad():
+                self._fit(training)
         self._fitted = True
         return self
 
@@ -329,7 +330,7 @@ class TorchInfluenceFunctionModel(InfluenceFunctionModel[Tensor, Batches]):
         xs = x[:1].to(self.device, self.dtype if x.is_floating_point() else None)
         ys = y[:1].to(self.device, self.dtype if y.is_floating_point() else None)
         try:
-            with torch.no_grad():
+            with torch.no_grad(), buffers_kept(self.model):
                 value = self.loss(self.model(xs), ys)
         except (RuntimeError, IndexError, ValueError) as exc:
             raise InputRankError(
@@ -473,6 +474,19 @@ class HessianOperator:
 
     def __call__(self, vectors: Tensor) -> Tensor:
         return self.hessian_matmul(vectors) + self.regularization * vectors
+
+
+@contextmanager
+def buffers_kept(model: nn.Module) -> Iterator[None]:
+    """Restore the model's buffers on exit: forward passes of a model left in train mode update
+    them (BatchNorm running statistics), and computing influences must not change the model."""
+    saved = [(b, b.clone()) for b in model.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in saved:
+                buffer.copy_(value)
 
 
 def _as_tensor(value: Any, what: str) -> Tensor:
