@@ -339,6 +339,11 @@ def test_unaligned_chunks_are_refused_with_the_chunks_named(problem):
         calc.influences(*problem.dask_test(), x, y)
     with pytest.raises(UnalignedChunksError):
         calc.influences_from_factors(calc.influence_factors(*problem.dask_test()), x, y)
+    n = x.shape[0]  # the same rows, y with an extra empty chunk: a different number of chunks
+    y_extra = da.from_array(problem.dask_train()[1].compute(), chunks=(x.chunks[0] + (0,),))
+    assert y_extra.shape[0] == n and len(y_extra.chunks[0]) == len(x.chunks[0]) + 1
+    with pytest.raises(UnalignedChunksError, match=rf"{len(x.chunks[0])} chunks in x but"):
+        calc.influence_factors(x, y_extra)
 
 
 def test_chunking_beyond_the_first_dimension_is_refused(problem):
@@ -365,6 +370,9 @@ def test_other_dask_input_errors(problem):
         calc.influence_factors(x, y[:-1])
     with pytest.raises(ShapeMismatchError, match="z_test_factors"):
         calc.influences_from_factors(da.ones((3, 5), chunks=(2, -1)), x, y)
+    keep = (y >= 0)  # a boolean mask leaves chunk sizes unknown (NaN)
+    with pytest.raises(InfluenceInputError, match="compute_chunk_sizes"):
+        calc.influence_factors(x[keep], y[keep])
 
 
 # -- the reference's examples, as written (only the import paths changed) ------------------------

@@ -469,15 +469,24 @@ def _check_first_dim_only(a, name: str) -> None:
 def _check_inputs(x, y, x_name: str, y_name: str) -> None:
     _check_dask_array(x, x_name)
     _check_dask_array(y, y_name)
+    for a, name in ((x, x_name), (y, y_name)):
+        if any(n != n for n in a.chunks[0]):  # NaN: sizes unknown, e.g. after a boolean mask
+            raise InfluenceInputError(
+                f"{name} has chunks of unknown size (e.g. after boolean indexing); call "
+                f"{name}.compute_chunk_sizes() first."
+            )
     if x.shape[0] != y.shape[0]:
         raise ShapeMismatchError(
             f"{x_name} has {x.shape[0]} samples but {y_name} has {y.shape[0]}; they must match."
         )
     if x.chunks[0] != y.chunks[0]:
-        k = next(k for k, (a, b) in enumerate(zip(x.chunks[0], y.chunks[0])) if a != b)
+        k = next((k for k, (a, b) in enumerate(zip(x.chunks[0], y.chunks[0])) if a != b), None)
+        if k is None:  # equal up to the shorter one: trailing empty chunks
+            detail = f"{len(x.chunks[0])} chunks in {x_name} but {len(y.chunks[0])} in {y_name}"
+        else:
+            detail = f"chunk {k} holds {x.chunks[0][k]} samples in {x_name} but {y.chunks[0][k]} in {y_name}"
         raise UnalignedChunksError(
-            f"{x_name} and {y_name} are chunked differently along the sample dimension: chunk "
-            f"{k} holds {x.chunks[0][k]} samples in {x_name} but {y.chunks[0][k]} in {y_name} "
+            f"{x_name} and {y_name} are chunked differently along the sample dimension: {detail} "
             f"({x_name}: {_show(x.chunks[0])}, {y_name}: {_show(y.chunks[0])}). Rechunk one "
             f"like the other, e.g. {y_name}.rechunk({{0: {x_name}.chunks[0]}})."
         )
