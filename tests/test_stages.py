@@ -328,3 +328,20 @@ def test_a_worker_context_follows_the_output_manifest(inputs, tmp_path):
     store = InfluenceStore(config.output)
     store.write_manifest({**store.read_manifest(), "created": "a later plan"})
     assert stages._context(config) is not ctx
+
+
+def test_tasks_of_a_replaced_run_stop_instead_of_writing(inputs, tmp_path):
+    """Run A is planned; run B replaces the output with another configuration (overwrite, or
+    a forced takeover after A's lease lapsed). A's queued tasks must refuse to write A's
+    blocks into B's arrays, where B's completion checks would accept them."""
+    a = job_config(inputs, str(tmp_path / "out"), self_influence=False)
+    stages.plan_job(a, n_workers=1)
+    stages.fit_stage(a)
+    b = job_config(inputs, str(tmp_path / "out"), method={"regularization": 0.5}, overwrite=True)
+    stages.plan_job(b, n_workers=1)
+    for stage in (lambda: stages.fit_stage(a), lambda: stages.factors_stage(a, 0),
+                  lambda: stages.column_stage(a, 0), lambda: stages.summary_stage(a)):
+        with pytest.raises(ConfigMismatchError, match="differs in: method"):
+            stage()
+    store = InfluenceStore(b.output)
+    assert store.read_fitted_state() is None and not store.recorded(FACTORS)

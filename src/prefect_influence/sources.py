@@ -136,7 +136,13 @@ def load_network(config: PipelineConfig) -> tuple[nn.Module, str]:
     check_device(config.device.value)
     network = network.to(device=config.device.value, dtype=torch_dtype(config.dtype)).eval()
     digest = hashlib.sha256(raw).hexdigest()
-    return network, f"{spec.factory}|{json_kwargs(spec.factory_kwargs)}|sha256:{digest}"
+    return network, f"{model_identity(config)}|sha256:{digest}"
+
+
+def model_identity(config: PipelineConfig) -> str:
+    """What the configuration alone says about the network: factory and its arguments (the
+    network fingerprint adds the checkpoint's digest)."""
+    return f"{config.model.factory}|{json_kwargs(config.model.factory_kwargs)}"
 
 
 def check_device(name: str) -> None:

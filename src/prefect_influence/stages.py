@@ -38,6 +38,7 @@ from .sources import (
     check_model_fits_data,
     is_stored,
     load_network,
+    model_identity,
     open_source,
     torch_dtype,
 )
@@ -139,16 +140,39 @@ def _fingerprint(config: PipelineConfig, model_fp: str, train_fp: str, test_fp: 
                  grid: Grid) -> dict[str, Any]:
     return {
         "model": model_fp,
-        "loss": config.model.loss,
         "train": train_fp,
         "test": test_fp,
+        **_settings_fingerprint(config),
+        "test_chunk": grid.test_chunk,
+        "train_chunk": grid.train_chunk,
+    }
+
+
+def _settings_fingerprint(config: PipelineConfig) -> dict[str, Any]:
+    """The parts of the fingerprint that the configuration alone determines."""
+    return {
+        "loss": config.model.loss,
         "method": json.loads(config.method.model_dump_json()),
         "mode": config.mode.value,
         "dtype": config.dtype.value,
         "device": config.device.value,
-        "test_chunk": grid.test_chunk,
-        "train_chunk": grid.train_chunk,
     }
+
+
+def _check_output_still_ours(config: PipelineConfig, manifest: dict[str, Any]) -> None:
+    """A task's configuration must match the output's manifest: another run may have replaced
+    the output (``overwrite``, a forced lease takeover) while this run's tasks were queued, and
+    they must not write this configuration's blocks into that run's arrays."""
+    stored = manifest.get("fingerprint", {})
+    differs = [k for k, v in _settings_fingerprint(config).items() if stored.get(k) != v]
+    if not str(stored.get("model", "")).startswith(model_identity(config) + "|"):
+        differs.insert(0, "model")
+    if differs:
+        raise ConfigMismatchError(
+            f"{config.output!r} now holds another configuration's job (differs in: "
+            f"{', '.join(differs)}); another run replaced it while this one was running, so "
+            "this task stops instead of writing into it."
+        )
 
 
 def check_output_apart_from_inputs(config: PipelineConfig) -> None:
@@ -295,13 +319,20 @@ def _manifest_stamp(manifest: dict[str, Any]) -> str:
     return json.dumps([manifest.get("fingerprint"), manifest.get("created")], sort_keys=True)
 
 
-def _context(config: PipelineConfig) -> _Context:
-    """This process's context for the job, checked against the output's manifest on every
-    call (one small read per task) and rebuilt when the manifest changed."""
+def _planned_store(config: PipelineConfig) -> tuple[InfluenceStore, dict[str, Any]]:
+    """The output's store and manifest, for a stage of this configuration's planned job."""
     store = InfluenceStore(config.output, config.storage_options)
     manifest = store.read_manifest()
     if manifest is None:
         raise StorageError(f"{config.output!r} holds no prefect-influence manifest; plan the job first.")
+    _check_output_still_ours(config, manifest)
+    return store, manifest
+
+
+def _context(config: PipelineConfig) -> _Context:
+    """This process's context for the job, checked against the output's manifest on every
+    call (one small read per task) and rebuilt when the manifest changed."""
+    store, manifest = _planned_store(config)
     key, stamp = _config_key(config), _manifest_stamp(manifest)
     with _contexts_lock:
         ctx = _contexts.get(key)
@@ -325,7 +356,7 @@ def _numpy(t: torch.Tensor) -> np.ndarray:
 # -- stages ----------------------------------------------------------------------------------------
 def fit_stage(config: PipelineConfig) -> bool:
     """Fit the influence model and store its state; returns ``True`` if a valid one was reused."""
-    store = InfluenceStore(config.output, config.storage_options)
+    store, _ = _planned_store(config)
     if store.read_fitted_state() is not None:
         return True
     _fit_and_store(config, store)
@@ -486,8 +517,8 @@ def summary_stage(config: PipelineConfig) -> dict[str, Any]:
     value, then the smaller index), so merging the columns' lists gives the same result as
     ranking the whole row.
     """
-    store = InfluenceStore(config.output, config.storage_options)
-    grid = store.grid()
+    store, manifest = _planned_store(config)
+    grid = Grid.from_json(manifest["grid"])
     done = _summary_done(store, config)
     if done is not None:
         return done
