@@ -179,3 +179,43 @@ def test_a_lease_on_an_unwritable_output_is_a_storage_error(tmp_path):
     blocker.write_text("not a directory")
     with pytest.raises(StorageError, match="Cannot take the lease"):
         InfluenceStore(str(blocker / "out")).acquire_lease()
+
+
+def test_two_runs_starting_at_once_on_a_free_output_get_one_lease(tmp_path):
+    """Run B's writes are slow (as on S3): with read, write, pause and read back, both runs
+    believed they held the lease. The lease of a free output is created if absent (atomic on
+    local disks and S3), so exactly one run gets it."""
+    import threading
+
+    url = str(tmp_path / "out")
+    a, b = InfluenceStore(url), InfluenceStore(url)
+
+    class SlowWrites:
+        def __init__(self, fs, delay):
+            self._fs, self._delay = fs, delay
+
+        def __getattr__(self, name):
+            return getattr(self._fs, name)
+
+        def pipe_file(self, *args, **kwargs):
+            time.sleep(self._delay)
+            return self._fs.pipe_file(*args, **kwargs)
+
+    # both read "no lease" before either write lands; B's lands after A has read its own back
+    a.fs, b.fs = SlowWrites(a.fs, 0.02), SlowWrites(a.fs, 0.1)
+    results: dict[str, str] = {}
+
+    def take(name, store):
+        try:
+            results[name] = store.acquire_lease(ttl_seconds=60)
+        except LeaseHeldError:
+            results[name] = "refused"
+
+    threads = [threading.Thread(target=take, args=item) for item in (("a", a), ("b", b))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(v == "refused" for v in results.values()) == [False, True]
+    winner = next(v for v in results.values() if v != "refused")
+    assert a._read_json("lease.json")["owner"] == winner == results["a"]

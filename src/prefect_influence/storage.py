@@ -209,10 +209,10 @@ class InfluenceStore:
     def _path(self, *parts: str) -> str:
         return "/".join([self.root.rstrip("/"), *parts])
 
-    def _write_json(self, rel: str, data: dict) -> None:
+    def _write_json(self, rel: str, data: dict, mode: str = "overwrite") -> None:
         path = self._path(rel)
         self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        self.fs.pipe_file(path, json.dumps(data, indent=1, sort_keys=True).encode())
+        self.fs.pipe_file(path, json.dumps(data, indent=1, sort_keys=True).encode(), mode=mode)
 
     def _read_json(self, rel: str) -> Optional[dict]:
         path = self._path(rel)
@@ -276,18 +276,30 @@ class InfluenceStore:
             ) from exc
 
     def _acquire_lease(self, ttl_seconds: float, force: bool, owner: Optional[str]) -> str:
-        current = self._read_json(LEASE)
-        ours = owner is not None and current is not None and current.get("owner") == owner
-        if current and not force and not ours and not _lease_stale(current):
-            raise LeaseHeldError(
-                f"{self.url!r} is in use by another run (owner {current.get('owner')}, host "
-                f"{current.get('host')}, pid {current.get('pid')}) until "
-                f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(current.get('expires', 0)))}. "
-                "Wait for it, or take over with force=True (CLI: --force) if it is dead."
-            )
         token = owner or uuid.uuid4().hex
-        self._write_lease(token, ttl_seconds)
-        time.sleep(0.05)  # two runs racing: the last writer wins, the other notices below
+        current = self._read_json(LEASE)
+        created = False
+        if current is None:
+            # create-if-absent: atomic on local disks and S3 (conditional PUT), so of two runs
+            # starting on a free output exactly one gets it, however slow the writes
+            try:
+                self._write_lease(token, ttl_seconds, mode="create")
+                created = True
+            except FileExistsError:
+                current = self._read_json(LEASE)
+        if not created:
+            ours = owner is not None and current is not None and current.get("owner") == owner
+            if current and not force and not ours and not _lease_stale(current):
+                raise LeaseHeldError(
+                    f"{self.url!r} is in use by another run (owner {current.get('owner')}, host "
+                    f"{current.get('host')}, pid {current.get('pid')}) until "
+                    f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(current.get('expires', 0)))}. "
+                    "Wait for it, or take over with force=True (CLI: --force) if it is dead."
+                )
+            self._write_lease(token, ttl_seconds)  # taking over a stale, forced or own lease
+        # two runs taking over at once (or a backend without atomic create): the last writer
+        # wins, the other notices here
+        time.sleep(0.05)
         held = self._read_json(LEASE)
         if not held or held.get("owner") != token:
             raise LeaseHeldError(f"{self.url!r} was taken by another run at the same moment.")
@@ -337,9 +349,9 @@ class InfluenceStore:
         if held and held.get("owner") == token:
             self._remove(LEASE)
 
-    def _write_lease(self, token: str, ttl_seconds: float) -> None:
+    def _write_lease(self, token: str, ttl_seconds: float, mode: str = "overwrite") -> None:
         self._write_json(LEASE, {"owner": token, "host": socket.gethostname(), "pid": os.getpid(),
-                                 "expires": time.time() + ttl_seconds})
+                                 "expires": time.time() + ttl_seconds}, mode=mode)
 
     # -- manifest --------------------------------------------------------------------------------
     def read_manifest(self) -> Optional[dict]:
