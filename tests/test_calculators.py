@@ -312,6 +312,18 @@ def test_threads_per_worker_2_is_refused(problem):
         assert "2 threads" in str(info.value)
 
 
+def test_a_cluster_without_workers_gets_a_clear_error(problem, monkeypatch):
+    """The model is scattered to the workers: with none, distributed's scatter waited and
+    failed with 'No valid workers found', and the thread-safety check was skipped."""
+    from prefect_influence import calculators
+
+    monkeypatch.setattr(calculators, "WAIT_FOR_WORKERS_S", 1.0)
+    with LocalCluster(n_workers=0, processes=False, dashboard_address=":0") as cluster, \
+            Client(cluster) as client:
+        with pytest.raises(TimeoutError, match="has no workers"):
+            DaskInfluenceCalculator(problem.model, TorchNumpyConverter(), client)
+
+
 @pytest.mark.parametrize("client", ["tcp://127.0.0.1:8786", DisableClientSingleThreadCheck(), None])
 def test_client_must_be_a_client_or_the_disable_type(problem, client):
     with pytest.raises(ValueError, match="DisableClientSingleThreadCheck"):

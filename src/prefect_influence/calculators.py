@@ -8,7 +8,9 @@ are computed once per pass and multiplied with the factors. See each class for i
 
 from __future__ import annotations
 
+
 import logging
+import time
 import uuid
 from functools import partial
 from typing import Any, Iterable, Optional, Sized, Type, Union
@@ -273,6 +275,7 @@ class DaskInfluenceCalculator:
                 influence_function_model, name=f"influence-model-{uuid.uuid4().hex}"
             )
         elif isinstance(client, Client):
+            _wait_for_a_worker(client)  # scatter would block on a cluster without workers
             _check_thread_safety(client, influence_function_model)
             # a list, so that scatter never mistakes the model for a mapping of several items
             self._model_ref = client.scatter([influence_function_model], broadcast=True)[0]
@@ -428,12 +431,27 @@ def _block_task(model, factors, operand: tuple, converter: NumpyConverter, mode,
 # -- checks --------------------------------------------------------------------------------------
 
 
+#: seconds a calculator waits for the first worker of a cluster that has none yet (one that is
+#: still starting or scaling up) before giving up with a clear error
+WAIT_FOR_WORKERS_S = 30.0
+
+
+def _wait_for_a_worker(client) -> None:
+    deadline = time.monotonic() + WAIT_FOR_WORKERS_S
+    while not client.nthreads():
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"The Dask cluster at {client.scheduler.address} has no workers (waited "
+                f"{WAIT_FOR_WORKERS_S:g} s for one): the model cannot be sent to any. Start "
+                "workers, or check that they can reach the scheduler."
+            )
+        time.sleep(0.2)
+
+
 def _check_thread_safety(client, model: InfluenceFunctionModel) -> None:
     if model.is_thread_safe:
         return
     nthreads = client.nthreads()
-    if not nthreads:
-        logger.warning("The Dask cluster has no workers yet; cannot check their thread counts.")
     crowded = {worker: n for worker, n in nthreads.items() if n > 1}
     if crowded:
         listed = ", ".join(f"{w} ({n} threads)" for w, n in sorted(crowded.items()))
