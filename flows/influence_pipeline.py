@@ -31,6 +31,7 @@ from prefect_dask import DaskTaskRunner
 
 from prefect_influence import TORCH_WORKER_DASK_CONFIG, stages
 from prefect_influence.config import PipelineConfig
+from prefect_influence.sources import ConfigurationError
 from prefect_influence.storage import InfluenceStore
 from prefect_influence.tasks import compute_factors, fit_model, influences_from_factors, write_summary
 from prefect_influence.tasks.influence_tasks import with_secret_storage_options
@@ -43,6 +44,26 @@ PROGRESS_ENV = "PREFECT_INFLUENCE_PROGRESS"
 
 def n_local_workers(config: PipelineConfig) -> int:
     return config.n_workers or os.cpu_count() or 1
+
+
+#: seconds to reach an external scheduler (``dask_address``) when planning
+SCHEDULER_CONNECT_S = 30
+
+
+def planned_workers(config: PipelineConfig) -> int:
+    """Workers the grid's auto chunks are planned for: the local cluster's, or on an external
+    scheduler (``dask_address``) ``n_workers`` if given, else its workers at planning time."""
+    if not config.dask_address:
+        return n_local_workers(config)
+    if config.n_workers:
+        return config.n_workers
+    from distributed import Client
+
+    try:
+        with Client(config.dask_address, timeout=SCHEDULER_CONNECT_S) as client:
+            return max(1, len(client.nthreads()))
+    except OSError as exc:  # before anything is written to the output
+        raise ConfigurationError(f"dask_address {config.dask_address!r} cannot be reached: {exc}") from exc
 
 
 def local_cluster_kwargs(config: PipelineConfig) -> dict[str, Any]:
@@ -240,7 +261,7 @@ def _run(config: PipelineConfig, resolved: PipelineConfig, logger) -> tuple[dict
     """``config`` travels to the tasks (no secrets); ``resolved`` has the secret's storage
     options for the flow process's own storage access."""
     start = time.perf_counter()
-    plan = stages.plan_job(resolved, n_workers=1 if config.dask_address else n_local_workers(config))
+    plan = stages.plan_job(resolved, n_workers=planned_workers(config), recorded=config)
     grid = plan.grid
     logger.info(
         "grid %d × %d blocks (test chunk %d, train chunk %d, p = %d) at %s%s",
@@ -264,7 +285,7 @@ def _run(config: PipelineConfig, resolved: PipelineConfig, logger) -> tuple[dict
     info = write_summary(config) if config.summary else {"summary": False}
     end = time.perf_counter()
     result = _result(config, grid, fit_reused, counts, start, t_fit, t_grid, end)
-    _publish(resolved, grid, result, info)
+    _publish(config, resolved, grid, result, info)
     return result, info
 
 
@@ -282,8 +303,10 @@ def _result(config: PipelineConfig, grid, fit_reused: bool, counts: dict[str, in
     }
 
 
-def _publish(config: PipelineConfig, grid, result: dict[str, Any], info: dict[str, Any]) -> None:
-    store = InfluenceStore(config.output, config.storage_options)
+def _publish(config: PipelineConfig, resolved: PipelineConfig, grid, result: dict[str, Any],
+             info: dict[str, Any]) -> None:
+    """Artifacts show ``config`` (redacted; no secret block values); ``resolved`` reads storage."""
+    store = InfluenceStore(resolved.output, resolved.storage_options)
     summary = store.read_summary()
     if config.summary and summary is not None and "top_helpful" in summary[0]:
         arrays = summary[0]

@@ -226,8 +226,9 @@ def test_cuda_without_a_usable_gpu_fails_clearly_and_keeps_output(finished):
 
 
 VALIDATION_CASES = [
-    ({"train_chunk_size": 0}, "chunk size"),
-    ({"test_chunk_size": -3}, "chunk size"),
+    ({"train_chunk_size": 0}, "greater than or equal to 1"),
+    ({"test_chunk_size": -3}, "greater than or equal to 1"),
+    ({"test_chunk_size": True}, "chunk size"),
     ({"method": {"regularization": -1.0}}, "greater than or equal to 0"),
     ({"method": {"name": "nonsense"}}, "direct"),
     ({"mode": "sideways"}, "up"),

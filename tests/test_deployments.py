@@ -443,6 +443,11 @@ def test_parameter_schema_from_api(prefect, worker):
     {"method": {"rank": 0}},
     {"top_k": "many"},
     {"unknown_field": 1},
+    {"test_chunk_size": 0},
+    {"train_chunk_size": -5},
+    {"output": "/"},
+    {"output": "memory://"},
+    {"output": ""},
 ])
 def test_invalid_parameters_are_rejected_before_a_run(prefect, worker, bad):
     deployment = prefect.deployment("influence-adhoc")

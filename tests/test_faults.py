@@ -128,15 +128,19 @@ def test_persistent_fault_fails_clearly_then_resumes(env):
 
 def test_storage_credentials_from_a_secret_block(env, s3_server):
     """S3 credentials in a Prefect Secret block: resolved inside the tasks, so they appear in
-    neither the run's parameters nor the manifest."""
+    neither the run's parameters nor the manifest nor the artifacts, whatever their keys are
+    called (the secret's value is never recorded, not only credential-like keys)."""
     import json
 
     from prefect.blocks.system import Secret
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
     root, inputs, expected, address = env
     _, options = s3_server
-    Secret(value={"key": options["key"], "secret": options["secret"]}).save("influence-s3", overwrite=True)
+    sentinel = "sentinel-not-a-credential-name"  # under a key that redaction would not mask
+    Secret(value={"key": options["key"], "secret": options["secret"],
+                  "config_kwargs": {"user_agent_extra": sentinel}}).save("influence-s3", overwrite=True)
     config = job_config(inputs, "s3://influence/secret-job/out", dask_address=address,
                         storage_options={"endpoint_url": options["endpoint_url"]},
                         storage_secret="influence-s3")
@@ -146,7 +150,12 @@ def test_storage_credentials_from_a_secret_block(env, s3_server):
     for name, values in expected.items():
         assert np.array_equal(got[name], values, equal_nan=True), name
     manifest = json.dumps(InfluenceStore(config.output, options).read_manifest())
+    run_id = state.state_details.flow_run_id
     with get_client(sync_client=True) as client:
-        params = json.dumps(client.read_flow_run(state.state_details.flow_run_id).parameters)
-    for secret in (options["key"], options["secret"]):
-        assert secret not in manifest and secret not in params
+        params = json.dumps(client.read_flow_run(run_id).parameters)
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id])))
+    published = json.dumps([a.data for a in artifacts])
+    assert "influence-summary" in {a.key for a in artifacts}
+    for secret in (options["key"], options["secret"], sentinel):
+        assert secret not in manifest and secret not in params and secret not in published

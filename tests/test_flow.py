@@ -171,3 +171,22 @@ def _worker_environ(cluster) -> dict[str, dict[str, str]]:
 
     with Client(cluster.scheduler_address) as client:
         return client.run(environ)
+
+
+def test_an_external_cluster_is_planned_for_its_workers(tmp_path, monkeypatch):
+    """With dask_address, auto chunks are planned for the scheduler's workers (it used to be
+    one, which left most workers of a large cluster idle), or for n_workers when given."""
+    from distributed import LocalCluster
+
+    from prefect_influence.flows.influence_pipeline import planned_workers
+    from prefect_influence.sources import ConfigurationError
+
+    monkeypatch.setitem(planned_workers.__globals__, "SCHEDULER_CONNECT_S", 2)
+    paths = {"train": "t", "test": "t", "checkpoint": "c"}
+    with LocalCluster(n_workers=3, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+        assert planned_workers(job_config(paths, str(tmp_path), dask_address=cluster.scheduler_address,
+                                          n_workers=None)) == 3
+        assert planned_workers(job_config(paths, str(tmp_path), dask_address=cluster.scheduler_address,
+                                          n_workers=5)) == 5
+    with pytest.raises(ConfigurationError, match="cannot be reached"):
+        planned_workers(job_config(paths, str(tmp_path), dask_address="tcp://127.0.0.1:9", n_workers=None))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from enum import Enum
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -61,7 +61,9 @@ class PreconditionerName(str, Enum):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", use_enum_values=False)
+    # python-re: the output pattern uses look-ahead (Python, jsonschema and the UI's JavaScript
+    # all support it; pydantic's default Rust engine does not)
+    model_config = ConfigDict(extra="forbid", use_enum_values=False, regex_engine="python-re")
 
 
 class ModelSpec(_Section):
@@ -135,7 +137,7 @@ class MethodSpec(_Section):
     )
 
 
-ChunkSize = Union[Literal["auto"], int]
+ChunkSize = Union[Literal["auto"], Annotated[int, Field(ge=1)]]  # bounds in the JSON schema too
 
 
 class PipelineConfig(_Section):
@@ -171,13 +173,17 @@ class PipelineConfig(_Section):
     output: str = Field(
         "influence-output/run",
         title="Output URL",
-        description="fsspec URL (local directory, file://, memory://, s3://bucket/prefix).",
+        description="fsspec URL (local directory, file://, memory://, s3://bucket/prefix); not "
+        "the root of a filesystem.",
+        # in the JSON schema, so a deployment refuses a run with an empty or root output
+        pattern=r"^(?![A-Za-z][A-Za-z0-9+.-]*:///*$)(?!/+$)\s*\S",
     )
     storage_options: dict[str, Any] = Field(
         default_factory=dict,
         title="Storage options",
-        description="fsspec options for every URL (e.g. endpoint_url, key, secret for S3). Never "
-        "logged or stored.",
+        description="fsspec options for every URL (e.g. endpoint_url for S3). Credential-like "
+        "values are masked in logs and the manifest, but a run's parameters are stored by "
+        "Prefect: pass credentials through a storage secret block or the environment.",
     )
     storage_secret: Optional[str] = Field(
         None,
@@ -198,19 +204,23 @@ class PipelineConfig(_Section):
         None, title="Dask scheduler", description="Address of an existing Dask scheduler; empty for a local cluster."
     )
     n_workers: Optional[int] = Field(
-        None, ge=1, title="Local workers", description="Workers of the local cluster (default: CPU count), one thread each."
+        None, ge=1, title="Workers", description="Workers of the local cluster (default: CPU count), "
+        "one thread each; with a Dask scheduler, the worker count auto chunks are planned for "
+        "(default: its workers when the run starts)."
     )
 
-    @field_validator("test_chunk_size", "train_chunk_size")
+    @field_validator("test_chunk_size", "train_chunk_size", mode="before")
     @classmethod
-    def _chunk_positive(cls, value: ChunkSize) -> ChunkSize:
-        if value != "auto" and (isinstance(value, bool) or int(value) < 1):
+    def _chunk_not_bool(cls, value: Any) -> Any:
+        if isinstance(value, bool):  # lax mode would read True as 1 (the schema bounds the rest)
             raise ValueError(f"chunk size must be 'auto' or an integer ≥ 1, got {value!r}")
         return value
 
-    @field_validator("output")
+    @field_validator("output", mode="before")  # before the schema's pattern: clearer messages
     @classmethod
-    def _output_nonempty(cls, value: str) -> str:
+    def _output_location(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
         if not value.strip():
             raise ValueError("output must be a non-empty URL or path")
         from .storage import output_location

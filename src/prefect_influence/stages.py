@@ -193,13 +193,17 @@ def check_output_apart_from_inputs(config: PipelineConfig) -> None:
             )
 
 
-def plan_job(config: PipelineConfig, n_workers: int = 1) -> Plan:
+def plan_job(config: PipelineConfig, n_workers: int = 1,
+             recorded: Optional[PipelineConfig] = None) -> Plan:
     """Resolve inputs, fingerprint them, check or create the output; cheap relative to the job.
 
     An existing output with another fingerprint raises :class:`ConfigMismatchError` naming the
     differences, unless ``config.overwrite`` (then it is cleared). With ``auto`` chunking, an
     existing output's chunk sizes are adopted, so a resume never re-chunks (with or without
     ``overwrite``, even when the worker count changed).
+
+    The manifest records ``recorded`` (default ``config``), redacted: a caller that merged
+    secret storage options into ``config`` for access passes the configuration without them.
     """
     network, model_fp = load_network(config)
     train = open_source(config.data.train, config.storage_options, "train")
@@ -263,7 +267,7 @@ def plan_job(config: PipelineConfig, n_workers: int = 1) -> Plan:
             "package_version": __version__,
             "fingerprint": fingerprint,
             "grid": grid.to_json(),
-            "config": config.redacted() | {"overwrite": False, "force": False},
+            "config": (recorded or config).redacted() | {"overwrite": False, "force": False},
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         })
     store.create_arrays(grid)
