@@ -17,6 +17,7 @@ from prefect.tasks import exponential_backoff
 from prefect_influence import stages
 from prefect_influence.config import PipelineConfig
 from prefect_influence.errors import InfluenceInputError, NotFittedError
+from prefect_influence.storage import ConfigMismatchError
 
 __all__ = [
     "fit_model", "compute_factors", "influences_from_factors", "write_summary", "retry_transient",
@@ -25,14 +26,27 @@ __all__ = [
 
 
 def retry_transient(task, task_run, state) -> bool:
-    """Retry storage and worker errors; never bad input or configuration errors (they would
-    fail the same way again)."""
+    """Retry storage and worker errors; never bad input, configuration errors or an output
+    that now holds another configuration (they would fail the same way again), unless a
+    network failure caused them (data or checkpoint unreachable for a moment)."""
     try:
         state.result()
-    except (InfluenceInputError, NotFittedError, NotImplementedError, TypeError):
+    except ConfigMismatchError:
         return False
+    except (InfluenceInputError, NotFittedError, NotImplementedError, TypeError) as exc:
+        return _network_failure(exc)
     except Exception:
         return True
+    return False
+
+
+def _network_failure(exc: BaseException) -> bool:
+    seen = 0
+    cause = exc.__cause__ or exc.__context__
+    while cause is not None and seen < 16:
+        if isinstance(cause, (ConnectionError, TimeoutError)):
+            return True
+        cause, seen = cause.__cause__ or cause.__context__, seen + 1
     return False
 
 
@@ -57,7 +71,10 @@ def with_secret_storage_options(config: PipelineConfig) -> PipelineConfig:
     if isinstance(value, str):
         import json
 
-        value = json.loads(value)
+        try:
+            value = json.loads(value)
+        except ValueError:
+            value = None  # a plain string: refused below, without echoing it
     if not isinstance(value, dict):
         raise InfluenceInputError(
             f"Secret block {config.storage_secret!r} must hold a JSON object of storage options."

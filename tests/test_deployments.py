@@ -107,6 +107,29 @@ def test_serving_builds_what_prefect_yaml_describes():
         assert got == [(s["cron"], s["timezone"], s.get("active", True)) for s in spec.get("schedules") or []]
 
 
+def test_serving_finds_prefect_yaml_without_a_checkout(tmp_path, monkeypatch):
+    """Installed from a wheel, the package has no deployments/ beside it: serving then reads
+    the working directory's deployments/prefect.yaml (or the path given)."""
+    from prefect_influence import serving
+
+    monkeypatch.setattr(serving, "PREFECT_FILE", tmp_path / "site-packages" / "deployments" / "prefect.yaml")
+    (tmp_path / "deployments").mkdir()
+    (tmp_path / "deployments" / "prefect.yaml").write_text(PREFECT_FILE.read_text())
+    monkeypatch.chdir(tmp_path)
+    assert serving.default_prefect_file() == tmp_path / "deployments" / "prefect.yaml"
+    assert {s["name"] for s in serving.load_deployment_specs()} == set(_specs())
+    monkeypatch.chdir(tmp_path / "deployments")
+    with pytest.raises(FileNotFoundError, match="--prefect-file"):
+        serving.load_deployment_specs()
+    assert serving.load_deployment_specs(tmp_path / "deployments" / "prefect.yaml")
+
+
+def test_nightly_replaces_results_after_a_retrain():
+    """The nightly job re-scores after retraining: new inputs at the same URLs must replace
+    the previous results instead of being refused as another configuration."""
+    assert _specs()["influence-nightly"]["parameters"]["config"]["overwrite"] is True
+
+
 def test_serving_refuses_what_it_cannot_translate(tmp_path):
     data = yaml.safe_load(PREFECT_FILE.read_text())
     data["deployments"][0]["concurrency_limit"] = 1

@@ -13,8 +13,10 @@ from distributed import LocalCluster
 from fsspec.implementations.local import LocalFileSystem
 from prefect.testing.utilities import prefect_test_harness
 
+from prefect_influence.errors import InfluenceInputError
 from prefect_influence.flows import influence_pipeline
-from prefect_influence.storage import InfluenceStore
+from prefect_influence.sources import ConfigurationError
+from prefect_influence.storage import ConfigMismatchError, InfluenceStore
 from jobs import job_config, read_outputs, write_inputs
 from test_stages import run_tasks
 
@@ -159,3 +161,42 @@ def test_storage_credentials_from_a_secret_block(env, s3_server):
     assert "influence-summary" in {a.key for a in artifacts}
     for secret in (options["key"], options["secret"], sentinel):
         assert secret not in manifest and secret not in params and secret not in published
+
+
+def test_a_secret_block_holding_a_plain_string_is_refused_clearly(env):
+    from prefect.blocks.system import Secret
+
+    from prefect_influence.tasks.influence_tasks import with_secret_storage_options
+
+    root, inputs, _, _ = env
+    Secret(value="not-json-at-all").save("influence-plain", overwrite=True)
+    config = job_config(inputs, str(root / "plain"), storage_secret="influence-plain")
+    with pytest.raises(InfluenceInputError, match="must hold a JSON object") as info:
+        with_secret_storage_options(config)
+    assert "not-json-at-all" not in str(info.value)
+
+
+class _Failed:
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+    def result(self):
+        raise self.exc
+
+
+def _caused(exc: BaseException, cause: BaseException) -> BaseException:
+    exc.__cause__ = cause
+    return exc
+
+
+@pytest.mark.parametrize("exc, retried", [
+    (OSError("connection reset"), True),
+    (_caused(ConfigurationError("data 's3://b/x' cannot be reached"), ConnectionRefusedError()), True),
+    (ConfigurationError("data 'x' does not exist"), False),
+    (ConfigMismatchError("now holds another configuration's job"), False),
+    (InfluenceInputError("NaN in x"), False),
+])
+def test_retry_rule_retries_transient_failures_only(exc, retried):
+    from prefect_influence.tasks.influence_tasks import retry_transient
+
+    assert retry_transient(None, None, _Failed(exc)) is retried

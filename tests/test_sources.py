@@ -124,3 +124,18 @@ def test_cli_status_and_top_k(tmp_path, capsys):
     assert "most helpful:" in text and "most harmful:" in text
     assert main(["top-k", config.output, "--test-index", "99"]) == 2
     assert main(["status", str(tmp_path / "nothing")]) == 1
+
+
+def test_the_builtin_example_without_scikit_learn_names_the_extra(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_sklearn(name, *args, **kwargs):
+        if name == "sklearn" or name.startswith("sklearn."):
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_sklearn)
+    with pytest.raises(ImportError, match=r"prefect-influence\[example\]"):
+        open_source("builtin:digits", role="train")

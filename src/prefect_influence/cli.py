@@ -115,7 +115,7 @@ def cmd_top_k(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from .serving import serve_deployments
 
-    serve_deployments()
+    serve_deployments(args.prefect_file)
     return 0
 
 
@@ -150,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--test-index", type=int, required=True)
         p.set_defaults(func=func)
     serve = sub.add_parser("serve", help="serve the influence-adhoc and influence-nightly deployments")
+    serve.add_argument("--prefect-file", default=None,
+                       help="the prefect.yaml to serve (default: the checkout's deployments/prefect.yaml, "
+                            "else ./deployments/prefect.yaml)")
     serve.set_defaults(func=cmd_serve)
     return parser
 

@@ -35,7 +35,13 @@ def load_digits_example(
 ) -> DigitsExample:
     """Digits split into train/test (deterministic), with ``flip_fraction`` of train labels
     replaced by a different, random class."""
-    from sklearn.datasets import load_digits
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as exc:
+        raise ImportError(
+            "the built-in example ('builtin:digits') needs scikit-learn: pip install "
+            "'prefect-influence[example]'"
+        ) from exc
 
     digits = load_digits()
     x = (digits.data / 16.0).astype(np.float32)

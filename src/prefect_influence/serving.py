@@ -28,15 +28,25 @@ _KNOWN_KEYS = {"name", "description", "entrypoint", "tags", "enforce_parameter_s
                "parameters", "schedules", "work_pool", "version", "paused"}
 
 
+def default_prefect_file() -> Path:
+    """:data:`PREFECT_FILE` of the checkout this package runs from (an editable install), else
+    ``deployments/prefect.yaml`` under the working directory (a package installed from a wheel
+    does not contain the repository's deployments/)."""
+    if PREFECT_FILE.is_file():
+        return PREFECT_FILE
+    return Path.cwd() / "deployments" / "prefect.yaml"
+
+
 def load_deployment_specs(prefect_file: Union[str, Path, None] = None) -> list[dict[str, Any]]:
-    """The ``deployments`` entries of ``prefect_file`` (default: :data:`PREFECT_FILE`)."""
+    """The ``deployments`` entries of ``prefect_file`` (default: :func:`default_prefect_file`)."""
     import yaml
 
-    path = Path(prefect_file) if prefect_file else PREFECT_FILE
+    path = Path(prefect_file) if prefect_file else default_prefect_file()
     if not path.is_file():
         raise FileNotFoundError(
             f"{path} not found: serving reads the deployments from the repository's "
-            "deployments/prefect.yaml; run from a checkout or pass its path."
+            "deployments/prefect.yaml; run from a checkout or pass its path "
+            "(prefect-influence serve --prefect-file PATH)."
         )
     data = yaml.safe_load(path.read_text()) or {}
     specs = data.get("deployments") or []
