@@ -345,3 +345,24 @@ def test_tasks_of_a_replaced_run_stop_instead_of_writing(inputs, tmp_path):
             stage()
     store = InfluenceStore(b.output)
     assert store.read_fitted_state() is None and not store.recorded(FACTORS)
+
+
+def test_a_late_write_of_a_replaced_run_never_counts_for_the_new_one(inputs, tmp_path):
+    """A task of run A already past its checks when run B replaced the output (another
+    configuration): its write lands in B's arrays, with a record B must not accept, whether a
+    block, a factor chunk or a fitted state (B would reuse A's model for everything)."""
+    a = job_config(inputs, str(tmp_path / "out"), self_influence=False)
+    plan_a = stages.plan_job(a, n_workers=1)
+    stages.fit_stage(a)
+    ctx_a = stages._context(a)  # A's worker, before B
+    factors_a = ctx_a.model.influence_factors(*ctx_a.rows("test", *plan_a.grid.test_ranges[0]))
+    b = job_config(inputs, str(tmp_path / "out"), method={"regularization": 0.5}, overwrite=True)
+    plan_b = stages.plan_job(b, n_workers=1)
+    ctx_a.store.write_chunk(FACTORS, plan_a.grid, (0,), factors_a.numpy())  # A's late writes
+    ctx_a.store.write_fitted_state(ctx_a.model.fitted_state())
+    store_b = InfluenceStore(b.output)
+    assert store_b.read_fitted_state() is None
+    assert not store_b.chunk_done(FACTORS, plan_b.grid, (0,))
+    assert stages.fit_stage(b) is False and stages.factors_stage(b, 0) is False  # computed anew
+    assert not np.array_equal(InfluenceStore(b.output).read_chunk(FACTORS, plan_b.grid, (0,)),
+                              factors_a.numpy())

@@ -50,6 +50,7 @@ from .storage import (
     Grid,
     InfluenceStore,
     location_key,
+    plan_id,
 )
 from .torch.functional import rows_within
 
@@ -288,7 +289,7 @@ class _Context:
         self.config = config
         self.store = store
         self.grid = Grid.from_json(manifest["grid"])
-        self.stamp = _manifest_stamp(manifest)
+        self.stamp = plan_id(manifest)
         self._sources: dict[str, DataSource] = {}
         self._lock = threading.Lock()
 
@@ -319,10 +320,6 @@ _contexts: "OrderedDict[str, _Context]" = OrderedDict()
 _contexts_lock = threading.Lock()
 
 
-def _manifest_stamp(manifest: dict[str, Any]) -> str:
-    return json.dumps([manifest.get("fingerprint"), manifest.get("created")], sort_keys=True)
-
-
 def _planned_store(config: PipelineConfig) -> tuple[InfluenceStore, dict[str, Any]]:
     """The output's store and manifest, for a stage of this configuration's planned job."""
     store = InfluenceStore(config.output, config.storage_options)
@@ -330,6 +327,7 @@ def _planned_store(config: PipelineConfig) -> tuple[InfluenceStore, dict[str, An
     if manifest is None:
         raise StorageError(f"{config.output!r} holds no prefect-influence manifest; plan the job first.")
     _check_output_still_ours(config, manifest)
+    store.bind_plan(manifest)  # its records count only for this plan of the output
     return store, manifest
 
 
@@ -337,7 +335,7 @@ def _context(config: PipelineConfig) -> _Context:
     """This process's context for the job, checked against the output's manifest on every
     call (one small read per task) and rebuilt when the manifest changed."""
     store, manifest = _planned_store(config)
-    key, stamp = _config_key(config), _manifest_stamp(manifest)
+    key, stamp = _config_key(config), plan_id(manifest)
     with _contexts_lock:
         ctx = _contexts.get(key)
         if ctx is None or ctx.stamp != stamp:

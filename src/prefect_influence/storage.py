@@ -10,14 +10,16 @@ Under the output URL (any fsspec URL: local directory, ``file://``, ``memory://`
     self_influence                    zarr array n_train, chunks (train_chunk,)
     summary/top_helpful, ...          zarr arrays n_test × k (indices and values)
     summary_parts/<j>/top_helpful, …  the same over train chunk j only (written by its column)
-    records/<array>/<i>[.<j>].json    completion record of one chunk: sha256, shape, dtype
+    records/<array>/<i>[.<j>].json    completion record of one chunk: sha256, shape, dtype, plan
     records/fitted.json, records/summary.json, records/summary_parts/<j>.json
     lease.json                        which run is writing here, until when (see below)
 
 A chunk counts as done only when its record exists **and** the chunk read back hashes to the
 recorded sha256: the record is written after the data, so a crash between the two, a truncated
 or a bit-flipped chunk all read as "not done" and are recomputed. Every write covers exactly one
-chunk, so rewriting it is idempotent.
+chunk, so rewriting it is idempotent. Records also name the plan they were written under
+(:func:`plan_id` of the manifest): a late write by a run whose output was since replaced
+(``overwrite``, a lease takeover) never counts for the run that replaced it.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from .errors import StorageError
 
 __all__ = [
     "Grid", "InfluenceStore", "ConfigMismatchError", "LeaseHeldError", "SCHEMA_VERSION", "checksum",
-    "output_location", "location_key",
+    "output_location", "location_key", "plan_id",
 ]
 
 SCHEMA_VERSION = 1
@@ -81,6 +83,12 @@ def location_key(url: str, storage_options: Optional[dict] = None) -> str:
     if "file" in _protocols(fs):
         path = os.path.realpath(path)
     return fs.unstrip_protocol(path).rstrip("/")
+
+
+def plan_id(manifest: dict[str, Any]) -> str:
+    """Identifies one plan of an output: its fingerprint and when its manifest was written."""
+    stamp = json.dumps([manifest.get("fingerprint"), manifest.get("created")], sort_keys=True)
+    return hashlib.sha256(stamp.encode()).hexdigest()[:16]
 
 
 def checksum(values: np.ndarray) -> str:
@@ -204,6 +212,28 @@ class InfluenceStore:
             raise StorageError(f"Cannot open output location {self.url!r}: {exc}") from exc
         self._group = None
         self._layouts: dict[str, Optional[_PlainLayout]] = {}
+        self._plan: Optional[str] = None
+        self._plan_known = False
+
+    # -- the plan records are written under --------------------------------------------------------
+    def bind_plan(self, manifest: dict[str, Any]) -> None:
+        """Write and accept records of the plan of ``manifest`` (default: the manifest found
+        when a record is first written or checked)."""
+        self._plan, self._plan_known = plan_id(manifest), True
+
+    @property
+    def plan(self) -> Optional[str]:
+        if not self._plan_known:
+            manifest = self.read_manifest()
+            self._plan, self._plan_known = (plan_id(manifest) if manifest else None), True
+        return self._plan
+
+    def _of_this_plan(self, record: dict[str, Any]) -> bool:
+        # records written before plans were recorded have none: accepted as before
+        return record.get("plan") in (None, self.plan)
+
+    def _stamped(self, record: dict[str, Any]) -> dict[str, Any]:
+        return record if self.plan is None else {**record, "plan": self.plan}
 
     # -- paths and small files -------------------------------------------------------------------
     def _path(self, *parts: str) -> str:
@@ -261,6 +291,7 @@ class InfluenceStore:
                     self.fs.rm(entry, recursive=True)
         self._group = None
         self._layouts = {}
+        self._plan_known = False
 
     # -- lease -----------------------------------------------------------------------------------
     def acquire_lease(self, ttl_seconds: float = 600.0, force: bool = False,
@@ -359,6 +390,7 @@ class InfluenceStore:
 
     def write_manifest(self, manifest: dict) -> None:
         self._write_json(MANIFEST, {"schema_version": SCHEMA_VERSION, **manifest})
+        self.bind_plan(manifest)
 
     def grid(self) -> Grid:
         manifest = self.read_manifest()
@@ -436,7 +468,7 @@ class InfluenceStore:
             sha256 = digest.result()
         self._write_json(
             self._record_path(name, index),
-            {"sha256": sha256, "shape": list(values.shape), "dtype": values.dtype.str},
+            self._stamped({"sha256": sha256, "shape": list(values.shape), "dtype": values.dtype.str}),
         )
 
     def read_chunk(self, name: str, grid: Grid, index: tuple[int, ...]) -> np.ndarray:
@@ -488,7 +520,7 @@ class InfluenceStore:
     def read_done_chunk(self, name: str, grid: Grid, index: tuple[int, ...]) -> Optional[np.ndarray]:
         """The chunk's values if it is done (see :meth:`chunk_done`), else ``None``."""
         record = self._read_json(self._record_path(name, index))
-        if record is None:
+        if record is None or not self._of_this_plan(record):
             return None
         try:
             values = self.read_chunk(name, grid, index)
@@ -560,11 +592,11 @@ class InfluenceStore:
                                     overwrite=True, fill_value=0)
             self.group[name][...] = arr
             sums[key] = checksum(arr)
-        self._write_json(record, {"arrays": sums, **extra})
+        self._write_json(record, self._stamped({"arrays": sums, **extra}))
 
     def _read_array_set(self, prefix: str, record: str) -> Optional[tuple[dict[str, np.ndarray], dict]]:
         entry = self._read_json(record)
-        if entry is None:
+        if entry is None or not self._of_this_plan(entry):
             return None
         out = {}
         try:
