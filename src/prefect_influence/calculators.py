@@ -8,7 +8,6 @@ are computed once per pass and multiplied with the factors. See each class for i
 
 from __future__ import annotations
 
-
 import logging
 import time
 import uuid

@@ -299,8 +299,7 @@ class _Context:
                 url = self.config.data.train if role == "train" else self.config.data.test
                 self._sources[role] = open_source(url, self.config.storage_options, role)
             source = self._sources[role]
-        x, y = source.rows(start, stop)
-        return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y))
+        return _tensors(source.rows(start, stop))
 
     @functools.cached_property
     def model(self) -> Any:
@@ -346,6 +345,12 @@ def _context(config: PipelineConfig) -> _Context:
     return ctx
 
 
+def _tensors(rows: tuple[np.ndarray, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A source's ``(x, y)`` rows as tensors (contiguous, as torch needs them)."""
+    x, y = rows
+    return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y))
+
+
 def _writable(values: np.ndarray) -> np.ndarray:
     """torch wants writable memory; chunks read straight from storage may be read-only."""
     return values if values.flags.writeable else values.copy()
@@ -372,7 +377,7 @@ def _fit_and_store(config: PipelineConfig, store: InfluenceStore) -> None:
     network, _ = load_network(config)
     model = build_influence_model(config, network)
     source = open_source(config.data.train, config.storage_options, "train")
-    x, y = (torch.from_numpy(np.ascontiguousarray(a)) for a in source.rows(0, len(source)))
+    x, y = _tensors(source.rows(0, len(source)))
     model.fit(DataLoader(TensorDataset(x, y), batch_size=config.method.fit_batch_size))
     store.write_fitted_state(model.fitted_state())
 

@@ -30,6 +30,7 @@ from ..errors import (
     ShapeMismatchError,
 )
 from .functional import LossFunction, ModelFunctions, check_finite
+from .util import native_array
 
 __all__ = ["TorchInfluenceFunctionModel", "TrainingData"]
 
@@ -492,8 +493,8 @@ def buffers_kept(model: nn.Module) -> Iterator[None]:
 def _as_tensor(value: Any, what: str) -> Tensor:
     if isinstance(value, Tensor):
         return value
-    if isinstance(value, np.ndarray):  # torch takes neither negative strides nor big-endian data
-        value = np.ascontiguousarray(value, dtype=value.dtype.newbyteorder("="))
+    if isinstance(value, np.ndarray):
+        value = native_array(value)
     try:
         return torch.as_tensor(value)
     except (TypeError, ValueError, RuntimeError) as exc:

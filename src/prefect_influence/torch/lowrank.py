@@ -55,7 +55,7 @@ def lanczos_eigen(
         # relative to the operator's size seen so far (no absolute floor: an operator of
         # norm ~1e-10 would restart at every step and return random Rayleigh quotients)
         scale = max(float(alphas[: j + 1].abs().max()), float(betas[:j].max()) if j else 0.0)
-        if beta <= 1e-10 * scale or beta == 0:  # invariant subspace: restart orthogonally
+        if beta <= 1e-10 * scale:  # invariant subspace (also β = 0 at scale 0): restart
             betas[j] = 0.0
             w = torch.randn(p, generator=gen, dtype=torch.float64)
             for _ in range(2):

@@ -26,6 +26,12 @@ __all__ = [
 ]
 
 
+def native_array(x: np.ndarray) -> np.ndarray:
+    """``x`` in contiguous, native-byte-order memory (a copy only if needed): torch takes
+    neither negative strides (a reversed dask array) nor big-endian data."""
+    return np.ascontiguousarray(x, dtype=x.dtype.newbyteorder("="))
+
+
 class TorchNumpyConverter(NumpyConverter[Tensor]):
     """Tensors to numpy arrays (detached, on the CPU) and back (onto ``device``).
 
@@ -41,9 +47,7 @@ class TorchNumpyConverter(NumpyConverter[Tensor]):
         return x.detach().cpu().numpy()
 
     def from_numpy(self, x: np.ndarray) -> Tensor:
-        x = np.asarray(x)
-        # torch takes neither negative strides (a reversed dask array) nor big-endian data
-        x = np.ascontiguousarray(x, dtype=x.dtype.newbyteorder("="))
+        x = native_array(np.asarray(x))
         # torch warns on read-only arrays (dask chunks often are); copy those instead of sharing.
         t = torch.from_numpy(x) if x.flags.writeable else torch.tensor(x)
         return t if self.device is None else t.to(self.device)
