@@ -273,10 +273,12 @@ class EkfacInfluence(TorchInfluenceFunctionModel):
         return scale
 
     def _check_regularization(self) -> None:
+        # the solve divides entrywise by λ_i + λ (no p × p factorization, whose rounding would
+        # grow with p): only entries that are zero at the precision of the largest are singular
         largest = max(float(lam.max()) for lam in self._lambda)
         smallest = min(float(lam.min()) for lam in self._lambda) + self.regularization
-        scale = max(largest + self.regularization, 1e-300)
-        if smallest <= scale * self.n_parameters * torch.finfo(self.dtype).eps:
+        scale = max(largest + self.regularization, torch.finfo(self.dtype).tiny)
+        if smallest <= scale * torch.finfo(self.dtype).eps:
             raise InvalidRegularizationError(
                 f"The EK-FAC Hessian approximation + λI is singular (smallest eigenvalue "
                 f"{smallest:.3g}, largest {scale:.3g}) with regularization="

@@ -179,7 +179,7 @@ class CgInfluence(_DataBackedInfluence):
             beta = torch.cholesky_solve(h_dir @ z.T, chol)  # w × a: makes z H-conjugate
             directions = _orthonormal_rows(z - beta.T @ directions)
         if active.numel():
-            worst = float((r.norm(dim=1) / rhs.norm(dim=1).clamp_min(1e-300)).max())
+            worst = float(_relative(r, rhs).max())
             warnings.warn(
                 f"CG did not converge for {active.numel()} of {rhs.shape[0]} right-hand sides "
                 f"in {maxiter} iterations (worst relative residual {worst:.2e}); raise maxiter, "
@@ -187,6 +187,12 @@ class CgInfluence(_DataBackedInfluence):
                 stacklevel=3,
             )
         return x
+
+
+def _relative(diff: Tensor, ref: Tensor) -> Tensor:
+    """Row norms of ``diff`` relative to those of ``ref``; a zero row of both counts as 0 (a
+    floor of 1e-300 would be 0 in float32, and 0/0 a NaN that no tolerance test passes)."""
+    return diff.norm(dim=1) / ref.norm(dim=1).clamp_min(torch.finfo(ref.dtype).tiny)
 
 
 def _orthonormal_rows(rows: Tensor) -> Tensor:
@@ -245,7 +251,7 @@ class LissaInfluence(_DataBackedInfluence):
                     f"LiSSA diverged at iteration {it + 1}: scale={self.scale} must exceed the "
                     "largest eigenvalue of H + λI, and H + λI must be positive semi-definite."
                 )
-            change = ((new - h).norm(dim=1) / new.norm(dim=1).clamp_min(1e-300)).max()
+            change = _relative(new - h, new).max()
             h = new
             if float(change) < self.rtol:
                 converged = True

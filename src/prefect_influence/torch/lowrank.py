@@ -74,6 +74,8 @@ def nystroem_eigen(matmul: MatMul, p: int, rank: int, seed: int = 0) -> tuple[Te
     """Nyström sketch ``H ≈ (HΩ)(ΩᵀHΩ)⁺(HΩ)ᵀ`` with a Gaussian ``Ω`` (``p × rank``), returned as
     float64 eigenpairs ``(Λ, U)``. Exact at ``rank = p``; for ``rank < p`` it assumes ``H ⪰ 0``
     (a positive semi-definite Hessian, e.g. a convex loss) and keeps its dominant subspace.
+    Fewer than ``rank`` pairs (none if ``ΩᵀHΩ = 0``) when the sketch has numerically zero
+    curvature in some directions.
     """
     gen = _generator(seed)
     omega, _ = torch.linalg.qr(torch.randn(p, rank, generator=gen, dtype=torch.float64))
@@ -83,6 +85,8 @@ def nystroem_eigen(matmul: MatMul, p: int, rank: int, seed: int = 0) -> tuple[Te
     s, q = torch.linalg.eigh(core)
     keep = s.abs() > s.abs().max() * rank * torch.finfo(torch.float64).eps
     s, q = s[keep], q[:, keep]
+    if s.numel() == 0:
+        return s, torch.zeros(p, 0, dtype=torch.float64, device=omega.device)
     b = y @ q / s.abs().sqrt()  # H ≈ B diag(sign s) Bᵀ
     qb, rb = torch.linalg.qr(b)
     small = (rb * torch.sign(s)) @ rb.T
@@ -112,8 +116,10 @@ class _LowRankInfluence(TorchInfluenceFunctionModel):
         with op.reusing_graphs():
             vals, vecs = self._eigen(op.hessian_matmul)
         shifted = vals + self.regularization
-        scale = float(shifted.abs().max()) or 1.0
-        if float(shifted.abs().min()) <= scale * 1e-12:
+        scale = float(shifted.abs().max()) if shifted.numel() else 1.0
+        # no eigenpairs: the sketch found no curvature (H = 0 on its subspace); the complement
+        # term alone, v / λ, is then exact
+        if shifted.numel() and float(shifted.abs().min()) <= (scale or 1.0) * 1e-12:
             raise InvalidRegularizationError(
                 f"An eigenvalue of H + λI is (numerically) zero with regularization="
                 f"{self.regularization}; increase the regularization or lower the rank."

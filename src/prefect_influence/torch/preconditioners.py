@@ -95,11 +95,16 @@ class NystroemPreconditioner(Preconditioner):
                 f"parameters ({n_parameters})."
             )
         vals, vecs = nystroem_eigen(hessian_matmul, n_parameters, self.rank, self.seed)
-        self._vals = vals.clamp_min(0).to(device=device, dtype=dtype)
-        self._vecs = vecs.to(device=device, dtype=dtype)
+        # only directions of positive curvature are rescaled: with λ = 0 a zero one would
+        # make the scale (smallest / shifted) 0/0; none left is the identity preconditioner
+        positive = vals > 0
+        self._vals = vals[positive].to(device=device, dtype=dtype)
+        self._vecs = vecs[:, positive].to(device=device, dtype=dtype)
         self._reg = torch.tensor(float(regularization), dtype=dtype, device=device)
 
     def solve(self, rhs: Tensor) -> Tensor:
+        if self._vals.numel() == 0:
+            return rhs
         coeffs = rhs @ self._vecs
         shifted = self._vals + self._reg
         smallest = shifted.min()
