@@ -1,13 +1,13 @@
 """Benchmark: the sequential and Dask calculators against one in-memory ``model.influences`` call.
 
 An MLP with ~10k parameters, 20,000 train × 500 test samples cut into 4 × 4 blocks. The
-influence model is fitted once, outside the timings; every path then computes the same
-500 × 2,000 Up-influence matrix, checked against the in-memory result. Each path runs once to
-warm up (imports, torch.func first calls, worker start-up); then all paths are timed
-round-robin ``--repeat`` times and each one's best time counts. A bare hand-written loop over
-the same blocks is timed too: the cost of blocking itself (smaller matrix products, more
-gradient calls), which no calculator can beat. The last lines print time ratios to the
-in-memory call (goal: ≤ 1.3) and to that loop.
+influence model is fitted once, outside the timings; every path then computes the same 500 ×
+20,000 Up-influence matrix (``--n-test`` × ``--n-train``), checked against the in-memory result.
+Each path runs once to warm up (imports, torch.func first calls, worker start-up); then all
+paths are timed round-robin ``--repeat`` times and each one's best time counts. A bare
+hand-written loop over the same blocks is timed too: the cost of blocking itself (smaller matrix
+products, more gradient calls), which no calculator can beat. The last lines print time ratios
+to the in-memory call (goal: ≤ 1.3) and to that loop.
 
 Methods (``--method``):
 

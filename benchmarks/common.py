@@ -170,20 +170,27 @@ class TreeMemorySampler:
     """Samples the summed RSS (and PSS, which counts shared pages once) of a process and all its
     descendants (Prefect API server, Dask scheduler, nannies, workers) in a background thread.
 
+    ``apart`` names roles (see ``_role``) whose processes are left out of ``peak_rss_rest`` and
+    ``peak_pss_rest``: the peaks, over the samples, of the sums over the other processes.
+
     Example:
-        >>> with TreeMemorySampler() as mem:
+        >>> with TreeMemorySampler(apart=("prefect API server",)) as mem:
         ...     run_the_job()
-        >>> mem.peak_rss, mem.peak_pss, mem.peak_by_role
+        >>> mem.peak_rss, mem.peak_pss, mem.peak_rss_rest, mem.peak_by_role
     """
 
-    def __init__(self, pid: Optional[int] = None, interval: float = 0.25, pss: bool = True):
+    def __init__(self, pid: Optional[int] = None, interval: float = 0.25, pss: bool = True,
+                 apart: tuple[str, ...] = ()):
         import psutil
 
         self._root = psutil.Process(pid or os.getpid())
         self.interval = interval
         self.pss = pss
+        self.apart = apart
         self.peak_rss = 0
         self.peak_pss = 0
+        self.peak_rss_rest = 0
+        self.peak_pss_rest = 0
         self.peak_by_role: dict[str, int] = {}
         self.at_peak: dict[str, int] = {}  # RSS by role in the sample with the highest total
         self.samples = 0
@@ -210,25 +217,26 @@ class TreeMemorySampler:
             procs = [self._root, *self._root.children(recursive=True)]
         except psutil.NoSuchProcess:
             return
-        rss = pss = 0
+        rss = pss = rss_rest = pss_rest = 0
         roles: dict[str, int] = {}
         for proc in procs:
             try:
-                if self.pss:
-                    info = proc.memory_full_info()
-                    pss += info.pss
-                else:
-                    info = proc.memory_info()
-                rss += info.rss
+                info = proc.memory_full_info() if self.pss else proc.memory_info()
                 role = self._role(proc)
-                roles[role] = roles.get(role, 0) + info.rss
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                 continue
+            proc_pss = getattr(info, "pss", 0)
+            rss, pss = rss + info.rss, pss + proc_pss
+            if role not in self.apart:
+                rss_rest, pss_rest = rss_rest + info.rss, pss_rest + proc_pss
+            roles[role] = roles.get(role, 0) + info.rss
         self.samples += 1
         if rss > self.peak_rss:
             self.peak_rss = rss
             self.at_peak = roles
         self.peak_pss = max(self.peak_pss, pss)
+        self.peak_rss_rest = max(self.peak_rss_rest, rss_rest)
+        self.peak_pss_rest = max(self.peak_pss_rest, pss_rest)
         for role, value in roles.items():
             self.peak_by_role[role] = max(self.peak_by_role.get(role, 0), value)
 
@@ -249,6 +257,11 @@ class TreeMemorySampler:
 
 def gib(n_bytes: float) -> str:
     return f"{n_bytes / 2**30:.2f} GiB"
+
+
+def gb(n_bytes: float) -> str:
+    """Decimal gigabytes (10⁹ bytes), the unit of the issue's memory targets, with GiB beside."""
+    return f"{n_bytes / 1e9:.2f} GB ({gib(n_bytes)})"
 
 
 def verdict(ok: bool) -> str:

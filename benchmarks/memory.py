@@ -1,6 +1,6 @@
 """Benchmark: peak memory of a whole flow run whose score grid is far larger than the target.
 
-Default: 5,000 test × 200,000 train scores in float32 (3.7 GiB) with the small 610-parameter
+Default: 5,000 test × 200,000 train scores in float32 (4.0 GB, 3.7 GiB) with the small 610-parameter
 MLP (64 → 8 → 10), Arnoldi (rank 10), self-influence and the top-k summary on, ``auto``
 chunking, a LocalCluster of ``--workers`` single-threaded workers. A background thread samples
 every process of the run (this flow process with its Dask scheduler, the nannies and workers,
@@ -9,7 +9,11 @@ per process (an upper bound), PSS splits them between processes (the true total)
 
     python benchmarks/memory.py [--n-test 5000] [--n-train 200000] [--workers 2] [--quick]
 
-Last lines: peak RSS of flow + Dask processes (target < 2 GiB), with the API server apart.
+Judged: the peak, over the samples, of the summed RSS of this flow process and the Dask
+processes (target < 2 GB, i.e. 2·10⁹ bytes, for a grid of ≥ 4 GB of scores; decimal units as in
+the issue). The Prefect API server is left out of the judged figure: a deployment's runs talk to
+a server that runs anyway, and its memory does not grow with the job; the totals with it (RSS
+and PSS) are printed on the line before.
 """
 
 from __future__ import annotations
@@ -25,7 +29,9 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
-TARGET = 2 * 2**30
+TARGET = 2e9  # bytes: 2 GB
+JUDGED_FROM = 4e9  # bytes of float32 scores: 4 GB
+SERVER = "prefect API server"
 # the fit is not what this measures: a small Krylov space keeps it short
 METHOD = {"name": "arnoldi", "rank": 10, "krylov_dimension": 20, "regularization": 0.01}
 
@@ -36,7 +42,7 @@ def main() -> None:
     parser.add_argument("--n-train", type=int, default=200000)
     parser.add_argument("--hidden", type=int, default=8)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--quick", action="store_true", help="1,000 × 50,000 (0.2 GiB: not judged)")
+    parser.add_argument("--quick", action="store_true", help="1,000 × 50,000 (0.2 GB: not judged)")
     parser.add_argument("--keep", action="store_true", help="keep the output (printed path)")
     args = parser.parse_args()
     if args.quick:
@@ -54,13 +60,13 @@ def main() -> None:
         train_chunk, test_chunk = stages.auto_chunk_sizes(args.n_train, args.n_test, p, args.workers)
         common.header("memory: peak memory of a whole flow run",
                       job=f"MLP p = {p}, {args.n_test} test × {args.n_train} train = "
-                          f"{common.gib(grid_bytes)} of float32 scores, {METHOD['name']} rank "
+                          f"{common.gb(grid_bytes)} of float32 scores, {METHOD['name']} rank "
                           f"{METHOD['rank']}, self-influence + top-k summary",
                       auto_chunks=f"train {train_chunk}, test {test_chunk} ({args.workers} workers)")
         config = common.job_config(paths, str(root / "out"), method=METHOD, n_workers=args.workers)
         t_api = common.start_prefect_api()
         print(f"   Prefect API start: {t_api:.1f} s", flush=True)
-        with common.TreeMemorySampler(interval=0.5) as mem:
+        with common.TreeMemorySampler(interval=0.5, apart=(SERVER,)) as mem:
             start = time.perf_counter()
             result = influence_pipeline(config)
             elapsed = time.perf_counter() - start
@@ -76,16 +82,15 @@ def main() -> None:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
 
-    server = mem.peak_by_role.get("prefect API server", 0)
-    run_rss = mem.peak_rss - server  # upper bound: the server's peak need not coincide
-    judged = "" if grid_bytes >= 4e9 * 0.9 else " (grid below 4 GB: not judged)"
-    print(f"time flow: {elapsed:.1f} s for {common.gib(grid_bytes)} of scores ({mem.samples} samples)")
-    print(f"memory peak summed RSS all processes: {common.gib(mem.peak_rss)}, PSS: "
-          f"{common.gib(mem.peak_pss)}, Prefect API server alone: {common.gib(server)}")
-    print(f"ratio peak RSS (flow + Dask processes) / scores: {run_rss / grid_bytes:.3f}; "
-          f"{common.gib(run_rss)} (target < {common.gib(TARGET)}: {common.verdict(run_rss < TARGET)})"
-          f"{judged}")
-
+    server = mem.peak_by_role.get(SERVER, 0)
+    judged = "" if grid_bytes >= JUDGED_FROM else " (grid below 4 GB: not judged)"
+    print(f"time flow: {elapsed:.1f} s for {common.gb(grid_bytes)} of scores ({mem.samples} samples)")
+    print(f"memory peak of all processes with the Prefect API server: summed RSS "
+          f"{common.gb(mem.peak_rss)}, PSS {common.gb(mem.peak_pss)}; server alone "
+          f"{common.gb(server)}; flow + Dask processes PSS {common.gb(mem.peak_pss_rest)}")
+    print(f"ratio peak summed RSS (flow + Dask processes) / scores: "
+          f"{mem.peak_rss_rest / grid_bytes:.3f}; {common.gb(mem.peak_rss_rest)} "
+          f"(target < {common.gb(TARGET)}: {common.verdict(mem.peak_rss_rest < TARGET)}){judged}")
 
 if __name__ == "__main__":
     main()

@@ -145,7 +145,8 @@ def main() -> None:
     judged = "" if base >= 60 else f" (job only {base:.0f} s < 60 s: not judged)"
     print(f"time calculator alone: {base:.1f} s (best of {[round(t['total'], 1) for t in calc]}), "
           f"flow: {flow:.1f} s (best of {[round(t, 1) for t in flows]}), in-process stages "
-          f"(1 thread, no Dask): {inproc['total']:.1f} s")
+          f"(1 thread, no Dask): {inproc['total']:.1f} s; not counted: the ephemeral Prefect "
+          f"API's start, {t_api:.1f} s once per process (deployments talk to a running server)")
     print(f"ratio in-process / flow: {inproc['total'] / flow:.2f}x speed-up from "
           f"{args.workers} workers")
     print(f"ratio flow / calculator alone: {flow / base:.3f} -> overhead {overhead:+.1%} "

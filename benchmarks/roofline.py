@@ -181,8 +181,10 @@ def main() -> None:
         print(f"time {label}: column stages {t_ours:.2f} s, bare PyTorch {t_bare:.2f} s")
     if not gpu:
         print(f"ratio GPU: not measured, GPU rows {no_gpu_rows}")
+    judged = " (quick size: not judged)" if args.quick else ""
     for label, t_ours, t_bare, ratio in results:
-        print(f"ratio {label} ours / bare: {ratio:.2f} (target <= {TARGET}: {common.verdict(ratio <= TARGET)})")
+        print(f"ratio {label} ours / bare: {ratio:.2f} (target <= {TARGET}: "
+              f"{common.verdict(ratio <= TARGET)}){judged}")
 
 
 if __name__ == "__main__":

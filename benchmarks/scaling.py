@@ -5,9 +5,10 @@ The 10k-parameter MLP, 1,000 test points, n_train = 5,000 · (1, 2, 4) in fixed 
 1,250 train: the work per task stays the same, the number of columns grows), Arnoldi (rank 20)
 fitted once on the first 5,000 train points and scattered to each cluster before timing.
 ``DaskInfluenceCalculator.influences(...).compute()`` on a LocalCluster of single-threaded
-workers; one untimed warm-up at ×1 per cluster.
+workers started as the pipeline starts them (``TORCH_WORKER_DASK_CONFIG``); one untimed warm-up
+at ×1 per cluster, then the best of ``--repeat`` runs at each size.
 
-    python benchmarks/scaling.py [--base 5000] [--n-test 1000] [--quick]
+    python benchmarks/scaling.py [--base 5000] [--n-test 1000] [--repeat 2] [--quick]
 
 Last lines: time per n_train relative to ×1 (near-linear: ×2 → ~2, ×4 → ~4), and the speed-up
 of the second worker at each size.
@@ -35,17 +36,24 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=134)
     parser.add_argument("--train-chunk", type=int, default=1250)
     parser.add_argument("--test-chunk", type=int, default=500)
-    parser.add_argument("--quick", action="store_true", help="base 1,250, 250 test")
+    parser.add_argument("--repeat", type=int, default=2, help="timed runs per size (best counts)")
+    parser.add_argument("--quick", action="store_true", help="base 1,250, 250 test, 1 run")
     args = parser.parse_args()
     if args.quick:
         args.base, args.n_test, args.train_chunk, args.test_chunk = 1250, 250, 625, 125
+        args.repeat = 1
 
+    import dask
     import dask.array as da
     import torch
     from distributed import Client, LocalCluster
     from torch.nn import functional as F
 
-    from prefect_influence import DaskInfluenceCalculator, TorchNumpyConverter
+    from prefect_influence import (
+        TORCH_WORKER_DASK_CONFIG,
+        DaskInfluenceCalculator,
+        TorchNumpyConverter,
+    )
     from prefect_influence.torch import ArnoldiInfluence
 
     n_max = args.base * MULTIPLES[-1]
@@ -63,16 +71,19 @@ def main() -> None:
     da_yt = da.from_array(yt, chunks=args.test_chunk)
     times: dict[tuple[int, int], float] = {}
     for workers in (1, 2):
-        with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                          dashboard_address=":0") as cluster, Client(cluster) as client:
+        with dask.config.set(TORCH_WORKER_DASK_CONFIG), LocalCluster(
+            n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0"
+        ) as cluster, Client(cluster) as client:
             calculator = DaskInfluenceCalculator(model, TorchNumpyConverter(), client)
-            for m in (1, *MULTIPLES):  # the first ×1 is the warm-up
+            for m in MULTIPLES:
                 n = args.base * m
                 da_x = da.from_array(x[:n], chunks=(args.train_chunk, -1))
                 da_y = da.from_array(y[:n], chunks=args.train_chunk)
-                start = time.perf_counter()
-                values = calculator.influences(da_xt, da_yt, da_x, da_y).compute()
-                times[(workers, m)] = time.perf_counter() - start
+                # the warm-up (at ×1 only) is best_time's untimed first call
+                times[(workers, m)], values = common.best_time(
+                    lambda: calculator.influences(da_xt, da_yt, da_x, da_y).compute(),
+                    args.repeat, warmup=m == 1,
+                )
                 assert values.shape == (args.n_test, n) and np.isfinite(values).all()
             print(f"   {workers} worker(s): " + ", ".join(
                 f"n_train {args.base * m}: {times[(workers, m)]:.2f} s" for m in MULTIPLES), flush=True)
