@@ -92,5 +92,6 @@ def main() -> None:
           f"{mem.peak_rss_rest / grid_bytes:.3f}; {common.gb(mem.peak_rss_rest)} "
           f"(target < {common.gb(TARGET)}: {common.verdict(mem.peak_rss_rest < TARGET)}){judged}")
 
+
 if __name__ == "__main__":
     main()

@@ -295,13 +295,15 @@ def test_automatic_product_batch_size_follows_the_graph_budget(classifier):
 
 
 def _zero_residual_regression_float32():
-    """A float32 linear regression whose first test target equals the model's output: that
-    test point's loss gradient is exactly zero."""
+    """A float32 linear regression whose first test target equals the model's output (that
+    test point's loss gradient is exactly zero), and the largest eigenvalue of its H + λI."""
     model, x, y, xt, yt = linear_regression()
+    lam_max = float(torch.linalg.eigvalsh(
+        DirectInfluence(model, sum_squared_error, REG).fit(loader(x, y)).hessian).max())
     model, x, y, xt, yt = model.float(), x.float(), y.float(), xt.float(), yt.float()
     with torch.no_grad():
         yt[0] = model(xt[:1])[0]
-    return model, x, y, xt, yt
+    return model, x, y, xt, yt, lam_max
 
 
 def test_a_zero_gradient_in_float32_neither_stalls_lissa_nor_makes_cg_report_nan():
@@ -310,11 +312,7 @@ def test_a_zero_gradient_in_float32_neither_stalls_lissa_nor_makes_cg_report_nan
     non-convergence warning printed ``nan``."""
     import warnings
 
-    model, x, y, xt, yt = _zero_residual_regression_float32()
-    lam_max = float(torch.linalg.eigvalsh(
-        DirectInfluence(model.double(), sum_squared_error, REG).fit(loader(x.double(), y.double()))
-        .hessian).max())
-    model.float()
+    model, x, y, xt, yt, lam_max = _zero_residual_regression_float32()
     lissa = LissaInfluence(model, sum_squared_error, REG, maxiter=5000, scale=1.2 * lam_max,
                            rtol=1e-5).fit(loader(x, y, len(x)))
     with warnings.catch_warnings():

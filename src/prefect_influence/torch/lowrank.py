@@ -115,11 +115,10 @@ class _LowRankInfluence(TorchInfluenceFunctionModel):
         op = self._hessian_batches(data)
         with op.reusing_graphs():
             vals, vecs = self._eigen(op.hessian_matmul)
-        shifted = vals + self.regularization
-        scale = float(shifted.abs().max()) if shifted.numel() else 1.0
-        # no eigenpairs: the sketch found no curvature (H = 0 on its subspace); the complement
-        # term alone, v / λ, is then exact
-        if shifted.numel() and float(shifted.abs().min()) <= (scale or 1.0) * 1e-12:
+        # no eigenpairs (nothing to check): the sketch found no curvature (H = 0 on its
+        # subspace), and the complement term alone, v / λ, is then exact
+        shifted = (vals + self.regularization).abs()
+        if shifted.numel() and float(shifted.min()) <= (float(shifted.max()) or 1.0) * 1e-12:
             raise InvalidRegularizationError(
                 f"An eigenvalue of H + λI is (numerically) zero with regularization="
                 f"{self.regularization}; increase the regularization or lower the rank."
