@@ -12,7 +12,7 @@ import math
 import warnings
 from abc import abstractmethod
 from contextlib import contextmanager
-from typing import Any, Callable, Iterable, Iterator, Optional, Union
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -29,7 +29,7 @@ from ..errors import (
     NotFittedError,
     ShapeMismatchError,
 )
-from .functional import LossFunction, ModelFunctions, check_finite
+from .functional import PRODUCT_VECTOR_BYTES, LossFunction, ModelFunctions, check_finite
 from .util import native_array
 
 __all__ = ["TorchInfluenceFunctionModel", "TrainingData"]
@@ -361,8 +361,6 @@ class TorchInfluenceFunctionModel(InfluenceFunctionModel[Tensor, Batches]):
 
 #: one batch's gradient graph when the number of samples per Hessian-vector product is automatic
 PRODUCT_GRAPH_BYTES = 64 * 2**20
-#: what the vectors of one product may add (each needs about one more graph while it runs)
-PRODUCT_VECTOR_BYTES = 256 * 2**20
 
 
 def product_batch_size(
@@ -499,25 +497,6 @@ def _as_tensor(value: Any, what: str) -> Tensor:
         return torch.as_tensor(value)
     except (TypeError, ValueError, RuntimeError) as exc:
         raise InfluenceInputError(f"{what} must be a tensor or array, got {type(value).__name__}.") from exc
-
-
-def dense_hessian(fn: ModelFunctions, data: Iterable[tuple[Tensor, Tensor]], n: int) -> Tensor:
-    """Exact mean Hessian ``p × p`` by Hessian-vector products with column blocks of ``I``."""
-    p = fn.n_parameters
-    hessian = torch.zeros(p, p, dtype=fn.dtype, device=fn.device)
-    for x, y in data:
-        # the batch's graph, reused by every column block; the columns differentiated at once
-        # stay within PRODUCT_VECTOR_BYTES of vector graphs (each about the batch's graph)
-        at_once = max(1, PRODUCT_VECTOR_BYTES // max(1, fn.gradient_graph_bytes(x, y)))
-        product = fn.hvp_function(x, y, at_once)
-        cols = max(1, min(p, 2**16 // max(1, x.shape[0])))
-        for start in range(0, p, cols):
-            eye = torch.zeros(min(cols, p - start), p, dtype=fn.dtype, device=fn.device)
-            eye[:, start : start + eye.shape[0]].fill_diagonal_(1.0)
-            hessian[start : start + eye.shape[0]] += product(eye)
-    hessian /= n
-    check_finite(hessian, "the Hessian of the training loss")
-    return 0.5 * (hessian + hessian.T)
 
 
 def positive_int(value: Any, name: str, allow_none: bool = False) -> Optional[int]:

@@ -6,7 +6,8 @@ import torch
 from torch import Tensor
 
 from ..errors import InvalidRegularizationError
-from .base import TorchInfluenceFunctionModel, TrainingData, dense_hessian
+from .base import TorchInfluenceFunctionModel, TrainingData
+from .hessian import exact_hessian
 
 __all__ = ["DirectInfluence"]
 
@@ -29,7 +30,7 @@ class DirectInfluence(TorchInfluenceFunctionModel):
     _state_keys = ("eigenvalues", "eigenvectors")
 
     def _fit(self, data: TrainingData) -> None:
-        hessian = dense_hessian(self._fn, data, data.n_samples)
+        hessian = exact_hessian(self._fn, data, data.n_samples)
         self._set_regularized_hessian(hessian)
 
     @property

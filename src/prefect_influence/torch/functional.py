@@ -20,6 +20,9 @@ __all__ = ["LossFunction", "ModelFunctions", "iterate_batches"]
 
 LossFunction = Callable[[Tensor, Tensor], Tensor]
 
+#: what the vectors of one Hessian-vector product may add (each needs about one more graph)
+PRODUCT_VECTOR_BYTES = 256 * 2**20
+
 
 class ModelFunctions:
     """Functional view of ``(model, loss)`` with derivatives of the per-sample loss.
