@@ -120,7 +120,7 @@ class MethodSpec(_Section):
     rtol: float = Field(1e-6, gt=0, title="Relative tolerance", description="cg and lissa.")
     atol: float = Field(1e-8, ge=0, title="Absolute tolerance", description="cg.")
     maxiter: Optional[int] = Field(
-        None, ge=1, title="Max iterations", description="cg (default n_parameters); lissa (default 1000)."
+        None, ge=1, title="Max iterations", description="cg (default 10·n_parameters); lissa (default 1000)."
     )
     preconditioner: PreconditionerName = Field(
         PreconditionerName.none, title="CG preconditioner", description="Preconditioner for cg."

@@ -68,3 +68,27 @@ def small_cnn(n_train=40, n_test=4, classes=3, seed=0):
     ).to(DTYPE)
     train(model, x[:n_train], y[:n_train], nn.functional.cross_entropy, steps=100)
     return model, x[:n_train], y[:n_train], x[n_train:], y[n_train:]
+
+
+def nonconvex_classifier(dtype=torch.float32):
+    """A tanh MLP (8 → 16 → 4, 212 parameters) on noisy Gaussian clusters, trained with plain
+    minibatch SGD and stopped early, as networks usually are: ``H + 0.01·I`` has 20 negative
+    eigenvalues and one of magnitude ~3e-6 (condition number ~4e5). Returns the network in
+    ``dtype`` (trained in float32, so both dtypes hold the same weights) and its data."""
+    gen = torch.Generator().manual_seed(2)
+    centers = torch.randn(4, 8, generator=gen)
+    labels = torch.arange(240) % 4
+    x = centers[labels] + 1.5 * torch.randn(240, 8, generator=gen)
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(53):
+        order = torch.randperm(200, generator=gen)
+        for i in range(0, 200, 16):
+            idx = order[i : i + 16]
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x[idx]), labels[idx]).backward()
+            opt.step()
+    model = model.to(dtype).eval()
+    x = x.to(dtype)
+    return model, x[:200], labels[:200], x[200:], labels[200:]

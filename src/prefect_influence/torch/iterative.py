@@ -1,4 +1,5 @@
-"""Matrix-free iterative solvers: block conjugate gradients (with preconditioners) and LiSSA.
+"""Matrix-free iterative solvers: block conjugate gradients with a MINRES fallback for
+indefinite curvature (both preconditionable), and LiSSA.
 
 Both keep the training data (as tensors) and solve ``(H + λI) x = b`` for all rows of a batch
 at once, one batched Hessian-vector product over the training data per iteration.
@@ -6,13 +7,15 @@ at once, one batched Hessian-vector product over the training data per iteration
 
 from __future__ import annotations
 
+import logging
+import math
 import warnings
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
-from ..errors import InvalidParameterError, InvalidRegularizationError
+from ..errors import InvalidParameterError
 from .base import (
     HessianOperator,
     TorchInfluenceFunctionModel,
@@ -23,7 +26,9 @@ from .base import (
 )
 from .preconditioners import Preconditioner
 
-__all__ = ["CgInfluence", "LissaInfluence"]
+__all__ = ["CgInfluence", "LissaInfluence", "minres"]
+
+logger = logging.getLogger(__name__)
 
 
 class _DataBackedInfluence(TorchInfluenceFunctionModel):
@@ -62,13 +67,20 @@ class CgInfluence(_DataBackedInfluence):
 
     Each iteration costs one batched Hessian-vector product over the training data, with one
     direction per right-hand side not yet converged; a right-hand side stops when
-    ``‖r‖ ≤ max(rtol·‖b‖, atol)``. CG needs
-    ``H + λI`` positive definite: a direction of non-positive curvature raises
-    :class:`~prefect_influence.InvalidRegularizationError` (increase ``regularization``).
+    ``‖r‖ ≤ max(rtol·‖b‖, atol)``. A trained network stopped short of an exact minimum often
+    has an indefinite ``H + λI``: when CG meets a direction of non-positive curvature, the
+    unconverged right-hand sides continue from where CG left them with MINRES (:func:`minres`),
+    which solves symmetric indefinite systems, with the same preconditioner, tolerances and
+    iteration budget.
 
     Args:
-        rtol, atol: relative and absolute tolerance on the residual norm.
-        maxiter: iterations per solve (default ``n_parameters``, where exact arithmetic converges).
+        rtol, atol: relative and absolute tolerance on the residual norm. ``rtol`` defaults to
+            1e-7, or to 100 units of round-off of the model's dtype where that is larger
+            (1.2e-5 in float32: smaller residuals are below what float32 products resolve).
+        maxiter: iterations per solve, CG and MINRES together (default ``10·n_parameters``,
+            as pyDVL: exact arithmetic converges within ``n_parameters``, finite precision on an
+            indefinite, ill-conditioned ``H + λI`` needs more; MINRES stops earlier once
+            restarting no longer halves its residual).
         preconditioner: a :class:`~prefect_influence.torch.JacobiPreconditioner` or
             :class:`~prefect_influence.torch.NystroemPreconditioner`, fitted in ``fit``.
         batch_size: training samples per Hessian-vector product (default: as many as keep one
@@ -80,7 +92,7 @@ class CgInfluence(_DataBackedInfluence):
         model,
         loss,
         regularization=None,
-        rtol: float = 1e-7,
+        rtol: Optional[float] = None,
         atol: float = 1e-7,
         maxiter: Optional[int] = None,
         preconditioner: Optional[Preconditioner] = None,
@@ -89,6 +101,8 @@ class CgInfluence(_DataBackedInfluence):
         **kw,
     ):
         super().__init__(model, loss, regularization, batch_size=batch_size, **kw)
+        if rtol is None:
+            rtol = max(1e-7, 100 * torch.finfo(self.dtype).eps)
         self.rtol = non_negative(rtol, "rtol")
         self.atol = non_negative(atol, "atol")
         if self.rtol == 0 and self.atol == 0:
@@ -134,10 +148,41 @@ class CgInfluence(_DataBackedInfluence):
         return r if self.preconditioner is None else self.preconditioner.solve(r)
 
     def _solve(self, rhs: Tensor) -> Tensor:
+        maxiter = self.maxiter or 10 * self.n_parameters
+        tol = torch.clamp(self.rtol * rhs.norm(dim=1), min=self.atol)
         with self._op.reusing_graphs():
-            return self._block_cg(rhs)
+            x, r, active, used, indefinite = self._block_cg(rhs, tol, maxiter)
+            if indefinite:  # MINRES takes over the unconverged columns
+                logger.info(
+                    "CG met non-positive curvature (H + λI is indefinite at regularization=%s) "
+                    "after %d iterations; continuing %d right-hand side(s) with MINRES.",
+                    self.regularization, used, active.numel(),
+                )
+                step, residual, more = minres(
+                    self._op, r[active], tol[active], maxiter - used, self._precondition
+                )
+                used += more
+                x[active] += step
+                r[active] = residual
+                active = active[residual.norm(dim=1) > tol[active]]
+        if active.numel():
+            worst = float(_relative(r, rhs).max())
+            if used < maxiter:
+                why = (f"(MINRES stopped improving after {used} iterations: H + λI is indefinite "
+                       f"and too ill-conditioned for {str(self.dtype).removeprefix('torch.')} products)")
+            else:
+                why = f"in {maxiter} iterations"
+            warnings.warn(
+                f"CG did not converge for {active.numel()} of {rhs.shape[0]} right-hand sides "
+                f"{why}: worst relative residual {worst:.2e}, rtol={self.rtol:.2g}. Raise maxiter, "
+                "add a preconditioner or increase the regularization; DirectInfluence is exact.",
+                stacklevel=3,
+            )
+        return x
 
-    def _block_cg(self, rhs: Tensor) -> Tensor:
+    def _block_cg(
+        self, rhs: Tensor, tol: Tensor, maxiter: int
+    ) -> tuple[Tensor, Tensor, Tensor, int, bool]:
         """Block CG: every right-hand side of the batch searches one shared Krylov space.
 
         Each iteration applies ``H + λI`` once to an orthonormal block of search directions
@@ -146,47 +191,126 @@ class CgInfluence(_DataBackedInfluence):
         dependent residuals cannot make the projected system singular). Sharing the space
         needs fewer products than one CG per right-hand side (measured: 140 instead of 172
         for 10 right-hand sides of a 10k-parameter MLP). Rows are vectors throughout.
+
+        Returns the iterate, the residuals, the unconverged columns, the iterations used and
+        whether CG stopped at a direction of non-positive curvature.
         """
-        maxiter = self.maxiter or self.n_parameters
         x = torch.zeros_like(rhs)
         r = rhs.clone()
-        tol = torch.clamp(self.rtol * rhs.norm(dim=1), min=self.atol)
         active = (r.norm(dim=1) > tol).nonzero().squeeze(1)
         if active.numel() == 0:
-            return x
+            return x, r, active, 0, False
         r_act = r[active]
         directions = _orthonormal_rows(self._precondition(r_act))
-        for _ in range(maxiter):
+        for iteration in range(maxiter):
             h_dir = self._op(directions)
             projected = directions @ h_dir.T
             chol, info = torch.linalg.cholesky_ex(0.5 * (projected + projected.T))
             if int(info) != 0:
-                raise InvalidRegularizationError(
-                    "CG met a direction of non-positive curvature: H + λI is not positive "
-                    f"definite with regularization={self.regularization}. Increase the "
-                    "regularization, or use DirectInfluence or ArnoldiInfluence."
-                )
+                return x, r, active, iteration, True
             step = torch.cholesky_solve(directions @ r_act.T, chol)  # w × a
             x[active] += step.T @ directions
             r_act = r_act - step.T @ h_dir
             keep = r_act.norm(dim=1) > tol[active]
             r[active] = r_act
             if not bool(keep.any()):
-                active = active[keep]
-                break
+                return x, r, active[keep], iteration + 1, False
             active, r_act = active[keep], r_act[keep]
             z = self._precondition(r_act)
             beta = torch.cholesky_solve(h_dir @ z.T, chol)  # w × a: makes z H-conjugate
             directions = _orthonormal_rows(z - beta.T @ directions)
-        if active.numel():
-            worst = float(_relative(r, rhs).max())
-            warnings.warn(
-                f"CG did not converge for {active.numel()} of {rhs.shape[0]} right-hand sides "
-                f"in {maxiter} iterations (worst relative residual {worst:.2e}); raise maxiter, "
-                "add a preconditioner or increase the regularization.",
-                stacklevel=3,
+        return x, r, active, maxiter, False
+
+
+def minres(
+    operator: Callable[[Tensor], Tensor],
+    rhs: Tensor,
+    tol: Tensor,
+    maxiter: int,
+    precondition: Callable[[Tensor], Tensor] = lambda r: r,
+) -> tuple[Tensor, Tensor, int]:
+    """Preconditioned MINRES (Paige & Saunders 1975) for a symmetric, possibly indefinite
+    operator, on every row of ``rhs`` at once: one batched product per iteration over the
+    rows still unconverged. ``precondition`` must apply a positive definite matrix.
+
+    Each row has its own Lanczos recurrence and stops when the residual norm the recurrence
+    tracks (in the preconditioner's norm, relative to the start) falls below ``tol / ‖rhs‖``.
+    The true residuals are then computed once; a row still above ``tol`` restarts from its
+    iterate as long as each restart halves its residual. Returns the iterates, their true
+    residuals and the products used.
+    """
+    x = torch.zeros_like(rhs)
+    residual = rhs.clone()
+    previous = rhs.norm(dim=1)
+    active = (previous > tol).nonzero().squeeze(1)
+    target = tol / previous.clamp_min(torch.finfo(rhs.dtype).tiny)
+    used = 0
+    while active.numel() and used < maxiter:
+        step, stopped, iterations = _minres_run(
+            operator, residual[active], target[active], maxiter - used, precondition
+        )
+        x[active] += step
+        residual[active] = rhs[active] - operator(x[active])
+        used += iterations + 1
+        norms = residual[active].norm(dim=1)
+        # a restart is worth it only while it still halves the true residual; it aims ten
+        # times below the tolerance, as the estimate (in the preconditioner's norm, drifting
+        # in low precision) stopped short of it
+        again = stopped & (norms > tol[active]) & (norms < 0.5 * previous[active])
+        previous[active] = norms
+        target[active] = 0.1 * tol[active] / norms
+        active = active[again]
+    return x, residual, used
+
+
+def _minres_run(operator, b: Tensor, rtol: Tensor, maxiter: int, precondition):
+    """One MINRES recurrence from zero on the rows of ``b``; returns the iterates, which rows
+    stopped on their residual estimate, and the iterations run."""
+    k = b.shape[0]
+    x = torch.zeros_like(b)
+    r1 = b
+    y = precondition(r1)
+    beta1 = (r1 * y).sum(dim=1).clamp_min(0).sqrt()
+    zeros = torch.zeros(k, dtype=b.dtype, device=b.device)
+    old_beta, beta, dbar, eps_ln = zeros.clone(), beta1.clone(), zeros.clone(), zeros.clone()
+    phibar, cs, sn = beta1.clone(), -torch.ones_like(zeros), zeros.clone()
+    w, w2, r2 = torch.zeros_like(b), torch.zeros_like(b), b.clone()
+    stopped = torch.zeros(k, dtype=torch.bool, device=b.device)
+    rows = torch.arange(k, device=b.device)
+    tiny = torch.finfo(b.dtype).tiny
+    for iteration in range(maxiter):
+        v = y / beta.clamp_min(tiny)[:, None]
+        y = operator(v)
+        if iteration:
+            y = y - (beta / old_beta)[:, None] * r1
+        alpha = (v * y).sum(dim=1)
+        y = y - (alpha / beta.clamp_min(tiny))[:, None] * r2
+        r1, r2 = r2, y
+        y = precondition(r2)
+        old_beta = beta
+        beta = (r2 * y).sum(dim=1).clamp_min(0).sqrt()
+        old_eps = eps_ln
+        delta = cs * dbar + sn * alpha
+        gbar = sn * dbar - cs * alpha
+        eps_ln = sn * beta
+        dbar = -cs * beta
+        gamma = torch.hypot(gbar, beta).clamp_min(tiny)
+        cs, sn = gbar / gamma, beta / gamma
+        phi, phibar = cs * phibar, sn * phibar
+        w1, w2 = w2, w
+        w = (v - old_eps[:, None] * w1 - delta[:, None] * w2) / gamma[:, None]
+        x[rows] += phi[:, None] * w
+        keep = phibar > rtol[rows] * beta1[rows]
+        if not bool(keep.all()):
+            stopped[rows[~keep]] = True
+            rows = rows[keep]
+            if rows.numel() == 0:
+                return x, stopped, iteration + 1
+            state = (old_beta, beta, dbar, eps_ln, phibar, cs, sn, w, w2, r1, r2, y)
+            (old_beta, beta, dbar, eps_ln, phibar, cs, sn, w, w2, r1, r2, y) = (
+                t[keep] for t in state
             )
-        return x
+    return x, stopped, maxiter
 
 
 def _relative(diff: Tensor, ref: Tensor) -> Tensor:
@@ -242,24 +366,47 @@ class LissaInfluence(_DataBackedInfluence):
     def _neumann(self, rhs: Tensor) -> Tensor:
         h = rhs.clone()
         converged = False
+        # the step ‖h_new − h‖ shrinks when the iteration converges (for the full batch it
+        # cannot grow); its mean over windows of at least one pass tells divergence from noise
+        window = max(self._op.n_batches, 20)
+        steps, smallest, latest = 0.0, math.inf, math.inf
         for it in range(self.maxiter):
             batch = it % self._op.n_batches
             hess_h = self._op.batch_hessian_matmul(batch, h) + self.regularization * h
             new = rhs + (1.0 - self.dampen) * h - hess_h / self.scale
             if not bool(torch.isfinite(new).all()):
                 raise InvalidParameterError(
-                    f"LiSSA diverged at iteration {it + 1}: scale={self.scale} must exceed the "
-                    "largest eigenvalue of H + λI, and H + λI must be positive semi-definite."
+                    f"LiSSA diverged to non-finite values at iteration {it + 1}. "
+                    + self._divergence_hint()
                 )
-            change = _relative(new - h, new).max()
+            step = new - h
+            change = _relative(step, new).max()
+            steps += float(step.norm(dim=1).max())
             h = new
             if float(change) < self.rtol:
                 converged = True
                 break
+            if (it + 1) % window == 0:
+                latest, steps = steps / window, 0.0
+                if latest > 10 * smallest:
+                    raise InvalidParameterError(
+                        f"LiSSA diverges: its steps grew {latest / smallest:.0f}-fold by iteration "
+                        f"{it + 1}. {self._divergence_hint()}"
+                    )
+                smallest = min(smallest, latest)
         if not converged:
+            growing = latest > 1.5 * smallest
             warnings.warn(
-                f"LiSSA did not reach rtol={self.rtol} in {self.maxiter} iterations; raise "
-                "maxiter or adjust scale.",
+                f"LiSSA did not reach rtol={self.rtol} in {self.maxiter} iterations; "
+                + (f"its steps grow, so it appears to diverge. {self._divergence_hint()}" if growing
+                   else "raise maxiter or adjust scale."),
                 stacklevel=3,
             )
         return h / self.scale
+
+    def _divergence_hint(self) -> str:
+        return (
+            f"The iteration converges only if H + λI is positive definite with eigenvalues below "
+            f"scale={self.scale} (regularization={self.regularization}): raise scale or the "
+            "regularization, or use CgInfluence, which handles indefinite curvature."
+        )
