@@ -22,6 +22,9 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
+# the torch tests' problem generators (tests/torch/problems.py) serve the calculator tests too
+sys.path.insert(0, str(Path(__file__).parent / "torch"))
+
 
 def free_port() -> int:
     with socket.socket() as s:
