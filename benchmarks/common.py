@@ -60,6 +60,76 @@ def train_network(hidden: int, x: np.ndarray, y: np.ndarray, steps: int = 200, s
     return net.eval()
 
 
+def train_sgd_network(hidden: int, x: np.ndarray, y: np.ndarray, epochs: int = 20, lr: float = 0.1,
+                      batch_size: int = 32, seed: int = 0, net=None):
+    """The example network (or ``net``: its trainable parameters) trained as networks usually
+    are, with plain minibatch SGD stopped early: not at a minimum, so ``H + 0.01·I`` is
+    indefinite (the non-convex benchmarks)."""
+    import torch
+
+    from prefect_influence.example import build_model
+
+    net = build_model(hidden=hidden, seed=seed) if net is None else net.train()
+    gen = torch.Generator().manual_seed(seed)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    opt = torch.optim.SGD([q for q in net.parameters() if q.requires_grad], lr=lr)
+    for _ in range(epochs):
+        order = torch.randperm(len(xt), generator=gen)
+        for start in range(0, len(xt), batch_size):
+            batch = order[start : start + batch_size]
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(net(xt[batch]), yt[batch]).backward()
+            opt.step()
+    return net.eval()
+
+
+def float64_truth(net, x: np.ndarray, y: np.ndarray, xt: np.ndarray, yt: np.ndarray, reg: float,
+                  spectrum: bool = True) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    """Exact influences ``n_test × n_train`` of a float64 copy of ``net`` (cross-entropy, the
+    exact mean Hessian plus ``reg·I``, LU solve in float64) and, if asked, the eigenvalues of
+    ``H + reg·I``: the reference every accuracy figure is judged against."""
+    import copy
+
+    import torch
+
+    from prefect_influence.torch.functional import ModelFunctions
+    from prefect_influence.torch.hessian import exact_hessian
+
+    fn = ModelFunctions(copy.deepcopy(net).double(), torch.nn.functional.cross_entropy)
+    xd, xtd = torch.from_numpy(x).double(), torch.from_numpy(xt).double()
+    yd, ytd = torch.from_numpy(y), torch.from_numpy(yt)
+    matrix = exact_hessian(fn, [(xd, yd)], len(xd))
+    matrix.diagonal().add_(reg)
+    eigenvalues = torch.linalg.eigvalsh(matrix).numpy() if spectrum else None
+    factors = torch.linalg.solve(matrix, fn.per_sample_grads(xtd, ytd).T).T
+    return (factors @ fn.per_sample_grads(xd, yd).T).numpy(), eigenvalues
+
+
+def spectrum_summary(eigenvalues: np.ndarray) -> str:
+    magnitude = np.abs(eigenvalues)
+    return (f"{int((eigenvalues < 0).sum())} negative eigenvalues, smallest |eigenvalue| "
+            f"{magnitude.min():.2e}, largest {magnitude.max():.3f} (condition "
+            f"{magnitude.max() / magnitude.min():.2e})")
+
+
+def relative_error(a: np.ndarray, truth: np.ndarray) -> float:
+    """Relative Frobenius error."""
+    return float(np.linalg.norm(np.asarray(a, dtype=np.float64) - truth) / np.linalg.norm(truth))
+
+
+def pearson(a: np.ndarray, truth: np.ndarray) -> float:
+    return float(np.corrcoef(np.asarray(a, dtype=np.float64).ravel(), truth.ravel())[0, 1])
+
+
+def sgemm_gflops(n: int = 4096, repeat: int = 3) -> float:
+    """This machine's float32 matrix-product rate now (best of ``repeat`` n × n products)."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    seconds, _ = best_time(lambda: a @ b, repeat)
+    return 2 * n**3 / seconds / 1e9
+
+
 def write_job(root: Path, n_train: int, n_test: int, hidden: int, seed: int = 0) -> dict[str, Any]:
     """Train/test zarr groups (``x``, ``y``) and a trained checkpoint under ``root``."""
     import torch

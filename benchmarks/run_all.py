@@ -1,12 +1,13 @@
 """Run every benchmark one after the other and print the last lines of each (figures and ratios).
 
-    python benchmarks/run_all.py            # default sizes: ~20-30 minutes on 2 cores (load)
-    python benchmarks/run_all.py --full     # also the 4 GB memory grid and pyDVL's Direct: ~1-2 h
+    python benchmarks/run_all.py            # default sizes: ~30-40 minutes on 2 cores (load)
+    python benchmarks/run_all.py --full     # also the judged 4 GB memory grid: ~1 h
     python benchmarks/run_all.py --quick    # smoke run: a few minutes, targets not judged
     python benchmarks/run_all.py --only roofline,scaling
 
 Each benchmark runs in its own process (``sys.executable``); its full output goes to
-``benchmarks/results/<name>.log`` and its closing lines are repeated in a summary at the end.
+``benchmarks/results/<name>.log`` and its closing lines are repeated in a summary at the end and
+written to ``benchmarks/RESULTS.md`` (one section per benchmark, replaced by its latest run).
 ``benchmarks/calculators.py`` (the calculators against in-memory ``model.influences``) runs too.
 A failing benchmark is reported and the others still run; the exit status is 1 if any failed.
 """
@@ -14,17 +15,21 @@ A failing benchmark is reported and the others still run; the exit status is 1 i
 from __future__ import annotations
 
 import argparse
+import re
 import subprocess
 import sys
 import time
+from datetime import date
 from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
+RESULTS = BENCH_DIR / "RESULTS.md"
 
 #: name: (arguments at the default size, arguments for --quick, closing lines to repeat)
 BENCHMARKS = {
     "calculators": ([], ["--repeat", "1", "--n-train", "2000"], 9),
-    "vs_pydvl": ([], ["--quick"], 4),  # 2 lines per method
+    "vs_pydvl": ([], ["--quick"], 6),  # 4 lines for Direct, 2 for CG
+    "methods": (["--write-readme"], ["--quick"], 11),  # the README's "Choosing a method" table
     "roofline": ([], ["--quick"], 8),  # 5 lines without a GPU, 8 with one
     "overhead": ([], ["--quick"], 4),
     # the judged 4 GB grid (memory.py's default) runs with --full only; by default the suite
@@ -32,16 +37,15 @@ BENCHMARKS = {
     "memory": (["--quick"], ["--quick"], 3),
     "scaling": ([], ["--quick"], 5),
 }
-#: arguments that replace the default ones with --full: the judged memory grid, and the Direct
-#: comparison with pyDVL (two O(p³) fits at p = 10k: ~30+ minutes) before CG
-FULL = {"memory": [], "vs_pydvl": ["--methods", "direct,cg"]}
+#: arguments that replace the default ones with --full: the judged memory grid
+FULL = {"memory": []}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke run of every benchmark")
     parser.add_argument("--full", action="store_true",
-                        help="judge every target: the 4 GB memory grid and pyDVL's Direct too")
+                        help="judge every target: the 4 GB memory grid too")
     parser.add_argument("--only", default="", help="comma-separated subset, e.g. roofline,scaling")
     args = parser.parse_args()
     if args.quick and args.full:
@@ -76,6 +80,7 @@ def main() -> int:
             summary.append((name, elapsed, [f"FAILED (exit {code}), see {log}"]))
         else:
             summary.append((name, elapsed, [l for l in lines if l.strip()][-tail:]))
+            record(name, " ".join(cmd[1:]), size, elapsed, summary[-1][2])
     print(f"\n### summary ({size} sizes, "
           f"{time.perf_counter() - start_all:.0f} s in all)")
     for name, elapsed, lines in summary:
@@ -83,6 +88,20 @@ def main() -> int:
         for line in lines:
             print(f"  {line}")
     return 1 if failed else 0
+
+
+def record(name: str, command: str, size: str, elapsed: float, lines: list[str]) -> None:
+    """Replace the benchmark's section of RESULTS.md with this run's closing lines."""
+    text = RESULTS.read_text() if RESULTS.exists() else (
+        "# Benchmark results\n\nWritten by `benchmarks/run_all.py`: the closing lines of each "
+        "benchmark's latest run.\n")
+    body = "\n".join(lines)
+    section = (f"## {name}\n\n{date.today().isoformat()}, {size} size, {elapsed:.0f} s: "
+               f"`python {command}`\n\n```\n{body}\n```\n")
+    pattern = re.compile(rf"^## {re.escape(name)}\n.*?(?=^## |\Z)", re.S | re.M)
+    text = pattern.sub(lambda _: section + "\n", text) if pattern.search(text) else (
+        text.rstrip("\n") + "\n\n" + section)
+    RESULTS.write_text(text.rstrip("\n") + "\n")
 
 
 if __name__ == "__main__":
