@@ -155,7 +155,7 @@ def main() -> None:
         if not pattern.search(text):
             raise SystemExit(f"{README} has no {BEGIN} ... {END} markers")
         README.write_text(pattern.sub(lambda _: "\n".join([BEGIN, *table, END]), text))
-        print(f"wrote the table into {README}")
+        print(f"wrote the table into {README.name}")
     best = max((r["non-convex"]["pearson"], m) for m, r in results.items()
                if not r["non-convex"]["error"])
     print(f"best on the non-convex network: {best[1]} (Pearson {best[0]:.4f})")

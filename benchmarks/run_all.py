@@ -29,7 +29,7 @@ RESULTS = BENCH_DIR / "RESULTS.md"
 BENCHMARKS = {
     "calculators": ([], ["--repeat", "1", "--n-train", "2000"], 9),
     "vs_pydvl": ([], ["--quick"], 6),  # 4 lines for Direct, 2 for CG
-    "methods": (["--write-readme"], ["--quick"], 11),  # the README's "Choosing a method" table
+    "methods": (["--write-readme"], ["--quick"], 13),  # the README's "Choosing a method" table
     "roofline": ([], ["--quick"], 8),  # 5 lines without a GPU, 8 with one
     "overhead": ([], ["--quick"], 4),
     # the judged 4 GB grid (memory.py's default) runs with --full only; by default the suite
@@ -80,7 +80,7 @@ def main() -> int:
             summary.append((name, elapsed, [f"FAILED (exit {code}), see {log}"]))
         else:
             summary.append((name, elapsed, [l for l in lines if l.strip()][-tail:]))
-            record(name, " ".join(cmd[1:]), size, elapsed, summary[-1][2])
+            record(name, " ".join([f"benchmarks/{name}.py", *chosen]), size, elapsed, summary[-1][2])
     print(f"\n### summary ({size} sizes, "
           f"{time.perf_counter() - start_all:.0f} s in all)")
     for name, elapsed, lines in summary:
