@@ -10,6 +10,7 @@ from torch.nn import functional as F
 
 from prefect_influence.torch.functional import ModelFunctions
 from prefect_influence.torch.hessian import (
+    _by_rows,
     dense_hessian,
     exact_hessian,
     linear_layers_hessian,
@@ -48,6 +49,12 @@ STRUCTURED = {
         nn.Linear(4, 6), nn.GELU(), nn.Linear(6, 5, bias=False), nn.Softplus(), nn.Linear(5, 3)
     ),
     "no bias": lambda: nn.Sequential(nn.Linear(4, 6, bias=False), nn.Tanh(), nn.Linear(6, 3)),
+    # few outputs on many inputs: blocks taken one output unit at a time (with and without the
+    # second term, which couples a layer to an earlier one)
+    "wide head": lambda: nn.Sequential(nn.Linear(4, 30), nn.Tanh(), nn.Linear(30, 3)),
+    "narrow, then wide": lambda: nn.Sequential(
+        nn.Linear(4, 2), nn.Tanh(), nn.Linear(2, 30), nn.Tanh(), nn.Linear(30, 3, bias=False)
+    ),
 }
 FALLBACK = {
     "conv": lambda: nn.Sequential(nn.Conv1d(1, 2, 2), nn.Flatten(), nn.Linear(6, 3)),
@@ -78,6 +85,8 @@ def test_structured_hessian_equals_products_with_the_identity(name, loss):
     fn = ModelFunctions(net, loss)
     layers = linear_layout(fn, x, y)
     assert layers is not None
+    if name in ("wide head", "narrow, then wide"):
+        assert _by_rows(layers[-1], layers[-1]) and _by_rows(layers[-1], layers[0]) == (name != "wide head")
     structured = linear_layers_hessian(fn, batches(x, y), len(x), layers)
     reference = dense_hessian(fn, batches(x, y), len(x))
     torch.testing.assert_close(structured, reference, rtol=1e-10, atol=1e-12)
@@ -113,3 +122,17 @@ def test_symmetrize_in_tiles():
     a = torch.randn(7, 7, dtype=torch.float64)
     expected = 0.5 * (a + a.T)
     torch.testing.assert_close(symmetrize_(a.clone(), tile=3), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["mlp", "narrow, then wide"])
+def test_chunks_of_samples_do_not_change_the_result(name, monkeypatch):
+    from prefect_influence.torch import hessian as module
+
+    torch.manual_seed(0)
+    net = STRUCTURED[name]().double().eval()
+    x, y = data(net)
+    fn = ModelFunctions(net, F.cross_entropy)
+    whole = linear_layers_hessian(fn, batches(x, y), len(x), linear_layout(fn, x, y))
+    monkeypatch.setattr(module, "CHUNK_BYTES", 4096)  # chunks and pieces of a few samples
+    chunked = linear_layers_hessian(fn, batches(x, y), len(x), linear_layout(fn, x, y))
+    torch.testing.assert_close(chunked, whole, rtol=1e-12, atol=1e-14)

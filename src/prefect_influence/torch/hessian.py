@@ -163,38 +163,44 @@ def linear_layers_hessian(
     fn: ModelFunctions, data: Batches, n: int, layers: list[LinearLayer]
 ) -> Tensor:
     """Exact mean Hessian of a network whose trainable parameters all sit in ``layers`` (see
-    :func:`linear_layout` and the module's docstring)."""
+    :func:`linear_layout` and the module's docstring).
+
+    Samples are taken in chunks as large as :data:`CHUNK_BYTES` allows (long matrix products);
+    their per-sample derivatives in smaller pieces (each differentiates every layer output)."""
     dtype, device = fn.dtype, fn.device
+    itemsize = torch.finfo(dtype).bits // 8
     n_outs = [layer.n_out for layer in layers]
     starts = [sum(n_outs[:i]) for i in range(len(layers))]
     n_total = sum(n_outs)
+    inputs = sum(layer.module.in_features for layer in layers)
     perturbed = _Perturbed(fn, layers)
     terms = perturbed.terms()
     eps = torch.zeros(n_total, dtype=dtype, device=device)
-    # per sample: the derivatives (T, U and the primal values) and the largest GEMM operands
-    feats = [layer.n_features for layer in layers]
-    operand = max(
-        n_outs[l] * n_outs[m] + feats[l] * feats[m] + feats[l] * n_outs[m] + n_outs[l] * feats[m]
-        for l in range(len(layers)) for m in range(l + 1)
-    )
-    per_sample = 3 * n_total * (n_total + sum(layer.module.in_features for layer in layers)) + operand
-    chunk = max(1, CHUNK_BYTES // (per_sample * torch.finfo(dtype).bits // 8))
+    # per sample: the derivatives kept for a chunk, and the largest matrix-product operand
+    kept = n_total * (n_total + inputs) + n_total + inputs + len(layers)
+    operand = max(_operand_size(layers[l], layers[m]) for l in range(len(layers)) for m in range(l + 1))
+    chunk = max(1, CHUNK_BYTES // ((kept + operand) * itemsize))
+    piece = max(1, CHUNK_BYTES // (3 * n_total * (n_total + inputs) * itemsize))
+    hessian = torch.zeros(fn.n_parameters, fn.n_parameters, dtype=dtype, device=device)
     sums: dict[tuple[int, int, int], Tensor] = {}
+    x_all, y_all = (torch.cat(t) for t in zip(*data))
     with perturbed.hooks():
-        for x_all, y_all in data:
-            for start in range(0, x_all.shape[0], chunk):
-                x, y = x_all[start : start + chunk], y_all[start : start + chunk]
-                jac, value = terms(eps, x, y)
-                _accumulate(sums, layers, starts, jac, value)
-    hessian = torch.empty(fn.n_parameters, fn.n_parameters, dtype=dtype, device=device)
+        for start in range(0, x_all.shape[0], chunk):
+            x, y = x_all[start : start + chunk], y_all[start : start + chunk]
+            parts = [terms(eps, x[i : i + piece], y[i : i + piece]) for i in range(0, len(x), piece)]
+            jac, value = (tuple(torch.cat(t) for t in zip(*side)) for side in zip(*parts))
+            _accumulate(sums, hessian, layers, starts, jac, value)
     for l in range(len(layers)):
         for m in range(l + 1):
-            block = sums.pop((1, l, m)).view(n_outs[l], n_outs[m], feats[l], feats[m])
-            block = block.permute(0, 2, 1, 3)
-            if (2, l, m) in sums:
-                second = sums.pop((2, l, m)).view(feats[l], n_outs[m], n_outs[l], feats[m])
-                block = block + second.permute(2, 0, 1, 3)
-            _scatter_block(hessian, block, layers[l], layers[m], symmetric_pair=l != m)
+            if (1, l, m) in sums:
+                block = sums.pop((1, l, m)).view(n_outs[l], n_outs[m], -1, layers[m].n_features)
+                block = block.permute(0, 2, 1, 3)
+                if (2, l, m) in sums:
+                    second = sums.pop((2, l, m)).view(-1, n_outs[m], n_outs[l], layers[m].n_features)
+                    block = block + second.permute(2, 0, 1, 3)
+                _write_block(hessian, block, layers[l], layers[m])
+            if l != m:
+                _mirror_block(hessian, layers[l], layers[m])
     hessian /= n
     check_finite(hessian, "the Hessian of the training loss")
     return symmetrize_(hessian)
@@ -269,10 +275,26 @@ def _features(layer: LinearLayer, inputs: Tensor) -> Tensor:
     return torch.cat(parts, dim=1)
 
 
-def _accumulate(sums: dict, layers: list[LinearLayer], starts, jac, value) -> None:
+def _by_rows(row: LinearLayer, col: LinearLayer) -> bool:
+    """Whether block ``(row, col)`` is cheaper one output unit of ``row`` at a time (operands
+    ``o_m·f_m`` per unit and sample) than as one product over pairs of units (operands
+    ``o_l·o_m + f_l·f_m`` per sample): for wide inputs and few outputs, e.g. a linear head."""
+    return row.n_out * col.n_out < row.n_features
+
+
+def _operand_size(row: LinearLayer, col: LinearLayer) -> int:
+    """Numbers per sample of block ``(row, col)``'s largest matrix-product operands."""
+    if _by_rows(row, col):
+        return 2 * col.n_out * col.n_features
+    return (row.n_out * col.n_out + row.n_features * col.n_features
+            + row.n_features * col.n_out + row.n_out * col.n_features)
+
+
+def _accumulate(sums: dict, hessian: Tensor, layers: list[LinearLayer], starts, jac, value) -> None:
     """Add one chunk's two terms of every block ``(l, m)``, ``m ≤ l``, as matrix products over
-    its samples: ``T_lm ⊗ a_l a_mᵀ`` in layout ``(o_l o_m) × (f_l f_m)`` and, for ``m < l``,
-    ``δ_l ⊗ (∂a_l/∂s_m) ⊗ a_m`` in layout ``(f_l o_m) × (o_l f_m)``."""
+    its samples: ``T_lm ⊗ a_l a_mᵀ`` and, for ``m < l``, ``δ_l ⊗ (∂a_l/∂s_m) ⊗ a_m``. Blocks
+    taken by rows go straight into the Hessian; the others into ``sums``, in layouts
+    ``(o_l o_m) × (f_l f_m)`` and ``(f_l o_m) × (o_l f_m)``."""
     second, delta = jac[0], value[0]
     b = second.shape[0]
     feats = [_features(layer, value[1 + i]) for i, layer in enumerate(layers)]
@@ -281,16 +303,39 @@ def _accumulate(sums: dict, layers: list[LinearLayer], starts, jac, value) -> No
         for m in range(l + 1):
             col = layers[m]
             cols = slice(starts[m], starts[m] + col.n_out)
-            t_lm = second[:, rows, cols].reshape(b, -1)
-            outer = (feats[l][:, :, None] * feats[m][:, None, :]).reshape(b, -1)
-            _addmm(sums, (1, l, m), t_lm, outer)
+            # how layer l's inputs move with layer m's outputs; its bias column is constant
+            moves = None
             if m < l and row.weight is not None:
-                # how layer l's inputs move with layer m's outputs; its bias column is constant
                 moves = jac[l][:, :, cols]
                 if row.bias is not None:
                     moves = torch.cat([moves, moves.new_zeros(b, 1, col.n_out)], dim=1)
+            if _by_rows(row, col):
+                _add_by_rows(hessian, row, col, second[:, rows, cols], feats[l], feats[m],
+                             moves, delta[:, rows])
+                continue
+            t_lm = second[:, rows, cols].reshape(b, -1)
+            outer = (feats[l][:, :, None] * feats[m][:, None, :]).reshape(b, -1)
+            _addmm(sums, (1, l, m), t_lm, outer)
+            if moves is not None:
                 weighted = (delta[:, rows, None] * feats[m][:, None, :]).reshape(b, -1)
                 _addmm(sums, (2, l, m), moves.reshape(b, -1), weighted)
+
+
+def _add_by_rows(hessian: Tensor, row: LinearLayer, col: LinearLayer, t_lm: Tensor,
+                 feats_l: Tensor, feats_m: Tensor, moves: Optional[Tensor], delta_l: Tensor) -> None:
+    """Block ``(row, col)`` one output unit ``r`` of ``row`` at a time: its rows of the Hessian,
+    ``(f_l) × (o_m, f_m)``, are ``F_lᵀ (T[:, r, :] ⊗ F_m)`` plus ``(∂a_l/∂s_m)ᵀ (δ_r F_m)``."""
+    b = t_lm.shape[0]
+    for r in range(row.n_out):
+        unit = feats_l.T @ (t_lm[:, r, :, None] * feats_m[:, None, :]).reshape(b, -1)
+        unit = unit.view(row.n_features, col.n_out, col.n_features)
+        if moves is not None:
+            unit += (moves.reshape(b, -1).T @ (delta_l[:, r, None] * feats_m)).view_as(unit)
+        for r_cols, r_flat in _parts(row):
+            width = r_cols.stop - r_cols.start  # a unit's rows: its weight row, its bias
+            target = slice(r_flat.start + r * width, r_flat.start + (r + 1) * width)
+            for c_cols, c_flat in _parts(col):
+                hessian[target, c_flat] += unit[r_cols, :, c_cols].reshape(width, -1)
 
 
 def _addmm(sums: dict, key, left: Tensor, right: Tensor) -> None:
@@ -300,15 +345,18 @@ def _addmm(sums: dict, key, left: Tensor, right: Tensor) -> None:
         sums[key] = left.T @ right
 
 
-def _scatter_block(hessian: Tensor, block: Tensor, row: LinearLayer, col: LinearLayer,
-                   symmetric_pair: bool) -> None:
-    """Write a ``(o_l, f_l, o_m, f_m)`` block into the flat Hessian (and its transpose)."""
+def _write_block(hessian: Tensor, block: Tensor, row: LinearLayer, col: LinearLayer) -> None:
+    """Write a ``(o_l, f_l, o_m, f_m)`` block into the flat Hessian."""
     for r_cols, r_flat in _parts(row):
         for c_cols, c_flat in _parts(col):
-            part = block[:, r_cols, :, c_cols].reshape(r_flat.stop - r_flat.start, -1)
-            hessian[r_flat, c_flat] = part
-            if symmetric_pair:
-                hessian[c_flat, r_flat] = part.T
+            hessian[r_flat, c_flat] = block[:, r_cols, :, c_cols].reshape(r_flat.stop - r_flat.start, -1)
+
+
+def _mirror_block(hessian: Tensor, row: LinearLayer, col: LinearLayer) -> None:
+    """Block ``(col, row)`` of the symmetric Hessian from block ``(row, col)``."""
+    for _, r_flat in _parts(row):
+        for _, c_flat in _parts(col):
+            hessian[c_flat, r_flat] = hessian[r_flat, c_flat].T
 
 
 def _parts(layer: LinearLayer) -> list[tuple[slice, slice]]:
