@@ -73,7 +73,8 @@ def test_float32_direct_is_as_accurate_as_a_float32_lu_solve(network):
                                          r"indefinite.*regularization=0.01"):
         direct = DirectInfluence(model, cross_entropy, REG).fit(loader(x, y))
     assert direct.condition_estimate > 1e5
-    # the bound: within 1.5× of that method's error (measured: 0.85×)
+    # the bound: within 1.5× of that method's error (measured 0.2×: our sums over samples
+    # run in float64, the reference's float32 sums leave an error that depends on their order)
     assert relative_error(direct.influences(xt, yt, x, y), truth) <= 1.5 * reference_error
 
     with warnings.catch_warnings():
