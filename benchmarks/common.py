@@ -121,11 +121,12 @@ def pearson(a: np.ndarray, truth: np.ndarray) -> float:
     return float(np.corrcoef(np.asarray(a, dtype=np.float64).ravel(), truth.ravel())[0, 1])
 
 
-def sgemm_gflops(n: int = 4096, repeat: int = 3) -> float:
-    """This machine's float32 matrix-product rate now (best of ``repeat`` n × n products)."""
+def gemm_gflops(dtype=None, n: int = 4096, repeat: int = 3) -> float:
+    """This machine's matrix-product rate now in ``dtype`` (default float32; best of ``repeat``
+    n × n products)."""
     import torch
 
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     seconds, _ = best_time(lambda: a @ b, repeat)
     return 2 * n**3 / seconds / 1e9
 
