@@ -1,4 +1,4 @@
-"""Exact influence: the dense Hessian, factorized once in ``fit`` (Cholesky, or LU when indefinite)."""
+"""Exact influence: the dense Hessian, factorized once (Cholesky, or LU if it is indefinite)."""
 
 from __future__ import annotations
 
@@ -48,8 +48,8 @@ class DirectInfluence(TorchInfluenceFunctionModel):
 
     _state_keys = ("factor", "pivots")
 
-    def __init__(self, model, loss, regularization=None, *, hessian_dtype: Optional[torch.dtype] = None,
-                 **kw):
+    def __init__(self, model, loss, regularization=None, *,
+                 hessian_dtype: Optional[torch.dtype] = None, **kw):
         super().__init__(model, loss, regularization, **kw)
         if hessian_dtype is not None and (
             not isinstance(hessian_dtype, torch.dtype) or not hessian_dtype.is_floating_point

@@ -137,7 +137,8 @@ def linear_layout(fn: ModelFunctions, x: Tensor, y: Tensor) -> Optional[list[Lin
         if type(module).forward is not nn.Linear.forward:
             return None
         layers.append(LinearLayer(module, weight, bias))
-        covered |= {id(t) for t, s in ((module.weight, weight), (module.bias, bias)) if s is not None}
+        own = ((module.weight, weight), (module.bias, bias))
+        covered |= {id(t) for t, place in own if place is not None}
     if not layers or covered != set(flat):
         return None
     calls: list[tuple[int, tuple]] = []
@@ -182,7 +183,7 @@ def linear_layers_hessian(
     eps = torch.zeros(n_total, dtype=dtype, device=device)
     # per sample: the derivatives kept for a chunk, and the largest matrix-product operand
     kept = n_total * (n_total + inputs) + n_total + inputs + len(layers)
-    operand = max(_operand_size(layers[l], layers[m]) for l in range(len(layers)) for m in range(l + 1))
+    operand = max(_operand_size(row, col) for l, row in enumerate(layers) for col in layers[: l + 1])
     chunk = max(1, CHUNK_BYTES // ((kept + operand) * itemsize))
     piece = max(1, CHUNK_BYTES // (3 * n_total * (n_total + inputs) * itemsize))
     hessian = torch.zeros(fn.n_parameters, fn.n_parameters, dtype=dtype, device=device)
@@ -191,7 +192,8 @@ def linear_layers_hessian(
     with perturbed.hooks():
         for start in range(0, x_all.shape[0], chunk):
             x, y = x_all[start : start + chunk], y_all[start : start + chunk]
-            parts = [terms(eps, x[i : i + piece], y[i : i + piece]) for i in range(0, len(x), piece)]
+            parts = [terms(eps, x[i : i + piece], y[i : i + piece])
+                     for i in range(0, len(x), piece)]
             jac, value = (tuple(torch.cat(t) for t in zip(*side)) for side in zip(*parts))
             _accumulate(sums, hessian, layers, starts, jac, value)
     for l in range(len(layers)):
@@ -200,7 +202,8 @@ def linear_layers_hessian(
                 block = sums.pop((1, l, m)).view(n_outs[l], n_outs[m], -1, layers[m].n_features)
                 block = block.permute(0, 2, 1, 3)
                 if (2, l, m) in sums:
-                    second = sums.pop((2, l, m)).view(-1, n_outs[m], n_outs[l], layers[m].n_features)
+                    second = sums.pop((2, l, m))
+                    second = second.view(-1, n_outs[m], n_outs[l], layers[m].n_features)
                     block = block + second.permute(2, 0, 1, 3)
                 _write_block(hessian, block, layers[l], layers[m])
             if l != m:
@@ -242,7 +245,8 @@ class _Perturbed:
 
             return add
 
-        handles = [layer.module.register_forward_hook(hook(i)) for i, layer in enumerate(self.layers)]
+        handles = [layer.module.register_forward_hook(hook(i))
+                   for i, layer in enumerate(self.layers)]
         try:
             yield
         finally:
@@ -327,7 +331,8 @@ def _accumulate(sums: dict, hessian: Tensor, layers: list[LinearLayer], starts, 
 
 
 def _add_by_rows(hessian: Tensor, row: LinearLayer, col: LinearLayer, t_lm: Tensor,
-                 feats_l: Tensor, feats_m: Tensor, moves: Optional[Tensor], delta_l: Tensor) -> None:
+                 feats_l: Tensor, feats_m: Tensor, moves: Optional[Tensor],
+                 delta_l: Tensor) -> None:
     """Block ``(row, col)`` one output unit ``r`` of ``row`` at a time: its rows of the Hessian,
     ``(f_l) × (o_m, f_m)``, are ``F_lᵀ (T[:, r, :] ⊗ F_m)`` plus ``(∂a_l/∂s_m)ᵀ (δ_r F_m)``."""
     b = t_lm.shape[0]
@@ -336,7 +341,8 @@ def _add_by_rows(hessian: Tensor, row: LinearLayer, col: LinearLayer, t_lm: Tens
         unit = feats_l.T @ (t_lm[:, r, :, None] * feats_m[:, None, :]).reshape(b, -1)
         unit = unit.view(row.n_features, col.n_out, col.n_features)
         if moves is not None:
-            unit += (moves.reshape(b, -1).T.to(ACCUMULATE) @ (delta_l[:, r, None] * feats_m)).view_as(unit)
+            moved = moves.reshape(b, -1).T.to(ACCUMULATE) @ (delta_l[:, r, None] * feats_m)
+            unit += moved.view_as(unit)
         for r_cols, r_flat in _parts(row):
             width = r_cols.stop - r_cols.start  # a unit's rows: its weight row, its bias
             target = slice(r_flat.start + r * width, r_flat.start + (r + 1) * width)
@@ -356,7 +362,8 @@ def _write_block(hessian: Tensor, block: Tensor, row: LinearLayer, col: LinearLa
     """Write a ``(o_l, f_l, o_m, f_m)`` block into the flat Hessian."""
     for r_cols, r_flat in _parts(row):
         for c_cols, c_flat in _parts(col):
-            hessian[r_flat, c_flat] = block[:, r_cols, :, c_cols].reshape(r_flat.stop - r_flat.start, -1)
+            part = block[:, r_cols, :, c_cols]
+            hessian[r_flat, c_flat] = part.reshape(r_flat.stop - r_flat.start, -1)
 
 
 def _mirror_block(hessian: Tensor, row: LinearLayer, col: LinearLayer) -> None:
