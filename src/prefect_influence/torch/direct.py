@@ -170,33 +170,30 @@ def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t.to(dtype) if t.is_floating_point() else t
 
 
-def _largest_magnitude(matrix: Tensor, iterations: int = 20) -> float:
-    """``max |λ(A)|`` of a symmetric matrix, by seeded power iteration (within a few percent)."""
-    gen = torch.Generator().manual_seed(0)
-    v = torch.randn(matrix.shape[0], 1, generator=gen, dtype=torch.float64)
-    v = v.to(dtype=matrix.dtype, device=matrix.device)
-    estimate = 0.0
-    for _ in range(iterations):
-        w = matrix @ v
-        estimate = float(w.norm()) / max(float(v.norm()), torch.finfo(matrix.dtype).tiny)
-        if estimate == 0:
-            break
-        v = w / w.norm()
-    return estimate
+def _largest_magnitude(matrix: Tensor) -> float:
+    """``max |λ(A)|`` of a symmetric matrix (within a few percent)."""
+    return _power_iteration(lambda v: matrix @ v, matrix, iterations=20, seed=0)
 
 
-def _inverse_largest_magnitude(apply_inverse, factor: Tensor, iterations: int = 10) -> float:
-    """``max |λ(A⁻¹)| = 1 / min |λ(A)|`` by seeded inverse iteration with the factorization: a
-    lower bound that two eigenvalues of similar size near zero make converge slowly, so the
+def _inverse_largest_magnitude(apply_inverse, factor: Tensor) -> float:
+    """``max |λ(A⁻¹)| = 1 / min |λ(A)|`` by inverse iteration with the factorization: a lower
+    bound that two eigenvalues of similar size near zero make converge slowly, so the
     condition number it gives is an estimate from below."""
-    gen = torch.Generator().manual_seed(1)
-    v = torch.randn(factor.shape[0], 1, generator=gen, dtype=torch.float64)
-    v = (v / v.norm()).to(dtype=factor.dtype, device=factor.device)
+    return _power_iteration(apply_inverse, factor, iterations=10, seed=1)
+
+
+def _power_iteration(apply, like: Tensor, iterations: int, seed: int) -> float:
+    """Largest ``‖apply(v)‖`` over seeded power iterations from a unit ``v`` (a column in
+    ``like``'s dtype and device): a lower bound of the operator's largest |eigenvalue|."""
+    gen = torch.Generator().manual_seed(seed)
+    v = torch.randn(like.shape[0], 1, generator=gen, dtype=torch.float64)
+    v = (v / v.norm()).to(dtype=like.dtype, device=like.device)
     estimate = 0.0
     for _ in range(iterations):
-        w = apply_inverse(v)
-        estimate = max(estimate, float(w.norm()))
-        if not math.isfinite(estimate) or estimate == 0:
+        w = apply(v)
+        norm = float(w.norm())
+        estimate = max(estimate, norm)
+        if not math.isfinite(norm) or norm == 0:
             break
-        v = w / w.norm()
+        v = w / norm
     return estimate
