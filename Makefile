@@ -36,6 +36,8 @@ demo: $(STAMP)
 test: $(STAMP)
 	@# headless Chromium for the deployment UI test (Debian package; skipped test if unavailable)
 	command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || echo "chromium not installed: the UI check will be skipped"
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	$(PY) -m pytest -q
 
 bench: $(STAMP)

@@ -108,8 +108,10 @@ def main() -> None:
         model = ArnoldiInfluence(net, F.cross_entropy, regularization=5.0, rank=20)
     else:
         model = DirectInfluence(net, F.cross_entropy, regularization=5.0)
-    print(f"{type(model).__name__}: p = {model.n_parameters} parameters, float32, {args.n_test} test × "
-          f"{args.n_train} train, {BLOCKS} × {BLOCKS} blocks, torch threads {torch.get_num_threads()}")
+    print(
+        f"{type(model).__name__}: p = {model.n_parameters} parameters, float32, {args.n_test} test × "
+        f"{args.n_train} train, {BLOCKS} × {BLOCKS} blocks, torch threads {torch.get_num_threads()}"
+    )
     start = time.perf_counter()
     model.fit(batches(x, y, BLOCKS))
     print(f"fit (not timed below): {time.perf_counter() - start:.1f} s")
@@ -133,9 +135,11 @@ def main() -> None:
     paths = {
         "in-memory model.influences": lambda: model.influences(x_test, y_test, x, y).numpy(),
         "hand-written 4×4 block loop": hand_blocked,
-        "sequential": lambda: sequential.influences(test_batches, train_batches)
-        .compute(NestedTorchCatAggregator())
-        .numpy(),
+        "sequential": lambda: (
+            sequential.influences(test_batches, train_batches)
+            .compute(NestedTorchCatAggregator())
+            .numpy()
+        ),
         "dask synchronous": lambda: synchronous.influences(da_xt, da_yt, da_x, da_y).compute(
             scheduler="synchronous"
         ),
@@ -151,15 +155,19 @@ def main() -> None:
             stack.enter_context(dask.config.set(TORCH_WORKER_DASK_CONFIG))
             cluster = stack.enter_context(
                 LocalCluster(
-                    n_workers=n_workers, threads_per_worker=1, processes=True,
+                    n_workers=n_workers,
+                    threads_per_worker=1,
+                    processes=True,
                     dashboard_address=":0",
                 )
             )
             client = stack.enter_context(Client(cluster))
             start = time.perf_counter()
             distributed = DaskInfluenceCalculator(model, converter, client)
-            print(f"scatter of the fitted model to {n_workers} workers (not timed below): "
-                  f"{time.perf_counter() - start:.1f} s")
+            print(
+                f"scatter of the fitted model to {n_workers} workers (not timed below): "
+                f"{time.perf_counter() - start:.1f} s"
+            )
             paths[f"dask LocalCluster {n_workers}×1 thread"] = lambda: client.compute(
                 distributed.influences(da_xt, da_yt, da_x, da_y)
             ).result()
@@ -174,8 +182,10 @@ def main() -> None:
     floor = timings["hand-written 4×4 block loop"]
     for name, seconds in timings.items():
         if name != "in-memory model.influences":
-            print(f"ratio {name} / in-memory: {seconds / base:.2f} "
-                  f"(/ hand-written block loop: {seconds / floor:.2f})")
+            print(
+                f"ratio {name} / in-memory: {seconds / base:.2f} "
+                f"(/ hand-written block loop: {seconds / floor:.2f})"
+            )
 
 
 def check(values, expected, name: str) -> None:

@@ -60,8 +60,16 @@ def train_network(hidden: int, x: np.ndarray, y: np.ndarray, steps: int = 200, s
     return net.eval()
 
 
-def train_sgd_network(hidden: int, x: np.ndarray, y: np.ndarray, epochs: int = 20, lr: float = 0.1,
-                      batch_size: int = 32, seed: int = 0, net=None):
+def train_sgd_network(
+    hidden: int,
+    x: np.ndarray,
+    y: np.ndarray,
+    epochs: int = 20,
+    lr: float = 0.1,
+    batch_size: int = 32,
+    seed: int = 0,
+    net=None,
+):
     """The example network (or ``net``: its trainable parameters) trained as networks usually
     are, with plain minibatch SGD stopped early: not at a minimum, so ``H + 0.01·I`` is
     indefinite (the non-convex benchmarks)."""
@@ -83,8 +91,15 @@ def train_sgd_network(hidden: int, x: np.ndarray, y: np.ndarray, epochs: int = 2
     return net.eval()
 
 
-def float64_truth(net, x: np.ndarray, y: np.ndarray, xt: np.ndarray, yt: np.ndarray, reg: float,
-                  spectrum: bool = True) -> tuple[np.ndarray, Optional[np.ndarray]]:
+def float64_truth(
+    net,
+    x: np.ndarray,
+    y: np.ndarray,
+    xt: np.ndarray,
+    yt: np.ndarray,
+    reg: float,
+    spectrum: bool = True,
+) -> tuple[np.ndarray, Optional[np.ndarray]]:
     """Exact influences ``n_test × n_train`` of a float64 copy of ``net`` (cross-entropy, the
     exact mean Hessian plus ``reg·I``, LU solve in float64) and, if asked, the eigenvalues of
     ``H + reg·I``: the reference every accuracy figure is judged against."""
@@ -107,9 +122,11 @@ def float64_truth(net, x: np.ndarray, y: np.ndarray, xt: np.ndarray, yt: np.ndar
 
 def spectrum_summary(eigenvalues: np.ndarray) -> str:
     magnitude = np.abs(eigenvalues)
-    return (f"{int((eigenvalues < 0).sum())} negative eigenvalues, smallest |eigenvalue| "
-            f"{magnitude.min():.2e}, largest {magnitude.max():.3f} (condition "
-            f"{magnitude.max() / magnitude.min():.2e})")
+    return (
+        f"{int((eigenvalues < 0).sum())} negative eigenvalues, smallest |eigenvalue| "
+        f"{magnitude.min():.2e}, largest {magnitude.max():.3f} (condition "
+        f"{magnitude.max() / magnitude.min():.2e})"
+    )
 
 
 def relative_error(a: np.ndarray, truth: np.ndarray) -> float:
@@ -158,7 +175,10 @@ def load_job_arrays(paths: dict) -> dict[str, np.ndarray]:
     out = {}
     for name in ("train", "test"):
         group = zarr.open_group(paths[name], mode="r")
-        out[f"x_{name}"], out[f"y_{name}"] = np.asarray(group["x"][...]), np.asarray(group["y"][...])
+        out[f"x_{name}"], out[f"y_{name}"] = (
+            np.asarray(group["x"][...]),
+            np.asarray(group["y"][...]),
+        )
     return out
 
 
@@ -177,8 +197,11 @@ def job_config(paths: dict, output: str, method: Optional[dict] = None, **overri
     from prefect_influence.config import PipelineConfig
 
     data = {
-        "model": {"factory": FACTORY, "factory_kwargs": {"hidden": paths["hidden"]},
-                  "checkpoint": paths["checkpoint"]},
+        "model": {
+            "factory": FACTORY,
+            "factory_kwargs": {"hidden": paths["hidden"]},
+            "checkpoint": paths["checkpoint"],
+        },
         "data": {"train": paths["train"], "test": paths["test"]},
         "method": method or {"name": "arnoldi", "rank": 50, "regularization": 0.01},
         "output": output,
@@ -208,8 +231,9 @@ def run_stages_in_process(config) -> dict[str, float]:
     if config.summary:
         stages.summary_stage(config)
     t5 = time.perf_counter()
-    times.update(plan=t1 - t0, fit=t2 - t1, factors=t3 - t2, columns=t4 - t3, summary=t5 - t4,
-                 total=t5 - t0)
+    times.update(
+        plan=t1 - t0, fit=t2 - t1, factors=t3 - t2, columns=t4 - t3, summary=t5 - t4, total=t5 - t0
+    )
     return times
 
 
@@ -250,8 +274,13 @@ class TreeMemorySampler:
         >>> mem.peak_rss, mem.peak_pss, mem.peak_rss_rest, mem.peak_by_role
     """
 
-    def __init__(self, pid: Optional[int] = None, interval: float = 0.25, pss: bool = True,
-                 apart: tuple[str, ...] = ()):
+    def __init__(
+        self,
+        pid: Optional[int] = None,
+        interval: float = 0.25,
+        pss: bool = True,
+        apart: tuple[str, ...] = (),
+    ):
         import psutil
 
         self._root = psutil.Process(pid or os.getpid())
@@ -343,8 +372,10 @@ def header(title: str, **facts: Any) -> None:
     import torch
 
     print(f"== {title}")
-    print(f"   python {sys.version.split()[0]}, torch {torch.__version__}, "
-          f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}")
+    print(
+        f"   python {sys.version.split()[0]}, torch {torch.__version__}, "
+        f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}"
+    )
     for key, value in facts.items():
         print(f"   {key}: {value}")
     sys.stdout.flush()

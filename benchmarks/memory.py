@@ -57,12 +57,16 @@ def main() -> None:
     try:
         paths = common.write_job(root / "data", args.n_train, args.n_test, args.hidden)
         p = common.n_parameters(args.hidden)
-        train_chunk, test_chunk = stages.auto_chunk_sizes(args.n_train, args.n_test, p, args.workers)
-        common.header("memory: peak memory of a whole flow run",
-                      job=f"MLP p = {p}, {args.n_test} test × {args.n_train} train = "
-                          f"{common.gb(grid_bytes)} of float32 scores, {METHOD['name']} rank "
-                          f"{METHOD['rank']}, self-influence + top-k summary",
-                      auto_chunks=f"train {train_chunk}, test {test_chunk} ({args.workers} workers)")
+        train_chunk, test_chunk = stages.auto_chunk_sizes(
+            args.n_train, args.n_test, p, args.workers
+        )
+        common.header(
+            "memory: peak memory of a whole flow run",
+            job=f"MLP p = {p}, {args.n_test} test × {args.n_train} train = "
+            f"{common.gb(grid_bytes)} of float32 scores, {METHOD['name']} rank "
+            f"{METHOD['rank']}, self-influence + top-k summary",
+            auto_chunks=f"train {train_chunk}, test {test_chunk} ({args.workers} workers)",
+        )
         config = common.job_config(paths, str(root / "out"), method=METHOD, n_workers=args.workers)
         t_api = common.start_prefect_api()
         print(f"   Prefect API start: {t_api:.1f} s", flush=True)
@@ -71,11 +75,20 @@ def main() -> None:
             result = influence_pipeline(config)
             elapsed = time.perf_counter() - start
             wait_for_closing_clusters()  # its workers are sampled until they are gone
-        print(f"   flow: {elapsed:.1f} s, grid {result['grid']}, phases {result['seconds']}", flush=True)
-        print("   peak RSS by role: " + ", ".join(f"{k} {common.gib(v)}" for k, v in
-                                                  sorted(mem.peak_by_role.items())), flush=True)
-        print("   at the peak: " + ", ".join(f"{k} {common.gib(v)}" for k, v in
-                                             sorted(mem.at_peak.items())), flush=True)
+        print(
+            f"   flow: {elapsed:.1f} s, grid {result['grid']}, phases {result['seconds']}",
+            flush=True,
+        )
+        print(
+            "   peak RSS by role: "
+            + ", ".join(f"{k} {common.gib(v)}" for k, v in sorted(mem.peak_by_role.items())),
+            flush=True,
+        )
+        print(
+            "   at the peak: "
+            + ", ".join(f"{k} {common.gib(v)}" for k, v in sorted(mem.at_peak.items())),
+            flush=True,
+        )
         if args.keep:
             print(f"   output kept at {root / 'out'}")
     finally:
@@ -84,13 +97,19 @@ def main() -> None:
 
     server = mem.peak_by_role.get(SERVER, 0)
     judged = "" if grid_bytes >= JUDGED_FROM else " (grid below 4 GB: not judged)"
-    print(f"time flow: {elapsed:.1f} s for {common.gb(grid_bytes)} of scores ({mem.samples} samples)")
-    print(f"memory peak of all processes with the Prefect API server: summed RSS "
-          f"{common.gb(mem.peak_rss)}, PSS {common.gb(mem.peak_pss)}; server alone "
-          f"{common.gb(server)}; flow + Dask processes PSS {common.gb(mem.peak_pss_rest)}")
-    print(f"ratio peak summed RSS (flow + Dask processes) / scores: "
-          f"{mem.peak_rss_rest / grid_bytes:.3f}; {common.gb(mem.peak_rss_rest)} "
-          f"(target < {common.gb(TARGET)}: {common.verdict(mem.peak_rss_rest < TARGET)}){judged}")
+    print(
+        f"time flow: {elapsed:.1f} s for {common.gb(grid_bytes)} of scores ({mem.samples} samples)"
+    )
+    print(
+        f"memory peak of all processes with the Prefect API server: summed RSS "
+        f"{common.gb(mem.peak_rss)}, PSS {common.gb(mem.peak_pss)}; server alone "
+        f"{common.gb(server)}; flow + Dask processes PSS {common.gb(mem.peak_pss_rest)}"
+    )
+    print(
+        f"ratio peak summed RSS (flow + Dask processes) / scores: "
+        f"{mem.peak_rss_rest / grid_bytes:.3f}; {common.gb(mem.peak_rss_rest)} "
+        f"(target < {common.gb(TARGET)}: {common.verdict(mem.peak_rss_rest < TARGET)}){judged}"
+    )
 
 
 if __name__ == "__main__":

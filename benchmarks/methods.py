@@ -27,7 +27,6 @@ import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
-
 import numpy as np  # noqa: E402
 
 README = common.BENCH_DIR.parent / "README.md"
@@ -44,10 +43,12 @@ def methods(net, reg: float) -> dict:
     return {
         "Direct": lambda: m.DirectInfluence(net, loss, reg),
         "Direct, `hessian_dtype=float64`": lambda: m.DirectInfluence(
-            net, loss, reg, hessian_dtype=torch.float64),
+            net, loss, reg, hessian_dtype=torch.float64
+        ),
         "CG": lambda: m.CgInfluence(net, loss, reg),
         "CG, Nyström preconditioner (rank 50)": lambda: m.CgInfluence(
-            net, loss, reg, preconditioner=m.NystroemPreconditioner(rank=50)),
+            net, loss, reg, preconditioner=m.NystroemPreconditioner(rank=50)
+        ),
         "LiSSA": lambda: m.LissaInfluence(net, loss, reg),
         "Arnoldi (rank 50)": lambda: m.ArnoldiInfluence(net, loss, reg, rank=50),
         "Nyström sketch (rank 50)": lambda: m.NystroemSketchInfluence(net, loss, reg, rank=50),
@@ -78,12 +79,18 @@ def measure(make, data: dict, truth: np.ndarray, batch_size: int) -> dict:
             model = make().fit(DataLoader(TensorDataset(x, y), batch_size=batch_size))
             values = model.influences(xt, yt, x, y).numpy()
         except Exception as exc:  # a method that refuses the problem is a row of the table
-            return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}",
-                    "seconds": time.perf_counter() - start}
+            return {
+                "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}",
+                "seconds": time.perf_counter() - start,
+            }
         seconds = time.perf_counter() - start
-    return {"pearson": common.pearson(values, truth), "error": None, "seconds": seconds,
-            "relative": common.relative_error(values, truth),
-            "warnings": sorted({str(w.message).split(";")[0][:100] for w in caught})}
+    return {
+        "pearson": common.pearson(values, truth),
+        "error": None,
+        "seconds": seconds,
+        "relative": common.relative_error(values, truth),
+        "warnings": sorted({str(w.message).split(";")[0][:100] for w in caught}),
+    }
 
 
 def cell(result: dict) -> str:
@@ -100,8 +107,11 @@ def main() -> None:
     parser.add_argument("--regularization", type=float, default=0.01)
     parser.add_argument("--fit-batch-size", type=int, default=300)
     parser.add_argument("--quick", action="store_true", help="smoke run: 300 train, hidden 32/240")
-    parser.add_argument("--write-readme", action="store_true",
-                        help="replace the README's table between its markers with this run's")
+    parser.add_argument(
+        "--write-readme",
+        action="store_true",
+        help="replace the README's table between its markers with this run's",
+    )
     args = parser.parse_args()
     hidden_nonconvex, hidden_convex = (32, 240) if args.quick else (128, 960)
     if args.quick:
@@ -122,7 +132,7 @@ def main() -> None:
     common.header(
         "methods: every method against exact influences, convex and non-convex",
         job=f"{args.n_test} test × {args.n_train} train, λ = {args.regularization}, float32, "
-            f"p = {p} trainable parameters on both networks",
+        f"p = {p} trainable parameters on both networks",
         **{f"{name} H + λI": spectrum for name, spectrum in spectra.items()},
     )
     results: dict[str, dict] = {}
@@ -130,9 +140,11 @@ def main() -> None:
         for method, make in methods(net, args.regularization).items():
             result = measure(make, data, truths[name], args.fit_batch_size)
             results.setdefault(method, {})[name] = result
-            print(f"   {name:10s} {method:40s} {cell(result)}"
-                  + "".join(f"\n      warning: {w}" for w in result.get("warnings", [])),
-                  flush=True)
+            print(
+                f"   {name:10s} {method:40s} {cell(result)}"
+                + "".join(f"\n      warning: {w}" for w in result.get("warnings", [])),
+                flush=True,
+            )
 
     table = [
         f"{args.n_test} test × {args.n_train} train points, float32, λ = {args.regularization}, "
@@ -145,8 +157,10 @@ def main() -> None:
         "| method | convex: Pearson | error | time | non-convex: Pearson | error | time |",
         "|---|---|---|---|---|---|---|",
     ]
-    table += [f"| {method} | {cell(r['convex'])} | {cell(r['non-convex'])} |"
-              for method, r in results.items()]
+    table += [
+        f"| {method} | {cell(r['convex'])} | {cell(r['non-convex'])} |"
+        for method, r in results.items()
+    ]
     print("-- table")
     print("\n".join(table))
     if args.write_readme and not args.quick:
@@ -156,8 +170,9 @@ def main() -> None:
             raise SystemExit(f"{README} has no {BEGIN} ... {END} markers")
         README.write_text(pattern.sub(lambda _: "\n".join([BEGIN, *table, END]), text))
         print(f"wrote the table into {README.name}")
-    best = max((r["non-convex"]["pearson"], m) for m, r in results.items()
-               if not r["non-convex"]["error"])
+    best = max(
+        (r["non-convex"]["pearson"], m) for m, r in results.items() if not r["non-convex"]["error"]
+    )
     print(f"best on the non-convex network: {best[1]} (Pearson {best[0]:.4f})")
 
 

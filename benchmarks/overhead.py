@@ -44,8 +44,9 @@ TARGET = 0.10
 METHOD = {"name": "arnoldi", "rank": 20, "krylov_dimension": 40, "regularization": 0.01}
 
 
-def calculator_run(paths: dict, output: str, n_workers: int, chunks: tuple[int, int],
-                   fit_batch_size: int) -> dict[str, float]:
+def calculator_run(
+    paths: dict, output: str, n_workers: int, chunks: tuple[int, int], fit_batch_size: int
+) -> dict[str, float]:
     """Cluster start + fit + ``DaskInfluenceCalculator.influences(...).to_zarr``; seconds."""
     import dask
     import dask.array as da
@@ -54,18 +55,30 @@ def calculator_run(paths: dict, output: str, n_workers: int, chunks: tuple[int, 
     from torch.nn import functional as F
     from torch.utils.data import DataLoader, TensorDataset
 
-    from prefect_influence import TORCH_WORKER_DASK_CONFIG, DaskInfluenceCalculator, TorchNumpyConverter
+    from prefect_influence import (
+        TORCH_WORKER_DASK_CONFIG,
+        DaskInfluenceCalculator,
+        TorchNumpyConverter,
+    )
     from prefect_influence.torch import ArnoldiInfluence
 
     start = time.perf_counter()
     arrays = common.load_job_arrays(paths)
-    with dask.config.set(TORCH_WORKER_DASK_CONFIG), LocalCluster(
-        n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=":0"
-    ) as cluster, Client(cluster) as client:
+    with (
+        dask.config.set(TORCH_WORKER_DASK_CONFIG),
+        LocalCluster(
+            n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=":0"
+        ) as cluster,
+        Client(cluster) as client,
+    ):
         t_cluster = time.perf_counter()
-        model = ArnoldiInfluence(common.load_network(paths), F.cross_entropy,
-                                 METHOD["regularization"], rank=METHOD["rank"],
-                                 krylov_dimension=METHOD["krylov_dimension"])
+        model = ArnoldiInfluence(
+            common.load_network(paths),
+            F.cross_entropy,
+            METHOD["regularization"],
+            rank=METHOD["rank"],
+            krylov_dimension=METHOD["krylov_dimension"],
+        )
         x, y = torch.from_numpy(arrays["x_train"]), torch.from_numpy(arrays["y_train"])
         model.fit(DataLoader(TensorDataset(x, y), batch_size=fit_batch_size))
         t_fit = time.perf_counter()
@@ -78,8 +91,12 @@ def calculator_run(paths: dict, output: str, n_workers: int, chunks: tuple[int, 
         )
         lazy.to_zarr(output, compressors=None)  # as the flow stores scores: uncompressed
         end = time.perf_counter()
-    return {"cluster": t_cluster - start, "fit": t_fit - t_cluster, "grid": end - t_fit,
-            "total": end - start}
+    return {
+        "cluster": t_cluster - start,
+        "fit": t_fit - t_cluster,
+        "grid": end - t_fit,
+        "total": end - start,
+    }
 
 
 def main() -> None:
@@ -110,32 +127,45 @@ def main() -> None:
     try:
         paths = common.write_job(root / "data", args.n_train, args.n_test, args.hidden)
         warm = common.write_job(root / "warm", 600, 60, args.hidden)
-        common.header("overhead: whole flow (auto chunking) vs the calculator alone",
-                      job=f"MLP p = {p}, {args.n_test} test × {args.n_train} train, "
-                          f"{METHOD['name']} rank {METHOD['rank']}",
-                      auto_chunks=f"{args.workers} worker(s): train {chunks[0]}, test {chunks[1]}")
+        common.header(
+            "overhead: whole flow (auto chunking) vs the calculator alone",
+            job=f"MLP p = {p}, {args.n_test} test × {args.n_train} train, "
+            f"{METHOD['name']} rank {METHOD['rank']}",
+            auto_chunks=f"{args.workers} worker(s): train {chunks[0]}, test {chunks[1]}",
+        )
         cfg = lambda out, **kw: common.job_config(  # noqa: E731
-            paths, str(root / out), method=METHOD, n_workers=args.workers, self_influence=False,
-            summary=False, **kw)
+            paths,
+            str(root / out),
+            method=METHOD,
+            n_workers=args.workers,
+            self_influence=False,
+            summary=False,
+            **kw,
+        )
         fit_batch_size = cfg("probe").method.fit_batch_size
 
         common.run_stages_in_process(common.job_config(warm, str(root / "warm-out"), method=METHOD))
         t_api = common.start_prefect_api()
         print(f"   Prefect API start (not counted): {t_api:.1f} s", flush=True)
         inproc = common.run_stages_in_process(cfg("inproc"))
-        print("   in-process: " + ", ".join(f"{k} {v:.1f} s" for k, v in inproc.items()), flush=True)
+        print(
+            "   in-process: " + ", ".join(f"{k} {v:.1f} s" for k, v in inproc.items()), flush=True
+        )
         calc, flows = [], []
         for r in range(args.repeat):
-            t = calculator_run(paths, str(root / f"calc{r}.zarr"), args.workers, chunks,
-                               fit_batch_size)
+            t = calculator_run(
+                paths, str(root / f"calc{r}.zarr"), args.workers, chunks, fit_batch_size
+            )
             calc.append(t)
             print("   calculator: " + ", ".join(f"{k} {v:.1f} s" for k, v in t.items()), flush=True)
             start = time.perf_counter()
             result = influence_pipeline(cfg(f"flow{r}"))
             flows.append(time.perf_counter() - start)
             wait_for_closing_clusters()  # not timed (the calculator's close is not either)
-            print(f"   flow: {flows[-1]:.1f} s, grid {result['grid']}, phases {result['seconds']}",
-                  flush=True)
+            print(
+                f"   flow: {flows[-1]:.1f} s, grid {result['grid']}, phases {result['seconds']}",
+                flush=True,
+            )
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -143,14 +173,20 @@ def main() -> None:
     flow = min(flows)
     overhead = flow / base - 1
     judged = "" if base >= 60 else f" (job only {base:.0f} s < 60 s: not judged)"
-    print(f"time calculator alone: {base:.1f} s (best of {[round(t['total'], 1) for t in calc]}), "
-          f"flow: {flow:.1f} s (best of {[round(t, 1) for t in flows]}), in-process stages "
-          f"(1 thread, no Dask): {inproc['total']:.1f} s; not counted: the ephemeral Prefect "
-          f"API's start, {t_api:.1f} s once per process (deployments talk to a running server)")
-    print(f"ratio in-process / flow: {inproc['total'] / flow:.2f}x speed-up from "
-          f"{args.workers} workers")
-    print(f"ratio flow / calculator alone: {flow / base:.3f} -> overhead {overhead:+.1%} "
-          f"(target <= {TARGET:.0%}: {common.verdict(overhead <= TARGET)}){judged}")
+    print(
+        f"time calculator alone: {base:.1f} s (best of {[round(t['total'], 1) for t in calc]}), "
+        f"flow: {flow:.1f} s (best of {[round(t, 1) for t in flows]}), in-process stages "
+        f"(1 thread, no Dask): {inproc['total']:.1f} s; not counted: the ephemeral Prefect "
+        f"API's start, {t_api:.1f} s once per process (deployments talk to a running server)"
+    )
+    print(
+        f"ratio in-process / flow: {inproc['total'] / flow:.2f}x speed-up from "
+        f"{args.workers} workers"
+    )
+    print(
+        f"ratio flow / calculator alone: {flow / base:.3f} -> overhead {overhead:+.1%} "
+        f"(target <= {TARGET:.0%}: {common.verdict(overhead <= TARGET)}){judged}"
+    )
 
 
 if __name__ == "__main__":

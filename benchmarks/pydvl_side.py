@@ -23,7 +23,9 @@ def build_network(spec):
     from torch import nn
 
     sizes = spec["layers"]
-    return nn.Sequential(nn.Linear(sizes[0], sizes[1]), nn.Tanh(), nn.Linear(sizes[1], sizes[2])).eval()
+    return nn.Sequential(
+        nn.Linear(sizes[0], sizes[1]), nn.Tanh(), nn.Linear(sizes[1], sizes[2])
+    ).eval()
 
 
 def main() -> None:
@@ -49,8 +51,9 @@ def main() -> None:
     if settings["method"] == "direct":
         model = DirectInfluence(net, F.cross_entropy, regularization=spec["regularization"])
     else:
-        model = CgInfluence(net, F.cross_entropy, regularization=spec["regularization"],
-                            **settings["options"])
+        model = CgInfluence(
+            net, F.cross_entropy, regularization=spec["regularization"], **settings["options"]
+        )
     loader = DataLoader(TensorDataset(x, y), batch_size=settings["fit_batch_size"])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -64,15 +67,19 @@ def main() -> None:
         da_xt = da.from_array(xt, chunks=(test_chunk, -1))
         da_yt = da.from_array(yt, chunks=test_chunk)
         with dask.config.set(scheduler="synchronous"):
-            calculator = DaskInfluenceCalculator(model, TorchNumpyConverter(),
-                                                 DisableClientSingleThreadCheck)
+            calculator = DaskInfluenceCalculator(
+                model, TorchNumpyConverter(), DisableClientSingleThreadCheck
+            )
             start = time.perf_counter()
             values = calculator.influences(da_xt, da_yt, da_x, da_y).compute()
             t_compute = time.perf_counter() - start
     np.savez(workdir / f"pydvl_{run}.npz", values=np.asarray(values))
     report = {
-        "pydvl": pydvl.__version__, "torch": torch.__version__, "numpy": np.__version__,
-        "fit_s": t_fit, "influences_compute_s": t_compute,
+        "pydvl": pydvl.__version__,
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "fit_s": t_fit,
+        "influences_compute_s": t_compute,
         "warnings": sorted({str(w.message).splitlines()[0][:160] for w in caught}),
     }
     (workdir / f"pydvl_{run}.json").write_text(json.dumps(report, indent=1))

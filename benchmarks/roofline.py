@@ -35,7 +35,6 @@ from typing import Optional
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
-
 import numpy as np  # noqa: E402
 
 TARGET = 1.25
@@ -64,8 +63,15 @@ def bare_scores(net, x, y, factors, ranges):
     return (factors @ grads.T).cpu()  # a no-op on the CPU; on a GPU it waits for the device
 
 
-def run_row(label: str, hidden: int, n_test: int, n_train: int, root: Path,
-            repeat: int = 3, device: str = "cpu") -> tuple[float, float, float]:
+def run_row(
+    label: str,
+    hidden: int,
+    n_test: int,
+    n_train: int,
+    root: Path,
+    repeat: int = 3,
+    device: str = "cpu",
+) -> tuple[float, float, float]:
     import torch
 
     from prefect_influence import stages
@@ -77,8 +83,9 @@ def run_row(label: str, hidden: int, n_test: int, n_train: int, root: Path,
     net = common.load_network(paths).to(device)
 
     def prepare(p, out):
-        config = common.job_config(p, str(out), method=FIT, self_influence=False, summary=False,
-                                   device=device)
+        config = common.job_config(
+            p, str(out), method=FIT, self_influence=False, summary=False, device=device
+        )
         plan = stages.plan_job(config, n_workers=2)
         stages.fit_stage(config)
         for i in range(plan.grid.shape[0]):
@@ -91,19 +98,30 @@ def run_row(label: str, hidden: int, n_test: int, n_train: int, root: Path,
         stages.column_stage(wconfig, j)
     wdata = common.load_job_arrays(warm)
     wf = torch.from_numpy(np.array(InfluenceStore(wconfig.output).read_chunk(FACTORS, wgrid, (0,))))
-    bare_scores(net, torch.from_numpy(wdata["x_train"]).to(device),
-                torch.from_numpy(wdata["y_train"]).to(device), wf.to(device), wgrid.train_ranges)
+    bare_scores(
+        net,
+        torch.from_numpy(wdata["x_train"]).to(device),
+        torch.from_numpy(wdata["y_train"]).to(device),
+        wf.to(device),
+        wgrid.train_ranges,
+    )
 
     config, grid = prepare(paths, root / f"{label}-out")
     store = InfluenceStore(config.output)
     factors = torch.from_numpy(np.asarray(store.group[FACTORS][...])).to(device)
     data = common.load_job_arrays(paths)
-    x, y = torch.from_numpy(data["x_train"]).to(device), torch.from_numpy(data["y_train"]).to(device)
+    x, y = (
+        torch.from_numpy(data["x_train"]).to(device),
+        torch.from_numpy(data["y_train"]).to(device),
+    )
     if device.startswith("cuda"):
         torch.cuda.synchronize()  # the copies are done before the first timing
-    print(f"-- {label} on {device}: p = {grid.n_parameters}, {n_test} test × {n_train} train, grid "
-          f"{grid.shape[0]} × {grid.shape[1]} blocks of {grid.test_chunk} × {grid.train_chunk}, "
-          f"scores {n_test * n_train * 4 / 2**20:.0f} MiB", flush=True)
+    print(
+        f"-- {label} on {device}: p = {grid.n_parameters}, {n_test} test × {n_train} train, grid "
+        f"{grid.shape[0]} × {grid.shape[1]} blocks of {grid.test_chunk} × {grid.train_chunk}, "
+        f"scores {n_test * n_train * 4 / 2**20:.0f} MiB",
+        flush=True,
+    )
 
     def ours() -> float:
         # a fresh grid each time: drop the blocks and their records (factors stay)
@@ -127,11 +145,16 @@ def run_row(label: str, hidden: int, n_test: int, n_train: int, root: Path,
     scale = float(np.abs(expected.numpy()).max())
     err = float(np.abs(got - expected.numpy()).max())
     # float32, same arithmetic in blocks vs one GEMM: only the summation order differs
-    assert err <= 1e-4 * scale, f"{label}: stage and baseline differ by {err:.3g} (scale {scale:.3g})"
+    assert err <= 1e-4 * scale, (
+        f"{label}: stage and baseline differ by {err:.3g} (scale {scale:.3g})"
+    )
     ratio = min(t_ours) / min(t_bare)
-    print(f"   bare PyTorch {', '.join(f'{t:.2f}' for t in t_bare)} s, column stages "
-          f"{', '.join(f'{t:.2f}' for t in t_ours)} s (alternating), max |difference| {err:.1e} "
-          f"(scale {scale:.1e})", flush=True)
+    print(
+        f"   bare PyTorch {', '.join(f'{t:.2f}' for t in t_bare)} s, column stages "
+        f"{', '.join(f'{t:.2f}' for t in t_ours)} s (alternating), max |difference| {err:.1e} "
+        f"(scale {scale:.1e})",
+        flush=True,
+    )
     shutil.rmtree(root / f"{label}-out", ignore_errors=True)
     return min(t_ours), min(t_bare), ratio
 
@@ -150,9 +173,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smaller shapes (smoke run)")
     parser.add_argument("--rows", default="mlp10k,mlp610")
     parser.add_argument("--repeat", type=int, default=3, help="alternating timed runs of each side")
-    parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu", "none"],
-                        help="device of the GPU rows (auto: cuda if torch sees a GPU, else none; "
-                             "cpu: run them on the CPU to check their code path)")
+    parser.add_argument(
+        "--device",
+        default="auto",
+        choices=["auto", "cuda", "cpu", "none"],
+        help="device of the GPU rows (auto: cuda if torch sees a GPU, else none; "
+        "cpu: run them on the CPU to check their code path)",
+    )
     args = parser.parse_args()
     shapes = {  # label: (hidden, n_test, n_train)
         "mlp10k": (134, 1000, 8000) if not args.quick else (134, 500, 2000),
@@ -160,9 +187,12 @@ def main() -> None:
     }
     gpu = device_rows(args.device)
     no_gpu_rows = f"not run (--device {args.device}" + (
-        ", torch sees no GPU)" if args.device == "auto" else ")")
-    common.header("roofline: column stage vs bare PyTorch (grads once + one GEMM), 1 torch thread",
-                  gpu_rows=gpu or no_gpu_rows)
+        ", torch sees no GPU)" if args.device == "auto" else ")"
+    )
+    common.header(
+        "roofline: column stage vs bare PyTorch (grads once + one GEMM), 1 torch thread",
+        gpu_rows=gpu or no_gpu_rows,
+    )
     labels = args.rows.split(",")
     # (row name, shape label, device): the CPU rows, then the same shapes on the GPU rows' device
     runs = [(f"{label} CPU", label, "cpu") for label in labels]
@@ -173,18 +203,30 @@ def main() -> None:
     results = []
     try:
         for name, label, device in runs:
-            results.append((name, *run_row(f"{label}-{len(results)}-{device}", *shapes[label],
-                                           root, args.repeat, device)))
+            results.append(
+                (
+                    name,
+                    *run_row(
+                        f"{label}-{len(results)}-{device}",
+                        *shapes[label],
+                        root,
+                        args.repeat,
+                        device,
+                    ),
+                )
+            )
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    for label, t_ours, t_bare, ratio in results:
+    for label, t_ours, t_bare, _ in results:
         print(f"time {label}: column stages {t_ours:.2f} s, bare PyTorch {t_bare:.2f} s")
     if not gpu:
         print(f"ratio GPU: not measured, GPU rows {no_gpu_rows}")
     judged = " (quick size: not judged)" if args.quick else ""
-    for label, t_ours, t_bare, ratio in results:
-        print(f"ratio {label} ours / bare: {ratio:.2f} (target <= {TARGET}: "
-              f"{common.verdict(ratio <= TARGET)}){judged}")
+    for label, _, _, ratio in results:
+        print(
+            f"ratio {label} ours / bare: {ratio:.2f} (target <= {TARGET}: "
+            f"{common.verdict(ratio <= TARGET)}){judged}"
+        )
 
 
 if __name__ == "__main__":

@@ -44,8 +44,9 @@ FULL = {"memory": []}
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke run of every benchmark")
-    parser.add_argument("--full", action="store_true",
-                        help="judge every target: the 4 GB memory grid too")
+    parser.add_argument(
+        "--full", action="store_true", help="judge every target: the 4 GB memory grid too"
+    )
     parser.add_argument("--only", default="", help="comma-separated subset, e.g. roofline,scaling")
     args = parser.parse_args()
     if args.quick and args.full:
@@ -64,12 +65,17 @@ def main() -> int:
         start = time.perf_counter()
         log = logs / f"{name}{'' if size == 'default' else '-' + size}.log"
         with open(log, "w") as f:
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            proc = subprocess.Popen(
+                cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
             lines = []
             for line in proc.stdout:
                 f.write(line)
-                if not (line.startswith(("WARNING: Location", "  warnings.warn"))
-                        or " | INFO " in line or " - INFO - " in line):
+                if not (
+                    line.startswith(("WARNING: Location", "  warnings.warn"))
+                    or " | INFO " in line
+                    or " - INFO - " in line
+                ):
                     sys.stdout.write(line)
                     sys.stdout.flush()
                 lines.append(line.rstrip("\n"))
@@ -80,9 +86,10 @@ def main() -> int:
             summary.append((name, elapsed, [f"FAILED (exit {code}), see {log}"]))
         else:
             summary.append((name, elapsed, [l for l in lines if l.strip()][-tail:]))
-            record(name, " ".join([f"benchmarks/{name}.py", *chosen]), size, elapsed, summary[-1][2])
-    print(f"\n### summary ({size} sizes, "
-          f"{time.perf_counter() - start_all:.0f} s in all)")
+            record(
+                name, " ".join([f"benchmarks/{name}.py", *chosen]), size, elapsed, summary[-1][2]
+            )
+    print(f"\n### summary ({size} sizes, {time.perf_counter() - start_all:.0f} s in all)")
     for name, elapsed, lines in summary:
         print(f"[{name}] ({elapsed:.0f} s)")
         for line in lines:
@@ -92,15 +99,25 @@ def main() -> int:
 
 def record(name: str, command: str, size: str, elapsed: float, lines: list[str]) -> None:
     """Replace the benchmark's section of RESULTS.md with this run's closing lines."""
-    text = RESULTS.read_text() if RESULTS.exists() else (
-        "# Benchmark results\n\nWritten by `benchmarks/run_all.py`: the closing lines of each "
-        "benchmark's latest run.\n")
+    text = (
+        RESULTS.read_text()
+        if RESULTS.exists()
+        else (
+            "# Benchmark results\n\nWritten by `benchmarks/run_all.py`: the closing lines of each "
+            "benchmark's latest run.\n"
+        )
+    )
     body = "\n".join(lines)
-    section = (f"## {name}\n\n{date.today().isoformat()}, {size} size, {elapsed:.0f} s: "
-               f"`python {command}`\n\n```\n{body}\n```\n")
+    section = (
+        f"## {name}\n\n{date.today().isoformat()}, {size} size, {elapsed:.0f} s: "
+        f"`python {command}`\n\n```\n{body}\n```\n"
+    )
     pattern = re.compile(rf"^## {re.escape(name)}\n.*?(?=^## |\Z)", re.S | re.M)
-    text = pattern.sub(lambda _: section + "\n", text) if pattern.search(text) else (
-        text.rstrip("\n") + "\n\n" + section)
+    text = (
+        pattern.sub(lambda _: section + "\n", text)
+        if pattern.search(text)
+        else (text.rstrip("\n") + "\n\n" + section)
+    )
     RESULTS.write_text(text.rstrip("\n") + "\n")
 
 

@@ -19,11 +19,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
-
 import numpy as np  # noqa: E402
 
 MULTIPLES = (1, 2, 4)
@@ -63,17 +61,23 @@ def main() -> None:
     model = ArnoldiInfluence(net, F.cross_entropy, 0.01, rank=20, krylov_dimension=40)
     fit_x, fit_y = torch.from_numpy(x[: args.base]), torch.from_numpy(y[: args.base])
     model.fit([(fit_x[i : i + 256], fit_y[i : i + 256]) for i in range(0, args.base, 256)])
-    common.header("scaling: DaskInfluenceCalculator time vs n_train and workers",
-                  job=f"MLP p = {model.n_parameters}, {args.n_test} test × n_train "
-                      f"{[args.base * m for m in MULTIPLES]}, chunks {args.test_chunk} × "
-                      f"{args.train_chunk}, Arnoldi rank 20")
+    common.header(
+        "scaling: DaskInfluenceCalculator time vs n_train and workers",
+        job=f"MLP p = {model.n_parameters}, {args.n_test} test × n_train "
+        f"{[args.base * m for m in MULTIPLES]}, chunks {args.test_chunk} × "
+        f"{args.train_chunk}, Arnoldi rank 20",
+    )
     da_xt = da.from_array(xt, chunks=(args.test_chunk, -1))
     da_yt = da.from_array(yt, chunks=args.test_chunk)
     times: dict[tuple[int, int], float] = {}
     for workers in (1, 2):
-        with dask.config.set(TORCH_WORKER_DASK_CONFIG), LocalCluster(
-            n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0"
-        ) as cluster, Client(cluster) as client:
+        with (
+            dask.config.set(TORCH_WORKER_DASK_CONFIG),
+            LocalCluster(
+                n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0"
+            ) as cluster,
+            Client(cluster) as client,
+        ):
             calculator = DaskInfluenceCalculator(model, TorchNumpyConverter(), client)
             for m in MULTIPLES:
                 n = args.base * m
@@ -81,23 +85,36 @@ def main() -> None:
                 da_y = da.from_array(y[:n], chunks=args.train_chunk)
                 # the warm-up (at ×1 only) is best_time's untimed first call
                 times[(workers, m)], values = common.best_time(
-                    lambda: calculator.influences(da_xt, da_yt, da_x, da_y).compute(),
-                    args.repeat, warmup=m == 1,
+                    lambda c=calculator, x=da_x, y=da_y: c.influences(da_xt, da_yt, x, y).compute(),
+                    args.repeat,
+                    warmup=m == 1,
                 )
                 assert values.shape == (args.n_test, n) and np.isfinite(values).all()
-            print(f"   {workers} worker(s): " + ", ".join(
-                f"n_train {args.base * m}: {times[(workers, m)]:.2f} s" for m in MULTIPLES), flush=True)
+            print(
+                f"   {workers} worker(s): "
+                + ", ".join(
+                    f"n_train {args.base * m}: {times[(workers, m)]:.2f} s" for m in MULTIPLES
+                ),
+                flush=True,
+            )
 
     for workers in (1, 2):
-        print(f"time {workers} worker(s): " + ", ".join(
-            f"×{m} {times[(workers, m)]:.2f} s" for m in MULTIPLES))
+        print(
+            f"time {workers} worker(s): "
+            + ", ".join(f"×{m} {times[(workers, m)]:.2f} s" for m in MULTIPLES)
+        )
     for workers in (1, 2):
         base = times[(workers, 1)]
-        print(f"ratio {workers} worker(s) time / time at ×1: " + ", ".join(
-            f"×{m} -> {times[(workers, m)] / base:.2f}" for m in MULTIPLES[1:])
-            + " (linear: 2.00, 4.00)")
-    print("ratio speed-up 1 -> 2 workers: " + ", ".join(
-        f"×{m} {times[(1, m)] / times[(2, m)]:.2f}x" for m in MULTIPLES) + " (ideal 2.00x)")
+        print(
+            f"ratio {workers} worker(s) time / time at ×1: "
+            + ", ".join(f"×{m} -> {times[(workers, m)] / base:.2f}" for m in MULTIPLES[1:])
+            + " (linear: 2.00, 4.00)"
+        )
+    print(
+        "ratio speed-up 1 -> 2 workers: "
+        + ", ".join(f"×{m} {times[(1, m)] / times[(2, m)]:.2f}x" for m in MULTIPLES)
+        + " (ideal 2.00x)"
+    )
 
 
 if __name__ == "__main__":

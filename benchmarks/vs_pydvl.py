@@ -40,14 +40,19 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
-
 import numpy as np  # noqa: E402
 
 CLEAN_ENV = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
 VENV = common.BENCH_DIR / ".pydvl-venv"
 PYDVL_SPEC = "pydvl[influence]==0.10.*"
 TORCH_SPEC = "torch==2.13.0"
-TARGETS = {"direct_total": 8.0, "direct_fit": 3.0, "direct_error": 1.5, "cg": 10.0, "cg_pearson": 0.999}
+TARGETS = {
+    "direct_total": 8.0,
+    "direct_fit": 3.0,
+    "direct_error": 1.5,
+    "cg": 10.0,
+    "cg_pearson": 0.999,
+}
 
 
 def venv_python() -> Path:
@@ -57,24 +62,40 @@ def venv_python() -> Path:
 def ensure_pydvl_venv() -> str:
     """Create the isolated pyDVL environment if needed; returns the resolved versions."""
     python = venv_python()
-    probe = [str(python), "-c", "import pydvl, torch, numpy, dask, distributed; "
-             "print(pydvl.__version__, torch.__version__, numpy.__version__, dask.__version__)"]
+    probe = [
+        str(python),
+        "-c",
+        "import pydvl, torch, numpy, dask, distributed; "
+        "print(pydvl.__version__, torch.__version__, numpy.__version__, dask.__version__)",
+    ]
     if python.exists() and subprocess.run(probe, capture_output=True).returncode == 0:
         return subprocess.run(probe, capture_output=True, text=True).stdout.strip()
-    print(f"building {VENV} ({PYDVL_SPEC}, {TORCH_SPEC}); this takes a few minutes once", flush=True)
+    print(
+        f"building {VENV} ({PYDVL_SPEC}, {TORCH_SPEC}); this takes a few minutes once", flush=True
+    )
     base = getattr(sys, "_base_executable", sys.executable)
     subprocess.run([base, "-m", "venv", str(VENV)], check=True)
-    subprocess.run([str(python), "-m", "pip", "install", "-q", PYDVL_SPEC, TORCH_SPEC], check=True,
-                   stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [str(python), "-m", "pip", "install", "-q", PYDVL_SPEC, TORCH_SPEC],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
     return subprocess.run(probe, capture_output=True, text=True, check=True).stdout.strip()
 
 
 def pydvl_run(name: str, workdir: Path, timeout: float) -> dict:
     script = common.BENCH_DIR / "pydvl_side.py"
-    proc = subprocess.run([str(venv_python()), str(script), str(workdir), name], env=CLEAN_ENV,
-                          capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [str(venv_python()), str(script), str(workdir), name],
+        env=CLEAN_ENV,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if proc.returncode != 0:
-        raise RuntimeError(f"pyDVL run {name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        raise RuntimeError(
+            f"pyDVL run {name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        )
     report = json.loads((workdir / f"pydvl_{name}.json").read_text())
     report["values"] = np.load(workdir / f"pydvl_{name}.npz")["values"]
     report["total_s"] = report["fit_s"] + report["influences_compute_s"]
@@ -96,25 +117,36 @@ def our_run(model, data: dict, n_test: int, blocks: int, fit_batch_size: int) ->
 
     x, y = data["x_train"], data["y_train"]
     xt, yt = data["x_test"][:n_test], data["y_test"][:n_test]
-    loader = DataLoader(TensorDataset(torch.from_numpy(x), torch.from_numpy(y)),
-                        batch_size=fit_batch_size)
+    loader = DataLoader(
+        TensorDataset(torch.from_numpy(x), torch.from_numpy(y)), batch_size=fit_batch_size
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         start = time.perf_counter()
         model.fit(loader)
         t_fit = time.perf_counter() - start
         train_chunk, test_chunk = -(-len(x) // blocks), -(-len(xt) // blocks)
-        args = (da.from_array(xt, chunks=(test_chunk, -1)), da.from_array(yt, chunks=test_chunk),
-                da.from_array(x, chunks=(train_chunk, -1)), da.from_array(y, chunks=train_chunk))
+        args = (
+            da.from_array(xt, chunks=(test_chunk, -1)),
+            da.from_array(yt, chunks=test_chunk),
+            da.from_array(x, chunks=(train_chunk, -1)),
+            da.from_array(y, chunks=train_chunk),
+        )
         with dask.config.set(scheduler="synchronous"):
-            calculator = DaskInfluenceCalculator(model, TorchNumpyConverter(),
-                                                 DisableClientSingleThreadCheck)
+            calculator = DaskInfluenceCalculator(
+                model, TorchNumpyConverter(), DisableClientSingleThreadCheck
+            )
             start = time.perf_counter()
             values = calculator.influences(*args).compute()
             t_compute = time.perf_counter() - start
-    return {"fit_s": t_fit, "influences_compute_s": t_compute, "total_s": t_fit + t_compute,
-            "values": np.asarray(values), "model": model,
-            "warnings": sorted({str(w.message).splitlines()[0][:160] for w in caught})}
+    return {
+        "fit_s": t_fit,
+        "influences_compute_s": t_compute,
+        "total_s": t_fit + t_compute,
+        "values": np.asarray(values),
+        "model": model,
+        "warnings": sorted({str(w.message).splitlines()[0][:160] for w in caught}),
+    }
 
 
 def hessian_rate(net, data: dict) -> tuple[float, float]:
@@ -127,16 +159,19 @@ def hessian_rate(net, data: dict) -> tuple[float, float]:
 
     fn = ModelFunctions(net, torch.nn.functional.cross_entropy)
     x, y = torch.from_numpy(data["x_train"]), torch.from_numpy(data["y_train"])
-    seconds, _ = common.best_time(lambda: exact_hessian(fn, [(x, y)], len(x)), repeat=2,
-                                  warmup=False)
+    seconds, _ = common.best_time(
+        lambda: exact_hessian(fn, [(x, y)], len(x)), repeat=2, warmup=False
+    )
     return seconds, float(linear_layers_flops(linear_layout(fn, x, y), len(x)))
 
 
 def show(side: str, run: dict, truth: np.ndarray) -> str:
-    line = (f"   {side}: fit {run['fit_s']:.2f} s + influences {run['influences_compute_s']:.2f} s = "
-            f"{run['total_s']:.2f} s; vs float64 truth: relative error "
-            f"{common.relative_error(run['values'], truth):.2e}, Pearson "
-            f"{common.pearson(run['values'], truth):.6f}")
+    line = (
+        f"   {side}: fit {run['fit_s']:.2f} s + influences {run['influences_compute_s']:.2f} s = "
+        f"{run['total_s']:.2f} s; vs float64 truth: relative error "
+        f"{common.relative_error(run['values'], truth):.2e}, Pearson "
+        f"{common.pearson(run['values'], truth):.6f}"
+    )
     for w in run["warnings"]:
         line += f"\n      warning: {w}"
     return line
@@ -148,13 +183,20 @@ def main() -> None:
     parser.add_argument("--n-train", type=int, default=1200)
     parser.add_argument("--n-test", type=int, default=400, help="test points of the Direct grid")
     parser.add_argument("--cg-test", type=int, default=10, help="test points of the CG job")
-    parser.add_argument("--hidden", type=int, default=128, help="64 → hidden → 10 (128: 9,610 parameters)")
-    parser.add_argument("--epochs", type=int, default=20, help="SGD epochs (stopped early: non-convex)")
+    parser.add_argument(
+        "--hidden", type=int, default=128, help="64 → hidden → 10 (128: 9,610 parameters)"
+    )
+    parser.add_argument(
+        "--epochs", type=int, default=20, help="SGD epochs (stopped early: non-convex)"
+    )
     parser.add_argument("--blocks", type=int, default=4, help="blocks per side of the Direct grid")
     parser.add_argument("--regularization", type=float, default=0.01)
     parser.add_argument("--fit-batch-size", type=int, default=300)
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: 64 → 32 → 10, 300 train × 40 test, pyDVL CG at maxiter=100 only")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: 64 → 32 → 10, 300 train × 40 test, pyDVL CG at maxiter=100 only",
+    )
     parser.add_argument("--timeout", type=float, default=1800, help="seconds for each pyDVL run")
     args = parser.parse_args()
     if args.quick:
@@ -179,44 +221,65 @@ def main() -> None:
         "vs_pydvl: ours vs pyDVL 0.10 on a non-convex network, fit included",
         pydvl_venv=f"{VENV} (pydvl, torch, numpy, dask: {versions})",
         network=f"MLP 64→{args.hidden}→10 tanh, p = {common.n_parameters(args.hidden)}, minibatch "
-                f"SGD stopped after {args.epochs} epochs on {args.n_train} points; float32",
+        f"SGD stopped after {args.epochs} epochs on {args.n_train} points; float32",
         curvature=f"H + {args.regularization}·I: {common.spectrum_summary(eigenvalues)}",
         scheduler="Dask synchronous on both sides; fit loader batches of "
-                  f"{args.fit_batch_size} on both sides",
+        f"{args.fit_batch_size} on both sides",
     )
     np.savez(workdir / "inputs.npz", **data)
     torch.save(net.state_dict(), workdir / "model.pt")
     runs = {
         "direct": {"method": "direct", "n_test": args.n_test, "blocks": args.blocks},
         "cg100": {"method": "cg", "n_test": args.cg_test, "blocks": 1, "options": {"maxiter": 100}},
-        "cg1000": {"method": "cg", "n_test": args.cg_test, "blocks": 1, "options": {"maxiter": 1000}},
+        "cg1000": {
+            "method": "cg",
+            "n_test": args.cg_test,
+            "blocks": 1,
+            "options": {"maxiter": 1000},
+        },
     }
     for settings in runs.values():
         settings["fit_batch_size"] = args.fit_batch_size
-    spec = {"layers": [common.N_FEATURES, args.hidden, common.N_CLASSES],
-            "regularization": args.regularization, "runs": runs}
+    spec = {
+        "layers": [common.N_FEATURES, args.hidden, common.N_CLASSES],
+        "regularization": args.regularization,
+        "runs": runs,
+    }
     (workdir / "spec.json").write_text(json.dumps(spec))
     closing = []
 
     if "direct" in asked:
         sgemm, dgemm = common.gemm_gflops(), common.gemm_gflops(torch.float64)
         h_seconds, h_flops = hessian_rate(net, data)
-        print("-- direct: 400 × 1,200 in 4 × 4 blocks" if not args.quick else "-- direct", flush=True)
-        ours = our_run(DirectInfluence(net, cross_entropy, args.regularization), data, args.n_test,
-                       args.blocks, args.fit_batch_size)
+        print(
+            "-- direct: 400 × 1,200 in 4 × 4 blocks" if not args.quick else "-- direct", flush=True
+        )
+        ours = our_run(
+            DirectInfluence(net, cross_entropy, args.regularization),
+            data,
+            args.n_test,
+            args.blocks,
+            args.fit_batch_size,
+        )
         truth_d = truth[: args.n_test]
         print(show("ours", ours, truth_d), flush=True)
-        precise = our_run(DirectInfluence(net, cross_entropy, args.regularization,
-                                          hessian_dtype=torch.float64),
-                          data, args.n_test, args.blocks, args.fit_batch_size)
+        precise = our_run(
+            DirectInfluence(net, cross_entropy, args.regularization, hessian_dtype=torch.float64),
+            data,
+            args.n_test,
+            args.blocks,
+            args.fit_batch_size,
+        )
         print(show("ours, hessian_dtype=float64", precise, truth_d), flush=True)
         theirs = pydvl_run("direct", workdir, args.timeout)
         print(show("pyDVL", theirs, truth_d), flush=True)
         p, n = common.n_parameters(args.hidden), args.n_train
-        print(f"   our Hessian: {h_seconds:.2f} s for {h_flops / 1e9:.0f} GFLOP of float64 matrix "
-              f"products, {h_flops / h_seconds / 1e9:.0f} GFLOP/s (dgemm {dgemm:.0f}, sgemm "
-              f"{sgemm:.0f} GFLOP/s in this run); {8 * n * p * p / h_seconds / 1e9:.0f} GFLOP/s "
-              "counted as 8·n·p² (products with the identity)")
+        print(
+            f"   our Hessian: {h_seconds:.2f} s for {h_flops / 1e9:.0f} GFLOP of float64 matrix "
+            f"products, {h_flops / h_seconds / 1e9:.0f} GFLOP/s (dgemm {dgemm:.0f}, sgemm "
+            f"{sgemm:.0f} GFLOP/s in this run); {8 * n * p * p / h_seconds / 1e9:.0f} GFLOP/s "
+            "counted as 8·n·p² (products with the identity)"
+        )
         total, fit = theirs["total_s"] / ours["total_s"], theirs["fit_s"] / ours["fit_s"]
         errors = [common.relative_error(r["values"], truth_d) for r in (ours, theirs, precise)]
         judged = " (quick size: not judged)" if args.quick else ""
@@ -239,23 +302,32 @@ def main() -> None:
     if "cg" in asked:
         print(f"-- cg: {args.cg_test} × {args.n_train}, our defaults", flush=True)
         truth_c = truth[: args.cg_test]
-        ours = our_run(CgInfluence(net, cross_entropy, args.regularization), data, args.cg_test, 1,
-                       args.fit_batch_size)
+        ours = our_run(
+            CgInfluence(net, cross_entropy, args.regularization),
+            data,
+            args.cg_test,
+            1,
+            args.fit_batch_size,
+        )
         print(show("ours (defaults)", ours, truth_c), flush=True)
         theirs = {}
         for name in ("cg100",) if args.quick else ("cg100", "cg1000"):
             theirs[name] = pydvl_run(name, workdir, args.timeout)
-            print(show(f"pyDVL maxiter={runs[name]['options']['maxiter']}", theirs[name], truth_c),
-                  flush=True)
+            print(
+                show(f"pyDVL maxiter={runs[name]['options']['maxiter']}", theirs[name], truth_c),
+                flush=True,
+            )
         ours_r = common.pearson(ours["values"], truth_c)
         closest = max(theirs, key=lambda k: common.pearson(theirs[k]["values"], truth_c))
         ratio = theirs[closest]["total_s"] / ours["total_s"]
         met = ours_r >= TARGETS["cg_pearson"] and ratio >= TARGETS["cg"]
         closing += [
             f"cg: ours Pearson {ours_r:.6f} in {ours['total_s']:.2f} s; pyDVL "
-            + ", ".join(f"maxiter={runs[k]['options']['maxiter']}: Pearson "
-                        f"{common.pearson(v['values'], truth_c):.6f} in {v['total_s']:.2f} s"
-                        for k, v in theirs.items()),
+            + ", ".join(
+                f"maxiter={runs[k]['options']['maxiter']}: Pearson "
+                f"{common.pearson(v['values'], truth_c):.6f} in {v['total_s']:.2f} s"
+                for k, v in theirs.items()
+            ),
             f"ratio cg pyDVL (closest: maxiter={runs[closest]['options']['maxiter']}) / ours: "
             f"{ratio:.1f}x (target >= {TARGETS['cg']:.0f}x with Pearson >= "
             f"{TARGETS['cg_pearson']}: {common.verdict(met)})"

@@ -33,7 +33,12 @@ from prefect_influence import TORCH_WORKER_DASK_CONFIG, stages
 from prefect_influence.config import PipelineConfig
 from prefect_influence.sources import ConfigurationError
 from prefect_influence.storage import InfluenceStore
-from prefect_influence.tasks import compute_factors, fit_model, influences_from_factors, write_summary
+from prefect_influence.tasks import (
+    compute_factors,
+    fit_model,
+    influences_from_factors,
+    write_summary,
+)
 from prefect_influence.tasks.influence_tasks import with_secret_storage_options
 
 __all__ = ["influence_pipeline", "compute_grid", "make_task_runner"]
@@ -63,7 +68,9 @@ def planned_workers(config: PipelineConfig) -> int:
         with Client(config.dask_address, timeout=SCHEDULER_CONNECT_S) as client:
             return max(1, len(client.nthreads()))
     except OSError as exc:  # before anything is written to the output
-        raise ConfigurationError(f"dask_address {config.dask_address!r} cannot be reached: {exc}") from exc
+        raise ConfigurationError(
+            f"dask_address {config.dask_address!r} cannot be reached: {exc}"
+        ) from exc
 
 
 def local_cluster_kwargs(config: PipelineConfig) -> dict[str, Any]:
@@ -96,7 +103,9 @@ def make_task_runner(config: PipelineConfig, cluster=None) -> DaskTaskRunner:
         return DaskTaskRunner(address=config.dask_address)
     if cluster is not None:  # by address: the flow engine duplicates its runner (settings only)
         return DaskTaskRunner(address=cluster.scheduler_address)
-    return DaskTaskRunner(cluster_class=torch_local_cluster, cluster_kwargs=local_cluster_kwargs(config))
+    return DaskTaskRunner(
+        cluster_class=torch_local_cluster, cluster_kwargs=local_cluster_kwargs(config)
+    )
 
 
 #: threads still stopping the local clusters of earlier flows in this process
@@ -124,8 +133,12 @@ class LocalClusterStart:
         self._thread: Optional[threading.Thread] = None
         if not config.dask_address:
             wait_for_closing_clusters()
-            self._thread = threading.Thread(target=self._start, args=(local_cluster_kwargs(config),),
-                                            daemon=True, name="prefect-influence-cluster-start")
+            self._thread = threading.Thread(
+                target=self._start,
+                args=(local_cluster_kwargs(config),),
+                daemon=True,
+                name="prefect-influence-cluster-start",
+            )
             self._thread.start()
 
     def _start(self, kwargs: dict[str, Any]) -> None:
@@ -152,13 +165,16 @@ class LocalClusterStart:
         """``close()`` in a background thread: stopping the workers (1.5–1.8 s measured) then
         overlaps the work that follows, and the flow need not wait for it. The thread is not
         a daemon: a process that ends right after the flow still closes the cluster first."""
+
         def close() -> None:
             try:
                 self.close()
             except Exception:  # the run's results are written; a slow shutdown is not fatal
                 logging.getLogger("prefect_influence").exception("closing the local cluster failed")
 
-        thread = threading.Thread(target=close, daemon=False, name="prefect-influence-cluster-close")
+        thread = threading.Thread(
+            target=close, daemon=False, name="prefect-influence-cluster-close"
+        )
         _closing.append(thread)
         thread.start()
         return thread
@@ -204,7 +220,9 @@ def compute_grid(config: PipelineConfig) -> dict[str, int]:
     grid = InfluenceStore(resolved.output, resolved.storage_options).grid()
     n_rows, n_cols = grid.shape
     total = n_rows + n_cols
-    artifact = create_progress_artifact(0.0, description=f"{n_rows} factor chunks, {n_cols} columns of {n_rows} blocks")
+    artifact = create_progress_artifact(
+        0.0, description=f"{n_rows} factor chunks, {n_cols} columns of {n_rows} blocks"
+    )
     done = 0
 
     def advance() -> None:
@@ -229,14 +247,23 @@ def compute_grid(config: PipelineConfig) -> dict[str, int]:
         advance()
     logger.info(
         "factors: %d of %d chunks reused; blocks: %d computed, %d reused",
-        factors_reused, n_rows, counts["computed"], counts["reused"],
+        factors_reused,
+        n_rows,
+        counts["computed"],
+        counts["reused"],
     )
-    return {"factors_computed": n_rows - factors_reused, "factors_reused": factors_reused,
-            "blocks_computed": counts["computed"], "blocks_reused": counts["reused"]}
+    return {
+        "factors_computed": n_rows - factors_reused,
+        "factors_reused": factors_reused,
+        "blocks_computed": counts["computed"],
+        "blocks_reused": counts["reused"],
+    }
 
 
 @flow(name="influence-pipeline", log_prints=False)
-def influence_pipeline(config: PipelineConfig = PipelineConfig()) -> dict[str, Any]:
+def influence_pipeline(
+    config: PipelineConfig = PipelineConfig(),  # noqa: B008 (the run form's defaults)
+) -> dict[str, Any]:
     """Compute influence factors and every test × train influence for ``config``, storing them
     as zarr under ``config.output``. Rerunning with the same configuration resumes."""
     logger = get_run_logger()
@@ -257,7 +284,9 @@ def _flow_run_id() -> Optional[str]:
     return str(ctx.flow_run.id) if ctx and ctx.flow_run else None
 
 
-def _run(config: PipelineConfig, resolved: PipelineConfig, logger) -> tuple[dict[str, Any], dict[str, Any]]:
+def _run(
+    config: PipelineConfig, resolved: PipelineConfig, logger
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """``config`` travels to the tasks (no secrets); ``resolved`` has the secret's storage
     options for the flow process's own storage access."""
     start = time.perf_counter()
@@ -265,7 +294,11 @@ def _run(config: PipelineConfig, resolved: PipelineConfig, logger) -> tuple[dict
     grid = plan.grid
     logger.info(
         "grid %d × %d blocks (test chunk %d, train chunk %d, p = %d) at %s%s",
-        *grid.shape, grid.test_chunk, grid.train_chunk, grid.n_parameters, config.output,
+        *grid.shape,
+        grid.test_chunk,
+        grid.train_chunk,
+        grid.n_parameters,
+        config.output,
         " (resuming)" if plan.reused_output else "",
     )
     with workers_share_api():
@@ -289,8 +322,16 @@ def _run(config: PipelineConfig, resolved: PipelineConfig, logger) -> tuple[dict
     return result, info
 
 
-def _result(config: PipelineConfig, grid, fit_reused: bool, counts: dict[str, int],
-            start: float, t_fit: float, t_grid: float, end: float) -> dict[str, Any]:
+def _result(
+    config: PipelineConfig,
+    grid,
+    fit_reused: bool,
+    counts: dict[str, int],
+    start: float,
+    t_fit: float,
+    t_grid: float,
+    end: float,
+) -> dict[str, Any]:
     return {
         "output": config.output,
         "grid": list(grid.shape),
@@ -298,25 +339,40 @@ def _result(config: PipelineConfig, grid, fit_reused: bool, counts: dict[str, in
         "n_train": grid.n_train,
         "fit_reused": fit_reused,
         **counts,
-        "seconds": {"fit": round(t_fit - start, 3), "grid": round(t_grid - t_fit, 3),
-                    "summary": round(end - t_grid, 3), "total": round(end - start, 3)},
+        "seconds": {
+            "fit": round(t_fit - start, 3),
+            "grid": round(t_grid - t_fit, 3),
+            "summary": round(end - t_grid, 3),
+            "total": round(end - start, 3),
+        },
     }
 
 
-def _publish(config: PipelineConfig, resolved: PipelineConfig, grid, result: dict[str, Any],
-             info: dict[str, Any]) -> None:
+def _publish(
+    config: PipelineConfig,
+    resolved: PipelineConfig,
+    grid,
+    result: dict[str, Any],
+    info: dict[str, Any],
+) -> None:
     """Artifacts show ``config`` (redacted; no secret block values); ``resolved`` reads storage."""
     store = InfluenceStore(resolved.output, resolved.storage_options)
     summary = store.read_summary()
     if config.summary and summary is not None and "top_helpful" in summary[0]:
         arrays = summary[0]
         rows = [
-            {"test_index": i,
-             "most_helpful": ", ".join(map(str, arrays["top_helpful"][i].tolist())),
-             "most_harmful": ", ".join(map(str, arrays["top_harmful"][i].tolist()))}
+            {
+                "test_index": i,
+                "most_helpful": ", ".join(map(str, arrays["top_helpful"][i].tolist())),
+                "most_harmful": ", ".join(map(str, arrays["top_harmful"][i].tolist())),
+            }
             for i in range(min(10, grid.n_test))
         ]
-        create_table_artifact(rows, key="influence-top-k", description=f"Top {info['top_k']} training indices of the first test points")
+        create_table_artifact(
+            rows,
+            key="influence-top-k",
+            description=f"Top {info['top_k']} training indices of the first test points",
+        )
     cfg = json.dumps(config.redacted(), indent=1)
     seconds = result["seconds"]
     create_markdown_artifact(

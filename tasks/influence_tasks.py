@@ -20,7 +20,11 @@ from prefect_influence.errors import InfluenceInputError, NotFittedError
 from prefect_influence.storage import ConfigMismatchError
 
 __all__ = [
-    "fit_model", "compute_factors", "influences_from_factors", "write_summary", "retry_transient",
+    "fit_model",
+    "compute_factors",
+    "influences_from_factors",
+    "write_summary",
+    "retry_transient",
     "with_secret_storage_options",
 ]
 
@@ -106,7 +110,9 @@ def compute_factors(config: PipelineConfig, i: int) -> bool:
 
 
 @task(name="influences-from-factors", task_run_name="column-{j}", **_RETRY)
-def influences_from_factors(config: PipelineConfig, j: int, test_chunks: Optional[list[int]] = None) -> dict[str, int]:
+def influences_from_factors(
+    config: PipelineConfig, j: int, test_chunks: Optional[list[int]] = None
+) -> dict[str, int]:
     """Blocks (i, j) for the test chunks (default all) from train chunk ``j``'s gradients,
     computed once; plus the chunk's self-influence when configured."""
     counts = stages.column_stage(with_secret_storage_options(config), j, test_chunks)

@@ -38,12 +38,18 @@ def s3_server():
 
     Yields ``(endpoint_url, storage_options)``; the bucket ``influence`` exists.
     """
-    exe = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or shutil.which("moto_server")
+    exe = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or shutil.which(
+        "moto_server"
+    )
     if exe is None:
         pytest.fail("moto_server is not installed (pip install 'moto[server]')")
     port = free_port()
-    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [exe, "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     endpoint = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
@@ -53,9 +59,13 @@ def s3_server():
                 break
             except Exception:
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("moto_server did not start")
+                    raise RuntimeError("moto_server did not start") from None
                 time.sleep(0.2)
-        options = {"endpoint_url": endpoint, "key": "testing-key-id", "secret": "testing-secret-value"}
+        options = {
+            "endpoint_url": endpoint,
+            "key": "testing-key-id",
+            "secret": "testing-secret-value",
+        }
         import s3fs
 
         s3fs.S3FileSystem(**options).mkdir("influence")

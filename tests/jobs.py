@@ -55,7 +55,9 @@ def job_config(paths: dict, output: str, **overrides) -> PipelineConfig:
 
 def read_outputs(url: str, storage_options: dict | None = None) -> dict[str, np.ndarray]:
     group = zarr.open_group(url, mode="r", storage_options=storage_options or None)
-    out = {name: np.asarray(group[name][...]) for name in ("factors", "influences", "self_influence")}
+    out = {
+        name: np.asarray(group[name][...]) for name in ("factors", "influences", "self_influence")
+    }
     for key in ("top_helpful", "top_helpful_values", "top_harmful", "top_harmful_values"):
         if f"summary/{key}" in group:
             out[key] = np.asarray(group[f"summary/{key}"][...])

@@ -16,6 +16,8 @@ from prefect_influence.flows import influence_pipeline  # noqa: E402
 
 if __name__ == "__main__":
     data = json.loads(Path(sys.argv[1]).read_text())
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+    with LocalCluster(
+        n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None
+    ) as cluster:
         data["dask_address"] = cluster.scheduler_address
         print(json.dumps(influence_pipeline(PipelineConfig.model_validate(data))))

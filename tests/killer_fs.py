@@ -27,7 +27,7 @@ class KillerFileSystem(LocalFileSystem):
     @classmethod
     def _strip_protocol(cls, path):
         if isinstance(path, str) and path.startswith("killer://"):
-            path = path[len("killer://"):]
+            path = path[len("killer://") :]
         return super()._strip_protocol(path)
 
     def pipe_file(self, path, value, **kwargs):

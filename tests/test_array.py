@@ -216,7 +216,9 @@ def test_s3_url_with_storage_options():
         }
         boto3 = pytest.importorskip("boto3")
         boto3.client(
-            "s3", aws_access_key_id="testing", aws_secret_access_key="testing",
+            "s3",
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
             **options["client_kwargs"],
         ).create_bucket(Bucket="influence-bucket")
         url = "s3://influence-bucket/run/influences.zarr"

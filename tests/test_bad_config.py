@@ -4,7 +4,6 @@ expensive work, and an existing finished output is left byte-for-byte as it was.
 from __future__ import annotations
 
 import hashlib
-import io
 import pickle
 from pathlib import Path
 
@@ -13,6 +12,8 @@ import pydantic
 import pytest
 import torch
 import zarr
+from jobs import job_config, write_inputs
+from test_stages import run_tasks
 
 from prefect_influence import (
     EmptyDataError,
@@ -20,18 +21,19 @@ from prefect_influence import (
     InvalidRankError,
     NonFiniteError,
     ShapeMismatchError,
+    stages,
 )
-from prefect_influence import stages
 from prefect_influence.errors import InfluenceInputError, StorageError
 from prefect_influence.sources import ConfigurationError
 from prefect_influence.storage import ConfigMismatchError
-from jobs import job_config, write_inputs
-from test_stages import run_tasks
 
 
 def tree_digest(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -89,8 +91,12 @@ def case_x_y_lengths_differ(root, inputs):
 
 def case_wrong_input_rank(root, inputs):
     x = _good_x().reshape(10, 8, 8)
-    return {"data": {"train": _zarr_data(root / "rank.zarr", x, np.zeros(10, np.int64)),
-                     "test": _zarr_data(root / "rank-t.zarr", x, np.zeros(10, np.int64))}}
+    return {
+        "data": {
+            "train": _zarr_data(root / "rank.zarr", x, np.zeros(10, np.int64)),
+            "test": _zarr_data(root / "rank-t.zarr", x, np.zeros(10, np.int64)),
+        }
+    }
 
 
 def case_train_test_shapes_differ(root, inputs):
@@ -99,7 +105,13 @@ def case_train_test_shapes_differ(root, inputs):
 
 
 def case_empty_train(root, inputs):
-    return {"data": {"train": _zarr_data(root / "empty.zarr", np.zeros((0, 64), np.float32), np.zeros(0, np.int64))}}
+    return {
+        "data": {
+            "train": _zarr_data(
+                root / "empty.zarr", np.zeros((0, 64), np.float32), np.zeros(0, np.int64)
+            )
+        }
+    }
 
 
 def case_missing_data_url(root, inputs):
@@ -113,9 +125,15 @@ def case_data_without_y(root, inputs):
 
 
 def case_unreachable_url(root, inputs):
-    return {"data": {"train": "s3://no-such-bucket/x.zarr"},
-            "storage_options": {"endpoint_url": "http://127.0.0.1:9", "key": "k", "secret": "s",
-                                "config_kwargs": {"connect_timeout": 1, "retries": {"max_attempts": 1}}}}
+    return {
+        "data": {"train": "s3://no-such-bucket/x.zarr"},
+        "storage_options": {
+            "endpoint_url": "http://127.0.0.1:9",
+            "key": "k",
+            "secret": "s",
+            "config_kwargs": {"connect_timeout": 1, "retries": {"max_attempts": 1}},
+        },
+    }
 
 
 def case_checkpoint_does_not_fit(root, inputs):
@@ -146,9 +164,14 @@ def case_loss_import_missing(root, inputs):
 
 def case_ekfac_unsupported_layer(root, inputs):
     # the example model with a trainable LayerNorm is built by this factory
-    return {"model": {"factory": "jobs_models:with_layer_norm", "factory_kwargs": {},
-                      "checkpoint": _ln_checkpoint(root)},
-            "method": {"name": "ekfac"}}
+    return {
+        "model": {
+            "factory": "jobs_models:with_layer_norm",
+            "factory_kwargs": {},
+            "checkpoint": _ln_checkpoint(root),
+        },
+        "method": {"name": "ekfac"},
+    }
 
 
 def _ln_checkpoint(root):
@@ -220,7 +243,9 @@ def test_cuda_without_a_usable_gpu_fails_clearly_and_keeps_output(finished):
     _, inputs, out = finished
     before = tree_digest(out)
     config = job_config(inputs, str(out), device="cuda")
-    with pytest.raises(ConfigurationError, match="device='cuda', but this process has no usable CUDA"):
+    with pytest.raises(
+        ConfigurationError, match="device='cuda', but this process has no usable CUDA"
+    ):
         stages.plan_job(config)
     assert tree_digest(out) == before
 
@@ -241,7 +266,9 @@ VALIDATION_CASES = [
 ]
 
 
-@pytest.mark.parametrize("overrides, message", VALIDATION_CASES, ids=[str(c[0]) for c in VALIDATION_CASES])
+@pytest.mark.parametrize(
+    "overrides, message", VALIDATION_CASES, ids=[str(c[0]) for c in VALIDATION_CASES]
+)
 def test_invalid_parameters_are_rejected_by_the_schema(finished, overrides, message):
     _, inputs, out = finished
     overrides = dict(overrides)
@@ -260,8 +287,11 @@ def test_an_output_overlapping_the_inputs_is_refused_and_they_survive(where, tmp
     """overwrite=True with an output that holds, is or lies inside an input: refused before
     anything is cleared or written (it would delete the job's own data or checkpoint)."""
     inputs = write_inputs(tmp_path / "inputs")
-    output = {"inputs": tmp_path / "inputs", "train": Path(inputs["train"]),
-              "inside train": Path(inputs["train"]) / "results"}[where]
+    output = {
+        "inputs": tmp_path / "inputs",
+        "train": Path(inputs["train"]),
+        "inside train": Path(inputs["train"]) / "results",
+    }[where]
     before = tree_digest(tmp_path / "inputs")
     config = job_config(inputs, str(output) + "/", overwrite=True)
     with pytest.raises(ConfigurationError, match="overlaps the job's input"):

@@ -28,23 +28,33 @@ RUN_ALL = _bench_module("run_all")
 
 @pytest.mark.parametrize("name", ["run_all", *RUN_ALL.BENCHMARKS])
 def test_benchmark_script_takes_the_options_run_all_gives_it(name):
-    proc = subprocess.run([sys.executable, str(BENCH_DIR / f"{name}.py"), "--help"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(BENCH_DIR / f"{name}.py"), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     default, quick, _ = RUN_ALL.BENCHMARKS.get(name, ([], [], 0))
     for option in (*default, *quick, *RUN_ALL.FULL.get(name, [])):
         if option.startswith("--"):
-            assert re.search(re.escape(option) + r"(?![\w-])", proc.stdout), f"{name}.py has no {option}"
+            assert re.search(re.escape(option) + r"(?![\w-])", proc.stdout), (
+                f"{name}.py has no {option}"
+            )
 
 
 def test_memory_sampler_leaves_out_the_roles_set_apart():
     common = _bench_module("common")
     # a child holding 300 MB of touched memory; its role is "other" (not the flow process)
     child = subprocess.Popen(
-        [sys.executable, "-c",
-         "import sys, time; b = bytearray(300 * 10**6); b[::4096] = b'x' * len(b[::4096]); "
-         "print('ready', flush=True); time.sleep(60)"],
-        stdout=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; b = bytearray(300 * 10**6); b[::4096] = b'x' * len(b[::4096]); "
+            "print('ready', flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert child.stdout.readline().strip() == "ready"

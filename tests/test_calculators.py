@@ -13,6 +13,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import zarr  # noqa: E402
 from distributed import Client, LocalCluster  # noqa: E402
+from problems import nonconvex_classifier  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 from torch.utils.data import TensorDataset  # noqa: E402
@@ -35,7 +36,6 @@ from prefect_influence import (  # noqa: E402
     UnalignedChunksError,
 )
 from prefect_influence.torch import DirectInfluence  # noqa: E402
-from problems import nonconvex_classifier  # noqa: E402
 
 # Everything is float64 and every path performs the same arithmetic as the in-memory call, only
 # split into blocks (a factor solve per test chunk, a matrix product per block): the results
@@ -306,9 +306,12 @@ def test_dask_local_cluster_matches_in_memory(problem, cluster, mode):
 
 
 def test_threads_per_worker_2_is_refused(problem):
-    with LocalCluster(
-        n_workers=1, threads_per_worker=2, processes=False, dashboard_address=":0"
-    ) as cluster, Client(cluster) as client:
+    with (
+        LocalCluster(
+            n_workers=1, threads_per_worker=2, processes=False, dashboard_address=":0"
+        ) as cluster,
+        Client(cluster) as client,
+    ):
         with pytest.raises(ThreadSafetyViolationError, match="threads_per_worker=1") as info:
             DaskInfluenceCalculator(problem.model, TorchNumpyConverter(), client)
         assert "2 threads" in str(info.value)
@@ -320,8 +323,10 @@ def test_a_cluster_without_workers_gets_a_clear_error(problem, monkeypatch):
     from prefect_influence import calculators
 
     monkeypatch.setattr(calculators, "WAIT_FOR_WORKERS_S", 1.0)
-    with LocalCluster(n_workers=0, processes=False, dashboard_address=":0") as cluster, \
-            Client(cluster) as client:
+    with (
+        LocalCluster(n_workers=0, processes=False, dashboard_address=":0") as cluster,
+        Client(cluster) as client,
+    ):
         with pytest.raises(TimeoutError, match="has no workers"):
             DaskInfluenceCalculator(problem.model, TorchNumpyConverter(), client)
 
@@ -384,7 +389,7 @@ def test_other_dask_input_errors(problem):
         calc.influence_factors(x, y[:-1])
     with pytest.raises(ShapeMismatchError, match="z_test_factors"):
         calc.influences_from_factors(da.ones((3, 5), chunks=(2, -1)), x, y)
-    keep = (y >= 0)  # a boolean mask leaves chunk sizes unknown (NaN)
+    keep = y >= 0  # a boolean mask leaves chunk sizes unknown (NaN)
     with pytest.raises(InfluenceInputError, match="compute_chunk_sizes"):
         calc.influence_factors(x[keep], y[keep])
 
@@ -537,9 +542,7 @@ def test_reference_dask_example_runs_as_written(tmp_path, monkeypatch, cluster, 
     monkeypatch.chdir(tmp_path)
     started_with: dict = {}
     if not os.environ.get("PREFECT_INFLUENCE_EXAMPLE_OWN_CLUSTER"):
-        monkeypatch.setattr(
-            "distributed.Client", _client_on_shared_cluster(cluster, started_with)
-        )
+        monkeypatch.setattr("distributed.Client", _client_on_shared_cluster(cluster, started_with))
     model, train, test = _example_data(kind)
     draws = iter([train, test])
 
@@ -554,7 +557,9 @@ def test_reference_dask_example_runs_as_written(tmp_path, monkeypatch, cluster, 
         assert names["da_y"].dtype == np.int64  # integer labels keep their dtype
         n_train = len(train[0])
         assert names["da_x"].dtype == np.float32
-        assert names["da_x"].chunks[0] == (10,) * (n_train // 10) + ((n_train % 10,) if n_train % 10 else ())
+        assert names["da_x"].chunks[0] == (10,) * (n_train // 10) + (
+            (n_train % 10,) if n_train % 10 else ()
+        )
         stored = zarr.open_array("path/or/url", mode="r")[:]
         assert stored.shape == (10, n_train)
         _assert_example_result(kind, stored, model, train, test, names["infl_model"])

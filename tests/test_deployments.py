@@ -32,12 +32,12 @@ import numpy as np
 import psutil
 import pytest
 import yaml
+from jobs import job_config, read_outputs, write_inputs
 from pydantic import BaseModel
 
 from prefect_influence.config import Method, PipelineConfig
 from prefect_influence.serving import build_deployments, load_deployment_specs
 from prefect_influence.storage import InfluenceStore
-from jobs import job_config, read_outputs, write_inputs
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -64,7 +64,9 @@ def _fields(model: type[BaseModel], prefix: str = "") -> Iterator[tuple[str, Any
 
 
 def test_every_parameter_has_title_and_description():
-    missing = [name for name, field in _fields(PipelineConfig) if not field.title or not field.description]
+    missing = [
+        name for name, field in _fields(PipelineConfig) if not field.title or not field.description
+    ]
     assert not missing, f"fields without a title or description in the run form: {missing}"
 
 
@@ -101,10 +103,16 @@ def test_serving_builds_what_prefect_yaml_describes():
     for name, spec in specs.items():
         d = built[name]
         assert d.entrypoint == MODULE_ENTRYPOINT  # runs from any working directory
-        assert (d.description, d.tags, d.parameters) == (spec["description"], spec["tags"], spec.get("parameters") or {})
+        assert (d.description, d.tags, d.parameters) == (
+            spec["description"],
+            spec["tags"],
+            spec.get("parameters") or {},
+        )
         assert d.enforce_parameter_schema is True
         got = [(s.schedule.cron, s.schedule.timezone, s.active) for s in d.schedules or []]
-        assert got == [(s["cron"], s["timezone"], s.get("active", True)) for s in spec.get("schedules") or []]
+        assert got == [
+            (s["cron"], s["timezone"], s.get("active", True)) for s in spec.get("schedules") or []
+        ]
 
 
 def test_serving_finds_prefect_yaml_without_a_checkout(tmp_path, monkeypatch):
@@ -112,7 +120,9 @@ def test_serving_finds_prefect_yaml_without_a_checkout(tmp_path, monkeypatch):
     the working directory's deployments/prefect.yaml (or the path given)."""
     from prefect_influence import serving
 
-    monkeypatch.setattr(serving, "PREFECT_FILE", tmp_path / "site-packages" / "deployments" / "prefect.yaml")
+    monkeypatch.setattr(
+        serving, "PREFECT_FILE", tmp_path / "site-packages" / "deployments" / "prefect.yaml"
+    )
     (tmp_path / "deployments").mkdir()
     (tmp_path / "deployments" / "prefect.yaml").write_text(PREFECT_FILE.read_text())
     monkeypatch.chdir(tmp_path)
@@ -175,23 +185,35 @@ def _stop(proc: subprocess.Popen, grace: float = 5.0) -> None:
 @contextlib.contextmanager
 def _started(cmd: list[str], env: dict, log: Path) -> Iterator[subprocess.Popen]:
     with open(log, "ab") as out:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
         try:
             yield proc
         finally:
             _stop(proc)
 
 
-def _wait(what: str, check: Callable[[], Any], timeout: float, interval: float = 0.5,
-          proc: Optional[subprocess.Popen] = None, log: Optional[Path] = None) -> Any:
+def _wait(
+    what: str,
+    check: Callable[[], Any],
+    timeout: float,
+    interval: float = 0.5,
+    proc: Optional[subprocess.Popen] = None,
+    log: Optional[Path] = None,
+) -> Any:
     deadline = time.monotonic() + timeout
     while True:
         result = check()
         if result:
             return result
-        failure = (f"process exited with {proc.returncode}" if proc is not None and proc.poll() is not None
-                   else f"not within {timeout:.0f} s" if time.monotonic() > deadline else None)
+        failure = (
+            f"process exited with {proc.returncode}"
+            if proc is not None and proc.poll() is not None
+            else f"not within {timeout:.0f} s"
+            if time.monotonic() > deadline
+            else None
+        )
         if failure:
             tail = log.read_text(errors="replace")[-3000:] if log and log.exists() else ""
             raise AssertionError(f"{what}: {failure}\n{tail}")
@@ -220,11 +242,22 @@ class Prefect:
         }
         self.http = httpx.Client(base_url=self.api, timeout=30)
 
-    def cli(self, *args: str, timeout: float = 180, check: bool = True) -> subprocess.CompletedProcess:
-        done = subprocess.run([str(BIN / "prefect"), *args], cwd=REPO, env=self.env, timeout=timeout,
-                              capture_output=True, text=True, start_new_session=True)
+    def cli(
+        self, *args: str, timeout: float = 180, check: bool = True
+    ) -> subprocess.CompletedProcess:
+        done = subprocess.run(
+            [str(BIN / "prefect"), *args],
+            cwd=REPO,
+            env=self.env,
+            timeout=timeout,
+            capture_output=True,
+            text=True,
+            start_new_session=True,
+        )
         if check and done.returncode:
-            raise AssertionError(f"prefect {' '.join(args)} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
+            raise AssertionError(
+                f"prefect {' '.join(args)} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}"
+            )
         return done
 
     def request(self, method: str, path: str, body: Optional[dict] = None) -> httpx.Response:
@@ -239,7 +272,7 @@ class Prefect:
             else:
                 if response.status_code not in (429, 502, 503, 504) or attempt == 5:
                     return response
-            time.sleep(2 ** attempt / 4)
+            time.sleep(2**attempt / 4)
         raise AssertionError("unreachable")
 
     def get(self, path: str) -> Any:
@@ -259,7 +292,9 @@ class Prefect:
         return self.get(f"/flow_runs/{run_id}")
 
     def logs(self, run_id: str) -> list[str]:
-        logs = self.post("/logs/filter", {"logs": {"flow_run_id": {"any_": [run_id]}}, "limit": 200})
+        logs = self.post(
+            "/logs/filter", {"logs": {"flow_run_id": {"any_": [run_id]}}, "limit": 200}
+        )
         return [entry["message"] for entry in logs]
 
     def run_result(self, run_id: str, timeout: float = 60) -> dict:
@@ -270,7 +305,7 @@ class Prefect:
             return [m for m in self.logs(run_id) if m.startswith("done: ")]
 
         lines = _wait(f"the result of flow run {run_id} in its logs", logged, timeout, interval=1)
-        return json.loads(lines[-1][len("done: "):])
+        return json.loads(lines[-1][len("done: ") :])
 
     def artifacts(self, run_id: str) -> list[dict]:
         return self.post("/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [run_id]}}})
@@ -280,22 +315,37 @@ class Prefect:
             run = self.flow_run(run_id)
             return run if run["state_type"] in states | {"FAILED", "CRASHED", "CANCELLED"} else None
 
-        run = _wait(f"flow run {run_id} reaching {states}", reached, timeout, interval=1,
-                    proc=worker and worker[0], log=worker and worker[1])
+        run = _wait(
+            f"flow run {run_id} reaching {states}",
+            reached,
+            timeout,
+            interval=1,
+            proc=worker and worker[0],
+            log=worker and worker[1],
+        )
         assert run["state_type"] in states, (run["state"], self.logs(run_id)[-20:])
         return run
 
     def create_run(self, deployment: str, config: PipelineConfig) -> str:
         """A flow run of the deployment through the REST API, as the UI creates one."""
-        run = self.post(f"/deployments/{self.deployment(deployment)['id']}/create_flow_run",
-                        {"parameters": {"config": config.model_dump(mode="json")}})
+        run = self.post(
+            f"/deployments/{self.deployment(deployment)['id']}/create_flow_run",
+            {"parameters": {"config": config.model_dump(mode="json")}},
+        )
         return run["id"]
 
     def wait_event(self, name: str, run_id: str, timeout: float) -> dict:
         def emitted():
-            page = self.post("/events/filter", {"filter": {
-                "event": {"name": [name]}, "any_resource": {"id": [f"prefect.flow-run.{run_id}"]},
-            }, "limit": 10})
+            page = self.post(
+                "/events/filter",
+                {
+                    "filter": {
+                        "event": {"name": [name]},
+                        "any_resource": {"id": [f"prefect.flow-run.{run_id}"]},
+                    },
+                    "limit": 10,
+                },
+            )
             return page["events"]
 
         return _wait(f"event {name} of flow run {run_id}", emitted, timeout, interval=1)[0]
@@ -313,8 +363,19 @@ def prefect(tmp_path_factory) -> Iterator[Prefect]:
     root = tmp_path_factory.mktemp("prefect-server")
     server = Prefect(root)
     log = root / "server.log"
-    with _started([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(server.port)],
-                  server.env, log) as proc:
+    with _started(
+        [
+            str(BIN / "prefect"),
+            "server",
+            "start",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(server.port),
+        ],
+        server.env,
+        log,
+    ) as proc:
 
         def healthy() -> bool:
             with contextlib.suppress(httpx.HTTPError):
@@ -334,11 +395,17 @@ def worker(prefect):
     pool = _specs()["influence-adhoc"]["work_pool"]["name"]
     prefect.cli("work-pool", "create", pool, "--type", "process")
     log = prefect.root / "worker.log"
-    with _started([str(BIN / "prefect"), "worker", "start", "--pool", pool], prefect.env, log) as proc:
+    with _started(
+        [str(BIN / "prefect"), "worker", "start", "--pool", pool], prefect.env, log
+    ) as proc:
         # as the README says: from the repository root (the entrypoints are relative to it)
-        deployed = prefect.cli("deploy", "--all", "--prefect-file", str(PREFECT_FILE.relative_to(REPO)))
+        deployed = prefect.cli(
+            "deploy", "--all", "--prefect-file", str(PREFECT_FILE.relative_to(REPO))
+        )
         for name in _specs():
-            assert prefect.request("GET", f"/deployments/name/{FLOW}/{name}").status_code == 200, deployed.stdout
+            assert prefect.request("GET", f"/deployments/name/{FLOW}/{name}").status_code == 200, (
+                deployed.stdout
+            )
         yield proc, log
 
 
@@ -369,7 +436,9 @@ def runs(prefect, worker, inputs, tmp_path_factory) -> Runs:
     """Two runs of the same job at once, on separate outputs: one started with ``prefect
     deployment run`` and left alone; one created through the API (as the UI's Run button does)
     and SIGKILLed, flow process and Dask workers, once some of its blocks are stored."""
-    outputs = [tmp_path_factory.mktemp(name) / "out" for name in ("deploy-reference", "deploy-killed")]
+    outputs = [
+        tmp_path_factory.mktemp(name) / "out" for name in ("deploy-reference", "deploy-killed")
+    ]
     reference_config, killed_config = (job_config(inputs, str(out), **JOB) for out in outputs)
     reference = prefect.trigger("influence-adhoc", reference_config)
     killed = prefect.create_run("influence-adhoc", killed_config)
@@ -378,7 +447,14 @@ def runs(prefect, worker, inputs, tmp_path_factory) -> Runs:
     def some_blocks_done():
         return records.is_dir() and len(list(records.glob("*.json"))) >= 2
 
-    _wait("blocks of the run to kill", some_blocks_done, timeout=400, interval=0.05, proc=worker[0], log=worker[1])
+    _wait(
+        "blocks of the run to kill",
+        some_blocks_done,
+        timeout=400,
+        interval=0.05,
+        proc=worker[0],
+        log=worker[1],
+    )
     engine = _flow_run_process(worker[0].pid, killed)
     assert engine is not None, "the worker's flow-run process was not found"
     assert os.getpgid(engine.pid) == engine.pid  # a group of its own: the worker survives
@@ -400,26 +476,38 @@ def test_deployments_registered(prefect, worker):
         d = prefect.deployment(name)
         assert d["work_pool_name"] == spec["work_pool"]["name"]
         assert d["enforce_parameter_schema"] is True
-        assert (d["description"], d["tags"], d["parameters"]) == (spec["description"], spec["tags"], spec.get("parameters") or {})
+        assert (d["description"], d["tags"], d["parameters"]) == (
+            spec["description"],
+            spec["tags"],
+            spec.get("parameters") or {},
+        )
         assert d["entrypoint"] == spec["entrypoint"]
         (pull,) = d["pull_steps"]  # the checkout prefect deploy ran in
         assert pull == {"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}
     (schedule,) = prefect.deployment("influence-nightly")["schedules"]
     cron = specs["influence-nightly"]["schedules"][0]
-    assert schedule["active"] and (schedule["schedule"]["cron"], schedule["schedule"]["timezone"]) == (cron["cron"], cron["timezone"])
+    assert schedule["active"] and (
+        schedule["schedule"]["cron"],
+        schedule["schedule"]["timezone"],
+    ) == (cron["cron"], cron["timezone"])
     assert not prefect.deployment("influence-adhoc")["schedules"]
 
     # the scheduler plans the nightly runs at the wall-clock time of the deployment's time zone
     def planned():
-        return prefect.post("/flow_runs/filter", {
-            "deployments": {"id": {"any_": [prefect.deployment("influence-nightly")["id"]]}},
-            "flow_runs": {"state": {"type": {"any_": ["SCHEDULED"]}}},
-        })
+        return prefect.post(
+            "/flow_runs/filter",
+            {
+                "deployments": {"id": {"any_": [prefect.deployment("influence-nightly")["id"]]}},
+                "flow_runs": {"state": {"type": {"any_": ["SCHEDULED"]}}},
+            },
+        )
 
     runs = _wait("nightly runs scheduled", planned, timeout=60)
     minute, hour = cron["cron"].split()[:2]
     for run in runs:
-        local = datetime.fromisoformat(run["expected_start_time"]).astimezone(ZoneInfo(cron["timezone"]))
+        local = datetime.fromisoformat(run["expected_start_time"]).astimezone(
+            ZoneInfo(cron["timezone"])
+        )
         assert (local.hour, local.minute) == (int(hour), int(minute))
 
 
@@ -438,7 +526,9 @@ def test_run_from_cli_completes_with_outputs_and_artifacts(prefect, worker, runs
     table = json.loads(table) if isinstance(table, str) else table
     assert table[0]["most_helpful"] == ", ".join(map(str, got["top_helpful"][0].tolist()))
     assert f"blocks: {N_BLOCKS} computed, 0 reused" in by_key["influence-summary"]["data"]
-    grid_runs = prefect.post("/flow_runs/filter", {"flow_runs": {"parent_flow_run_id": {"any_": [run_id]}}})
+    grid_runs = prefect.post(
+        "/flow_runs/filter", {"flow_runs": {"parent_flow_run_id": {"any_": [run_id]}}}
+    )
     progress = [a for r in grid_runs for a in prefect.artifacts(r["id"]) if a["type"] == "progress"]
     assert progress and max(float(a["data"]) for a in progress) == 100.0
 
@@ -461,21 +551,25 @@ def test_parameter_schema_from_api(prefect, worker):
     assert defs["PipelineConfig"]["properties"]["output"]["title"] == "Output URL"
 
 
-@pytest.mark.parametrize("bad", [
-    {"method": {"name": "nonsense"}},
-    {"method": {"rank": 0}},
-    {"top_k": "many"},
-    {"unknown_field": 1},
-    {"test_chunk_size": 0},
-    {"train_chunk_size": -5},
-    {"output": "/"},
-    {"output": "memory://"},
-    {"output": ""},
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"method": {"name": "nonsense"}},
+        {"method": {"rank": 0}},
+        {"top_k": "many"},
+        {"unknown_field": 1},
+        {"test_chunk_size": 0},
+        {"train_chunk_size": -5},
+        {"output": "/"},
+        {"output": "memory://"},
+        {"output": ""},
+    ],
+)
 def test_invalid_parameters_are_rejected_before_a_run(prefect, worker, bad):
     deployment = prefect.deployment("influence-adhoc")
-    response = prefect.request("POST", f"/deployments/{deployment['id']}/create_flow_run",
-                               {"parameters": {"config": bad}})
+    response = prefect.request(
+        "POST", f"/deployments/{deployment['id']}/create_flow_run", {"parameters": {"config": bad}}
+    )
     assert response.status_code in (409, 422), response.text
     runs = prefect.post("/flow_runs/filter", {"deployments": {"id": {"any_": [deployment["id"]]}}})
     assert all(r["parameters"].get("config") != bad for r in runs)
@@ -509,14 +603,24 @@ def test_ui_run_form_shows_the_parameters(prefect, worker, tmp_path):
     base = settings.get("v2_base_url") or settings.get("v1_base_url") or "/"
     deployment_id = prefect.deployment("influence-adhoc")["id"]
     url = f"{prefect.ui}{base.rstrip('/')}/deployments/deployment/{deployment_id}/run"
-    flags = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-             "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,4000"]
+    flags = [
+        browser,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--no-first-run",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--window-size=1280,4000",
+    ]
     titles = [field.title for _, field in _fields(PipelineConfig)]
     missing = titles
 
     def render() -> Optional[str]:
         nonlocal missing
-        dom = _browse([*flags, "--virtual-time-budget=20000", "--dump-dom", url], tmp_path / "dom.html")
+        dom = _browse(
+            [*flags, "--virtual-time-budget=20000", "--dump-dom", url], tmp_path / "dom.html"
+        )
         missing = [title for title in titles if title not in dom]
         return None if missing else dom
 
@@ -525,10 +629,18 @@ def test_ui_run_form_shows_the_parameters(prefect, worker, tmp_path):
     except AssertionError as exc:
         raise AssertionError(f"{exc}: the run form at {url} lacks {missing}") from None
     assert 'aria-label="Select Method"' in dom or "<select" in dom  # an enum is a drop-down
-    for text in ("builtin:digits", "arnoldi", "influence-output/run", "How the inverse Hessian is approximated."):
+    for text in (
+        "builtin:digits",
+        "arnoldi",
+        "influence-output/run",
+        "How the inverse Hessian is approximated.",
+    ):
         assert text in dom
     shot = tmp_path / "run-form.png"
-    _browse([*flags, "--virtual-time-budget=20000", f"--screenshot={shot}", url], tmp_path / "screenshot.log")
+    _browse(
+        [*flags, "--virtual-time-budget=20000", f"--screenshot={shot}", url],
+        tmp_path / "screenshot.log",
+    )
     assert shot.exists() and shot.stat().st_size > 10_000
     print(f"screenshot of the run form: {shot}")
 
@@ -573,9 +685,17 @@ def test_serve_runs_both_deployments_from_one_process(prefect, worker, runs):
         for name, before in registered.items():
             d = now[name]
             assert d["entrypoint"] == MODULE_ENTRYPOINT
-            for key in ("description", "tags", "parameters", "enforce_parameter_schema", "parameter_openapi_schema"):
+            for key in (
+                "description",
+                "tags",
+                "parameters",
+                "enforce_parameter_schema",
+                "parameter_openapi_schema",
+            ):
                 assert d[key] == before[key], key
-            assert [s["schedule"] for s in d["schedules"]] == [s["schedule"] for s in before["schedules"]]
+            assert [s["schedule"] for s in d["schedules"]] == [
+                s["schedule"] for s in before["schedules"]
+            ]
             assert d["work_pool_name"] is None
         # a run of the served deployment: the same job again reuses every stored block
         run_id = prefect.create_run("influence-adhoc", runs.reference_config)

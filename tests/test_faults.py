@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 from distributed import LocalCluster
 from fsspec.implementations.local import LocalFileSystem
+from jobs import job_config, read_outputs, write_inputs
 from prefect.testing.utilities import prefect_test_harness
+from test_stages import run_tasks
 
 from prefect_influence.errors import InfluenceInputError
 from prefect_influence.flows import influence_pipeline
 from prefect_influence.sources import ConfigurationError
 from prefect_influence.storage import ConfigMismatchError, InfluenceStore
-from jobs import job_config, read_outputs, write_inputs
-from test_stages import run_tasks
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -49,7 +49,11 @@ class FlakyFileSystem(LocalFileSystem):
 
     @classmethod
     def _strip_protocol(cls, path):
-        path = path[len("flaky://"):] if isinstance(path, str) and path.startswith("flaky://") else path
+        path = (
+            path[len("flaky://") :]
+            if isinstance(path, str) and path.startswith("flaky://")
+            else path
+        )
         return super()._strip_protocol(path)
 
     def pipe_file(self, path, value, **kwargs):
@@ -88,7 +92,9 @@ def env(tmp_path_factory):
     run_tasks(reference)
     # one in-process worker thread: the workers share this process and its registered
     # filesystem (one thread, since influence models are not thread-safe)
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+    with LocalCluster(
+        n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None
+    ) as cluster:
         with prefect_test_harness(server_startup_timeout=180):
             yield root, inputs, read_outputs(reference.output), cluster.scheduler_address
 
@@ -105,7 +111,9 @@ def test_transient_faults_are_retried_and_never_accepted(env):
     got = read_outputs(str(root / "transient"))
     for name, values in expected.items():
         assert np.array_equal(got[name], values, equal_nan=True), name
-    assert InfluenceStore(str(root / "transient")).status(verify=True)["influences"]["corrupt"] == []
+    assert (
+        InfluenceStore(str(root / "transient")).status(verify=True)["influences"]["corrupt"] == []
+    )
 
 
 def test_persistent_fault_fails_clearly_then_resumes(env):
@@ -141,11 +149,20 @@ def test_storage_credentials_from_a_secret_block(env, s3_server):
     root, inputs, expected, address = env
     _, options = s3_server
     sentinel = "sentinel-not-a-credential-name"  # under a key that redaction would not mask
-    Secret(value={"key": options["key"], "secret": options["secret"],
-                  "config_kwargs": {"user_agent_extra": sentinel}}).save("influence-s3", overwrite=True)
-    config = job_config(inputs, "s3://influence/secret-job/out", dask_address=address,
-                        storage_options={"endpoint_url": options["endpoint_url"]},
-                        storage_secret="influence-s3")
+    Secret(
+        value={
+            "key": options["key"],
+            "secret": options["secret"],
+            "config_kwargs": {"user_agent_extra": sentinel},
+        }
+    ).save("influence-s3", overwrite=True)
+    config = job_config(
+        inputs,
+        "s3://influence/secret-job/out",
+        dask_address=address,
+        storage_options={"endpoint_url": options["endpoint_url"]},
+        storage_secret="influence-s3",
+    )
     state = influence_pipeline(config, return_state=True)
     assert state.is_completed(), state
     got = read_outputs(config.output, options)
@@ -156,7 +173,8 @@ def test_storage_credentials_from_a_secret_block(env, s3_server):
     with get_client(sync_client=True) as client:
         params = json.dumps(client.read_flow_run(run_id).parameters)
         artifacts = client.read_artifacts(
-            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id])))
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id]))
+        )
     published = json.dumps([a.data for a in artifacts])
     assert "influence-summary" in {a.key for a in artifacts}
     for secret in (options["key"], options["secret"], sentinel):
@@ -189,13 +207,21 @@ def _caused(exc: BaseException, cause: BaseException) -> BaseException:
     return exc
 
 
-@pytest.mark.parametrize("exc, retried", [
-    (OSError("connection reset"), True),
-    (_caused(ConfigurationError("data 's3://b/x' cannot be reached"), ConnectionRefusedError()), True),
-    (ConfigurationError("data 'x' does not exist"), False),
-    (ConfigMismatchError("now holds another configuration's job"), False),
-    (InfluenceInputError("NaN in x"), False),
-])
+@pytest.mark.parametrize(
+    "exc, retried",
+    [
+        (OSError("connection reset"), True),
+        (
+            _caused(
+                ConfigurationError("data 's3://b/x' cannot be reached"), ConnectionRefusedError()
+            ),
+            True,
+        ),
+        (ConfigurationError("data 'x' does not exist"), False),
+        (ConfigMismatchError("now holds another configuration's job"), False),
+        (InfluenceInputError("NaN in x"), False),
+    ],
+)
 def test_retry_rule_retries_transient_failures_only(exc, retried):
     from prefect_influence.tasks.influence_tasks import retry_transient
 

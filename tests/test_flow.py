@@ -13,12 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from jobs import job_config, read_outputs, write_inputs
 from prefect.client.orchestration import get_client
 from prefect.testing.utilities import prefect_test_harness
 
 from prefect_influence.flows import influence_pipeline
 from prefect_influence.storage import InfluenceStore
-from jobs import job_config, read_outputs, write_inputs
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -71,7 +71,11 @@ def test_flow_publishes_artifacts(uninterrupted):
 def test_rerun_reuses_every_block(uninterrupted):
     config, _, before = uninterrupted
     result = influence_pipeline(config)
-    assert (result["blocks_computed"], result["blocks_reused"], result["fit_reused"]) == (0, 48, True)
+    assert (result["blocks_computed"], result["blocks_reused"], result["fit_reused"]) == (
+        0,
+        48,
+        True,
+    )
     for name, values in read_outputs(config.output).items():
         assert np.array_equal(values, before[name]), name
 
@@ -90,7 +94,10 @@ def test_sigkill_then_rerun_is_bit_identical(api_url, uninterrupted, inputs, tmp
     env = {**os.environ, "PREFECT_API_URL": api_url}
     proc = subprocess.Popen(
         [sys.executable, "-m", "prefect_influence.cli", "run", str(config_file)],
-        env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         deadline = time.monotonic() + 300
@@ -183,10 +190,26 @@ def test_an_external_cluster_is_planned_for_its_workers(tmp_path, monkeypatch):
 
     monkeypatch.setitem(planned_workers.__globals__, "SCHEDULER_CONNECT_S", 2)
     paths = {"train": "t", "test": "t", "checkpoint": "c"}
-    with LocalCluster(n_workers=3, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
-        assert planned_workers(job_config(paths, str(tmp_path), dask_address=cluster.scheduler_address,
-                                          n_workers=None)) == 3
-        assert planned_workers(job_config(paths, str(tmp_path), dask_address=cluster.scheduler_address,
-                                          n_workers=5)) == 5
+    with LocalCluster(
+        n_workers=3, threads_per_worker=1, processes=False, dashboard_address=None
+    ) as cluster:
+        assert (
+            planned_workers(
+                job_config(
+                    paths, str(tmp_path), dask_address=cluster.scheduler_address, n_workers=None
+                )
+            )
+            == 3
+        )
+        assert (
+            planned_workers(
+                job_config(
+                    paths, str(tmp_path), dask_address=cluster.scheduler_address, n_workers=5
+                )
+            )
+            == 5
+        )
     with pytest.raises(ConfigurationError, match="cannot be reached"):
-        planned_workers(job_config(paths, str(tmp_path), dask_address="tcp://127.0.0.1:9", n_workers=None))
+        planned_workers(
+            job_config(paths, str(tmp_path), dask_address="tcp://127.0.0.1:9", n_workers=None)
+        )

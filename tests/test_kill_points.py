@@ -11,17 +11,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import killer_fs  # noqa: F401  (registers killer:// in this process too, disarmed)
 import numpy as np
 import pytest
 from distributed import LocalCluster
+from jobs import job_config, read_outputs, write_inputs
 from prefect.client.orchestration import get_client
 from prefect.testing.utilities import prefect_test_harness
+from test_stages import run_tasks
 
-import killer_fs  # noqa: F401  (registers killer:// in this process too, disarmed)
 from prefect_influence.flows import influence_pipeline
 from prefect_influence.storage import InfluenceStore
-from jobs import job_config, read_outputs, write_inputs
-from test_stages import run_tasks
 
 pytestmark = pytest.mark.timeout(1200)
 
@@ -48,7 +48,9 @@ def env(tmp_path_factory):
     with prefect_test_harness(server_startup_timeout=180):
         with get_client(sync_client=True) as client:
             api = str(client.api_url).rstrip("/")
-        with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+        with LocalCluster(
+            n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None
+        ) as cluster:
             yield root, inputs, read_outputs(reference.output), api, cluster.scheduler_address
 
 
@@ -61,9 +63,16 @@ def test_sigkill_at_point_then_rerun(env, name, pattern, at, when):
     config_file.write_text(json.dumps(config.model_dump(mode="json")))
     proc = subprocess.run(
         [sys.executable, str(Path(__file__).parent / "kill_run.py"), str(config_file)],
-        env={**os.environ, "PREFECT_API_URL": api, "KILL_PATTERN": pattern,
-             "KILL_AT": str(at), "KILL_WHEN": when},
-        capture_output=True, text=True, timeout=600,
+        env={
+            **os.environ,
+            "PREFECT_API_URL": api,
+            "KILL_PATTERN": pattern,
+            "KILL_AT": str(at),
+            "KILL_WHEN": when,
+        },
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
 

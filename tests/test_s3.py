@@ -9,10 +9,10 @@ import logging
 import numpy as np
 import s3fs
 import zarr
-
-from prefect_influence.storage import InfluenceStore
 from jobs import job_config, read_outputs, write_inputs
 from test_stages import run_tasks
+
+from prefect_influence.storage import InfluenceStore
 
 
 def _upload_inputs(local: dict, options: dict, prefix: str) -> dict:
@@ -20,7 +20,9 @@ def _upload_inputs(local: dict, options: dict, prefix: str) -> dict:
     remote = {}
     for name in ("train", "test"):
         src = zarr.open_group(local[name], mode="r")
-        dst = zarr.open_group(f"s3://influence/{prefix}/{name}.zarr", mode="w", storage_options=options)
+        dst = zarr.open_group(
+            f"s3://influence/{prefix}/{name}.zarr", mode="w", storage_options=options
+        )
         for key in ("x", "y"):
             dst.create_array(key, data=np.asarray(src[key][...]))
         remote[name] = f"s3://influence/{prefix}/{name}.zarr"

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from jobs import job_config, write_inputs
+from test_stages import run_tasks
 
 from prefect_influence.cli import main
 from prefect_influence.sources import ConfigurationError, open_source, resolve_loss
-from jobs import job_config, write_inputs
-from test_stages import run_tasks
 
 X = np.arange(24, dtype=np.float32).reshape(6, 4)
 Y = np.arange(6, dtype=np.int64) % 3
@@ -72,7 +72,9 @@ def test_rows_within_a_stored_chunk_read_it_once_and_are_returned_as_copies(tmp_
     group.create_array("y", data=np.arange(50), chunks=(7,))
     source = open_source(str(tmp_path / "c.zarr"))
     rng = np.random.default_rng(0)
-    ranges = [(0, 50), (3, 4), (6, 8), (49, 60), (10, 10)] + [tuple(sorted(rng.integers(0, 55, 2))) for _ in range(40)]
+    ranges = [(0, 50), (3, 4), (6, 8), (49, 60), (10, 10)] + [
+        tuple(sorted(rng.integers(0, 55, 2))) for _ in range(40)
+    ]
     for start, stop in ranges:
         x, y = source.rows(start, stop)
         np.testing.assert_array_equal(x, values[start:stop])
@@ -96,7 +98,10 @@ def test_rows_within_a_stored_chunk_read_it_once_and_are_returned_as_copies(tmp_
 
 
 def test_builtin_example_has_train_and_test_roles():
-    train, test = open_source("builtin:digits", role="train"), open_source("builtin:digits", role="test")
+    train, test = (
+        open_source("builtin:digits", role="train"),
+        open_source("builtin:digits", role="test"),
+    )
     assert len(train) == 1500 and len(test) == 297 and train.x_shape == (64,)
 
 

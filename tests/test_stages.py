@@ -8,13 +8,18 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from jobs import job_config, read_outputs, write_inputs
 
 from prefect_influence import stages
-from prefect_influence.sources import build_influence_model, load_network, open_source
 from prefect_influence.errors import StorageError
+from prefect_influence.sources import build_influence_model, load_network, open_source
 from prefect_influence.storage import FACTORS, ConfigMismatchError, InfluenceStore
-from prefect_influence.tasks import compute_factors, fit_model, influences_from_factors, write_summary
-from jobs import job_config, read_outputs, write_inputs
+from prefect_influence.tasks import (
+    compute_factors,
+    fit_model,
+    influences_from_factors,
+    write_summary,
+)
 
 
 def run_tasks(config) -> dict:
@@ -26,7 +31,10 @@ def run_tasks(config) -> dict:
             compute_factors.fn(config, i)
         counts = [influences_from_factors.fn(config, j) for j in range(plan.grid.shape[1])]
         write_summary.fn(config)
-    return {"computed": sum(c["computed"] for c in counts), "reused": sum(c["reused"] for c in counts)}
+    return {
+        "computed": sum(c["computed"] for c in counts),
+        "reused": sum(c["reused"] for c in counts),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +73,9 @@ def test_tasks_alone_match_in_memory_computation(reference):
 
 def test_tasks_match_the_sequential_calculator(reference, inputs):
     """The pipeline's blocks equal the library calculator's for the same fitted model."""
-    from prefect_influence import NestedTorchCatAggregator, SequentialInfluenceCalculator
     from torch.utils.data import DataLoader, TensorDataset
+
+    from prefect_influence import NestedTorchCatAggregator, SequentialInfluenceCalculator
 
     config, _, got, _ = reference
     network, _ = load_network(config)
@@ -75,11 +84,18 @@ def test_tasks_match_the_sequential_calculator(reference, inputs):
     x, y = (torch.from_numpy(a) for a in open_source(inputs["train"]).rows(0, 10**9))
     xt, yt = (torch.from_numpy(a) for a in open_source(inputs["test"]).rows(0, 10**9))
     calc = SequentialInfluenceCalculator(model)
-    values = calc.influences(
-        DataLoader(TensorDataset(xt, yt), batch_size=20), DataLoader(TensorDataset(x, y), batch_size=40)
-    ).compute(aggregator=NestedTorchCatAggregator()).numpy()
+    values = (
+        calc.influences(
+            DataLoader(TensorDataset(xt, yt), batch_size=20),
+            DataLoader(TensorDataset(x, y), batch_size=40),
+        )
+        .compute(aggregator=NestedTorchCatAggregator())
+        .numpy()
+    )
     # same chunking as the pipeline's grid: the same products, so equal up to float32 rounding
-    np.testing.assert_allclose(got["influences"], values, rtol=1e-5, atol=1e-5 * np.abs(values).max())
+    np.testing.assert_allclose(
+        got["influences"], values, rtol=1e-5, atol=1e-5 * np.abs(values).max()
+    )
 
 
 def test_summary_top_k_is_exact(reference):
@@ -231,7 +247,9 @@ def test_perturbation_mode(inputs, tmp_path):
     x, y = (torch.from_numpy(a) for a in open_source(config.data.train).rows(0, 5))
     xt, yt = (torch.from_numpy(a) for a in open_source(config.data.test).rows(0, 3))
     want = model.influences(xt, yt, x, y, "perturbation").numpy()
-    np.testing.assert_allclose(got["influences"][:3, :5], want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    np.testing.assert_allclose(
+        got["influences"][:3, :5], want, rtol=1e-5, atol=1e-5 * np.abs(want).max()
+    )
 
 
 def test_background_writer_keeps_order_and_raises_a_failed_write():
@@ -250,9 +268,15 @@ def test_background_writer_keeps_order_and_raises_a_failed_write():
     assert done == [0, 1]
 
 
-@pytest.mark.parametrize("n_train,n_test,p,workers", [
-    (50_000, 2_000, 610, 2), (200_000, 5_000, 610, 2), (30_000, 2_000, 10_060, 1), (10, 7, 5, 4),
-])
+@pytest.mark.parametrize(
+    "n_train,n_test,p,workers",
+    [
+        (50_000, 2_000, 610, 2),
+        (200_000, 5_000, 610, 2),
+        (30_000, 2_000, 10_060, 1),
+        (10, 7, 5, 4),
+    ],
+)
 def test_auto_chunks_bound_blocks_and_split_test_rows_evenly(n_train, n_test, p, workers):
     train_chunk, test_chunk = stages.auto_chunk_sizes(n_train, n_test, p, workers)
     assert train_chunk * test_chunk * 4 <= stages.MAX_BLOCK_BYTES or test_chunk == 1
@@ -288,8 +312,15 @@ def test_overwrite_resume_keeps_the_stored_auto_chunks(inputs, tmp_path):
     group = zarr.open_group(test_url, mode="w")
     group.create_array("x", data=rng.random((300, 64), dtype=np.float32))
     group.create_array("y", data=rng.integers(0, 10, 300).astype(np.int64))
-    config = job_config(inputs, str(tmp_path / "out"), data={"test": test_url},
-                        test_chunk_size="auto", overwrite=True, summary=False, self_influence=False)
+    config = job_config(
+        inputs,
+        str(tmp_path / "out"),
+        data={"test": test_url},
+        test_chunk_size="auto",
+        overwrite=True,
+        summary=False,
+        self_influence=False,
+    )
     first = stages.plan_job(config, n_workers=2)
     assert first.grid.shape[0] == 2  # one test chunk per worker
     stages.fit_stage(config)
@@ -339,8 +370,12 @@ def test_tasks_of_a_replaced_run_stop_instead_of_writing(inputs, tmp_path):
     stages.fit_stage(a)
     b = job_config(inputs, str(tmp_path / "out"), method={"regularization": 0.5}, overwrite=True)
     stages.plan_job(b, n_workers=1)
-    for stage in (lambda: stages.fit_stage(a), lambda: stages.factors_stage(a, 0),
-                  lambda: stages.column_stage(a, 0), lambda: stages.summary_stage(a)):
+    for stage in (
+        lambda: stages.fit_stage(a),
+        lambda: stages.factors_stage(a, 0),
+        lambda: stages.column_stage(a, 0),
+        lambda: stages.summary_stage(a),
+    ):
         with pytest.raises(ConfigMismatchError, match="differs in: method"):
             stage()
     store = InfluenceStore(b.output)
@@ -364,5 +399,6 @@ def test_a_late_write_of_a_replaced_run_never_counts_for_the_new_one(inputs, tmp
     assert store_b.read_fitted_state() is None
     assert not store_b.chunk_done(FACTORS, plan_b.grid, (0,))
     assert stages.fit_stage(b) is False and stages.factors_stage(b, 0) is False  # computed anew
-    assert not np.array_equal(InfluenceStore(b.output).read_chunk(FACTORS, plan_b.grid, (0,)),
-                              factors_a.numpy())
+    assert not np.array_equal(
+        InfluenceStore(b.output).read_chunk(FACTORS, plan_b.grid, (0,)), factors_a.numpy()
+    )

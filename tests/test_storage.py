@@ -12,13 +12,25 @@ import pytest
 from prefect_influence.errors import StorageError
 from prefect_influence.storage import Grid, InfluenceStore, LeaseHeldError, checksum
 
-GRID = Grid(n_test=5, n_train=7, test_chunk=2, train_chunk=3, n_parameters=4, x_shape=(2,),
-            mode="up", dtype="float32")
+GRID = Grid(
+    n_test=5,
+    n_train=7,
+    test_chunk=2,
+    train_chunk=3,
+    n_parameters=4,
+    x_shape=(2,),
+    mode="up",
+    dtype="float32",
+)
 
 
 @pytest.fixture(params=["local", "memory"])
 def store(request, tmp_path):
-    url = str(tmp_path / "out") if request.param == "local" else f"memory://storage-test-{os.getpid()}-{time.time_ns()}"
+    url = (
+        str(tmp_path / "out")
+        if request.param == "local"
+        else f"memory://storage-test-{os.getpid()}-{time.time_ns()}"
+    )
     s = InfluenceStore(url)
     s.write_manifest({"grid": GRID.to_json(), "fingerprint": {}})
     s.create_arrays(GRID)
@@ -59,23 +71,41 @@ def test_chunks_written_directly_are_what_zarr_itself_writes(tmp_path, mode):
     rng = np.random.default_rng(0)
     for name in ("factors", "influences", "self_influence"):
         src = ours.group[name]
-        twin = theirs.create_array(name, shape=src.shape, chunks=src.chunks, dtype=src.dtype,
-                                   fill_value=np.nan, compressors=None)
+        twin = theirs.create_array(
+            name,
+            shape=src.shape,
+            chunks=src.chunks,
+            dtype=src.dtype,
+            fill_value=np.nan,
+            compressors=None,
+        )
         full = rng.normal(size=src.shape).astype(np.float32)
-        indices = ([(i,) for i in range(grid.shape[0])] if name == "factors" else
-                   [(j,) for j in range(grid.shape[1])] if name == "self_influence" else
-                   [(i, j) for i in range(grid.shape[0]) for j in range(grid.shape[1])])
+        indices = (
+            [(i,) for i in range(grid.shape[0])]
+            if name == "factors"
+            else [(j,) for j in range(grid.shape[1])]
+            if name == "self_influence"
+            else [(i, j) for i in range(grid.shape[0]) for j in range(grid.shape[1])]
+        )
         for index in indices:
             slices = ours._chunk_slices(name, grid, index)
             ours.write_chunk(name, grid, index, full[slices])
             twin[slices] = full[slices]
             np.testing.assert_array_equal(ours.read_chunk(name, grid, index), full[slices])
             assert ours.chunk_done(name, grid, index)
-        np.testing.assert_array_equal(np.asarray(zarr.open_array(str(tmp_path / "ours" / name))[...]), full)
-        files = sorted(p.relative_to(tmp_path / "zarr" / name) for p in (tmp_path / "zarr" / name / "c").rglob("*") if p.is_file())
+        np.testing.assert_array_equal(
+            np.asarray(zarr.open_array(str(tmp_path / "ours" / name))[...]), full
+        )
+        files = sorted(
+            p.relative_to(tmp_path / "zarr" / name)
+            for p in (tmp_path / "zarr" / name / "c").rglob("*")
+            if p.is_file()
+        )
         assert len(files) == len(indices)
         for rel in files:
-            assert (tmp_path / "ours" / name / rel).read_bytes() == (tmp_path / "zarr" / name / rel).read_bytes(), rel
+            assert (tmp_path / "ours" / name / rel).read_bytes() == (
+                tmp_path / "zarr" / name / rel
+            ).read_bytes(), rel
 
 
 def test_an_unwritten_chunk_reads_as_the_fill_value(store):

@@ -11,12 +11,12 @@ import time
 import numpy as np
 import pytest
 from distributed import LocalCluster
+from jobs import job_config, read_outputs, write_inputs
 from prefect.client.orchestration import get_client
 from prefect.testing.utilities import prefect_test_harness
+from test_stages import run_tasks
 
 from prefect_influence.flows import influence_pipeline
-from jobs import job_config, read_outputs, write_inputs
-from test_stages import run_tasks
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -30,9 +30,13 @@ def test_killed_worker_leaves_a_terminal_state_and_a_clean_rerun(tmp_path, monke
     with prefect_test_harness(server_startup_timeout=180):
         with get_client(sync_client=True) as client:
             monkeypatch.setenv("PREFECT_API_URL", str(client.api_url).rstrip("/"))
-        with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        with LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+        ) as cluster:
             victim = next(iter(cluster.workers.values())).process.pid
-            config = job_config(inputs, str(out), train_chunk_size=10, dask_address=cluster.scheduler_address)
+            config = job_config(
+                inputs, str(out), train_chunk_size=10, dask_address=cluster.scheduler_address
+            )
             records = out / "records" / "influences"
 
             def kill_when_busy():

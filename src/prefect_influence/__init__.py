@@ -60,11 +60,11 @@ from .array import (  # noqa: E402
     SequenceAggregator,
 )
 from .calculators import (  # noqa: E402
+    TORCH_WORKER_DASK_CONFIG,
     DaskInfluenceCalculator,
     DisableClientSingleThreadCheck,
     DisableClientThreadingCheck,
     SequentialInfluenceCalculator,
-    TORCH_WORKER_DASK_CONFIG,
 )
 from .torch.util import (  # noqa: E402
     NestedTorchCatAggregator,

@@ -178,9 +178,7 @@ def _require_fitted(model: InfluenceFunctionModel) -> None:
         )
 
 
-def _factors_times_grads(
-    factors: Any, grads: Any, n_parameters: Optional[int], check: bool
-) -> Any:
+def _factors_times_grads(factors: Any, grads: Any, n_parameters: Optional[int], check: bool) -> Any:
     """``factors @ grads.T`` with factors moved to the gradients' device and dtype (torch)."""
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(grads, torch.Tensor):

@@ -118,8 +118,10 @@ class SequentialInfluenceCalculator:
     def __init__(
         self, influence_function_model: InfluenceFunctionModel, *, train_cache_bytes: int = 2**30
     ):
-        if isinstance(train_cache_bytes, bool) or not isinstance(train_cache_bytes, int) or (
-            train_cache_bytes < 0
+        if (
+            isinstance(train_cache_bytes, bool)
+            or not isinstance(train_cache_bytes, int)
+            or (train_cache_bytes < 0)
         ):
             raise InvalidParameterError(
                 f"train_cache_bytes must be an integer ≥ 0, got {train_cache_bytes!r}."
@@ -127,9 +129,7 @@ class SequentialInfluenceCalculator:
         self.influence_function_model = influence_function_model
         self.train_cache_bytes = train_cache_bytes
 
-    def influence_factors(
-        self, data_iterable: Iterable[tuple[Any, Any]]
-    ) -> LazyChunkSequence:
+    def influence_factors(self, data_iterable: Iterable[tuple[Any, Any]]) -> LazyChunkSequence:
         """``H⁻¹∇θℓ(x, y)`` for every batch of ``data_iterable``: lazy chunks of ``n_i × p``."""
         factory = partial(iter_factor_chunks, self.influence_function_model, data_iterable)
         return LazyChunkSequence(factory, len_generator=_length(data_iterable))
@@ -311,7 +311,11 @@ class DaskInfluenceCalculator:
         return [
             (
                 dask.delayed(_factors_task)(
-                    self._model_ref, xd, yd, self.numpy_converter, dtype,
+                    self._model_ref,
+                    xd,
+                    yd,
+                    self.numpy_converter,
+                    dtype,
                     dask_key_name=f"influence-factors-{tag}-{i}",
                 ),
                 n,
@@ -359,8 +363,6 @@ class DaskInfluenceCalculator:
 
         Lazy; one block per (factor chunk, train chunk), formed by :mod:`prefect_influence.blocks`.
         """
-        import dask
-        import dask.array as da
 
         mode = InfluenceMode.parse(mode)
         _check_inputs(x, y, "x", "y")
@@ -384,10 +386,18 @@ class DaskInfluenceCalculator:
         tag = uuid.uuid4().hex[:12]
         if reuses_gradients(model, mode):
             operands = [
-                (None, None, dask.delayed(_gradients_task)(
-                    self._model_ref, xd, yd, converter, mode,
-                    dask_key_name=f"train-gradients-{tag}-{j}",
-                ))
+                (
+                    None,
+                    None,
+                    dask.delayed(_gradients_task)(
+                        self._model_ref,
+                        xd,
+                        yd,
+                        converter,
+                        mode,
+                        dask_key_name=f"train-gradients-{tag}-{j}",
+                    ),
+                )
                 for j, (xd, yd) in enumerate(zip(_chunks(x), _chunks(y)))
             ]
         else:
@@ -398,7 +408,12 @@ class DaskInfluenceCalculator:
             row = []
             for j, (operand, n_j) in enumerate(zip(operands, x.chunks[0])):
                 block = dask.delayed(_block_task)(
-                    self._model_ref, zd, operand, converter, mode, dtype,
+                    self._model_ref,
+                    zd,
+                    operand,
+                    converter,
+                    mode,
+                    dtype,
                     dask_key_name=f"influence-block-{tag}-{i}-{j}",
                 )
                 row.append(da.from_delayed(block, shape=(n_i, n_j, *extra), dtype=dtype))

@@ -67,25 +67,35 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     status = InfluenceStore(args.output, _options(args)).status(verify=not args.fast)
     if status.get("manifest") is None:
-        print(f"{args.output}: no prefect-influence output here"
-              + (" (the location is not empty)" if status.get("exists") else ""))
+        print(
+            f"{args.output}: no prefect-influence output here"
+            + (" (the location is not empty)" if status.get("exists") else "")
+        )
         return 1
     manifest = status["manifest"]
     grid = manifest["grid"]
     print(f"output:   {args.output}")
-    print(f"created:  {manifest.get('created')} by prefect-influence {manifest.get('package_version')}")
+    print(
+        f"created:  {manifest.get('created')} by prefect-influence {manifest.get('package_version')}"
+    )
     cfg = manifest.get("config", {})
-    print(f"method:   {cfg.get('method', {}).get('name')} (regularization "
-          f"{cfg.get('method', {}).get('regularization')}), mode {grid['mode']}, {grid['dtype']}")
-    print(f"grid:     {grid['n_test']} test × {grid['n_train']} train, chunks "
-          f"{grid['test_chunk']} × {grid['train_chunk']}, p = {grid['n_parameters']}")
+    print(
+        f"method:   {cfg.get('method', {}).get('name')} (regularization "
+        f"{cfg.get('method', {}).get('regularization')}), mode {grid['mode']}, {grid['dtype']}"
+    )
+    print(
+        f"grid:     {grid['n_test']} test × {grid['n_train']} train, chunks "
+        f"{grid['test_chunk']} × {grid['train_chunk']}, p = {grid['n_parameters']}"
+    )
     print(f"fitted:   {'yes' if status['fitted'] else 'no'}")
     for name in ("factors", "influences", "self_influence"):
         entry = status[name]
         done = entry.get("done", entry["recorded"])
         line = f"{name + ':':<16}{done}/{entry['total']} chunks done"
         if entry.get("corrupt"):
-            line += f", {len(entry['corrupt'])} corrupt (will be recomputed): {entry['corrupt'][:10]}"
+            line += (
+                f", {len(entry['corrupt'])} corrupt (will be recomputed): {entry['corrupt'][:10]}"
+            )
         print(line)
     print(f"summary:  {'yes' if status['summary'] else 'no'}")
     return 0
@@ -133,26 +143,38 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("config", help="configuration file (fields of PipelineConfig)")
     run.add_argument("--output", help="override the output URL")
     run.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    run.add_argument("--force", action="store_true",
-                     help="take the output over from another run holding its lease (known dead)")
+    run.add_argument(
+        "--force",
+        action="store_true",
+        help="take the output over from another run holding its lease (known dead)",
+    )
     run.set_defaults(func=cmd_run)
     demo = sub.add_parser("demo", help="run the built-in digits example end to end")
     demo.add_argument("--output", default="influence-output/demo", help="output directory or URL")
     demo.set_defaults(func=cmd_demo)
-    for name, func, helptext in (("status", cmd_status, "completion of an output"),
-                                 ("top-k", cmd_top_k, "most helpful/harmful training points")):
+    for name, func, helptext in (
+        ("status", cmd_status, "completion of an output"),
+        ("top-k", cmd_top_k, "most helpful/harmful training points"),
+    ):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("output", help="output URL of a run")
         p.add_argument("--storage-options", help="fsspec options as JSON")
         if name == "status":
-            p.add_argument("--fast", action="store_true", help="count records without checksumming chunks")
+            p.add_argument(
+                "--fast", action="store_true", help="count records without checksumming chunks"
+            )
         else:
             p.add_argument("--test-index", type=int, required=True)
         p.set_defaults(func=func)
-    serve = sub.add_parser("serve", help="serve the influence-adhoc and influence-nightly deployments")
-    serve.add_argument("--prefect-file", default=None,
-                       help="the prefect.yaml to serve (default: the checkout's deployments/prefect.yaml, "
-                            "else ./deployments/prefect.yaml)")
+    serve = sub.add_parser(
+        "serve", help="serve the influence-adhoc and influence-nightly deployments"
+    )
+    serve.add_argument(
+        "--prefect-file",
+        default=None,
+        help="the prefect.yaml to serve (default: the checkout's deployments/prefect.yaml, "
+        "else ./deployments/prefect.yaml)",
+    )
     serve.set_defaults(func=cmd_serve)
     return parser
 

@@ -75,7 +75,9 @@ class ModelSpec(_Section):
         "code: a configuration is trusted.",
     )
     factory_kwargs: dict[str, Any] = Field(
-        default_factory=dict, title="Factory arguments", description="Keyword arguments for the factory."
+        default_factory=dict,
+        title="Factory arguments",
+        description="Keyword arguments for the factory.",
     )
     checkpoint: Optional[str] = Field(
         None,
@@ -120,15 +122,24 @@ class MethodSpec(_Section):
     rtol: float = Field(1e-6, gt=0, title="Relative tolerance", description="cg and lissa.")
     atol: float = Field(1e-8, ge=0, title="Absolute tolerance", description="cg.")
     maxiter: Optional[int] = Field(
-        None, ge=1, title="Max iterations", description="cg (default 10·n_parameters); lissa (default 1000)."
+        None,
+        ge=1,
+        title="Max iterations",
+        description="cg (default 10·n_parameters); lissa (default 1000).",
     )
     preconditioner: PreconditionerName = Field(
         PreconditionerName.none, title="CG preconditioner", description="Preconditioner for cg."
     )
-    preconditioner_rank: int = Field(10, ge=1, title="Preconditioner rank", description="nystroem preconditioner.")
-    lissa_scale: float = Field(10.0, gt=0, title="LiSSA scale", description="Must exceed λ_max(H + λI).")
+    preconditioner_rank: int = Field(
+        10, ge=1, title="Preconditioner rank", description="nystroem preconditioner."
+    )
+    lissa_scale: float = Field(
+        10.0, gt=0, title="LiSSA scale", description="Must exceed λ_max(H + λI)."
+    )
     lissa_dampen: float = Field(
-        0.0, ge=0, title="LiSSA dampening",
+        0.0,
+        ge=0,
+        title="LiSSA dampening",
         description="d in h ← b + (1 − d)·h − (H + λI)h / scale (lissa): adds scale·d to λ, more "
         "stable but biased.",
     )
@@ -148,26 +159,33 @@ class PipelineConfig(_Section):
         default_factory=ModelSpec, title="Model", description="The trained network and its loss."
     )
     data: DataSpec = Field(
-        default_factory=DataSpec, title="Data", description="Where the training and test samples are."
+        default_factory=DataSpec,
+        title="Data",
+        description="Where the training and test samples are.",
     )
     method: MethodSpec = Field(
-        default_factory=MethodSpec, title="Influence method",
+        default_factory=MethodSpec,
+        title="Influence method",
         description="How the inverse Hessian is approximated, and its settings.",
     )
     mode: InfluenceMode = Field(
-        InfluenceMode.Up, title="Mode", description="'up' (n_test × n_train) or 'perturbation' "
-        "(n_test × n_train × input shape)."
+        InfluenceMode.Up,
+        title="Mode",
+        description="'up' (n_test × n_train) or 'perturbation' (n_test × n_train × input shape).",
     )
     test_chunk_size: ChunkSize = Field(
         "auto", title="Test chunk size", description="Test samples per chunk, or 'auto'."
     )
     train_chunk_size: ChunkSize = Field(
-        "auto", title="Train chunk size", description="Training samples per chunk, or 'auto' "
-        "(sized so Prefect's per-task overhead stays ≤ 10% of compute)."
+        "auto",
+        title="Train chunk size",
+        description="Training samples per chunk, or 'auto' "
+        "(sized so Prefect's per-task overhead stays ≤ 10% of compute).",
     )
     dtype: DType = Field(DType.float32, title="Dtype", description="Computation and storage dtype.")
     device: DeviceName = Field(
-        DeviceName.cpu, title="Device",
+        DeviceName.cpu,
+        title="Device",
         description="Torch device of the computation ('cuda' needs a GPU on every Dask worker).",
     )
     output: str = Field(
@@ -192,21 +210,44 @@ class PipelineConfig(_Section):
         '{"key": ..., "secret": ...}) is merged into the storage options at run time, inside '
         "each task; the credentials never enter the run's parameters, logs or the manifest.",
     )
-    summary: bool = Field(True, title="Top-k summary", description="Also write the most helpful and most harmful training points of every test point (Up mode).")
-    top_k: int = Field(10, ge=1, title="Top k", description="Most helpful/harmful training points kept per test point.")
-    self_influence: bool = Field(True, title="Self-influence", description="Also compute every training point's self-influence.")
-    overwrite: bool = Field(False, title="Overwrite", description="Replace an existing output made with another configuration.")
+    summary: bool = Field(
+        True,
+        title="Top-k summary",
+        description="Also write the most helpful and most harmful training points of every test point (Up mode).",
+    )
+    top_k: int = Field(
+        10,
+        ge=1,
+        title="Top k",
+        description="Most helpful/harmful training points kept per test point.",
+    )
+    self_influence: bool = Field(
+        True,
+        title="Self-influence",
+        description="Also compute every training point's self-influence.",
+    )
+    overwrite: bool = Field(
+        False,
+        title="Overwrite",
+        description="Replace an existing output made with another configuration.",
+    )
     force: bool = Field(
-        False, title="Force takeover",
+        False,
+        title="Force takeover",
         description="Take the output over from another run that still holds its lease (only when that run is known to be dead).",
     )
     dask_address: Optional[str] = Field(
-        None, title="Dask scheduler", description="Address of an existing Dask scheduler; empty for a local cluster."
+        None,
+        title="Dask scheduler",
+        description="Address of an existing Dask scheduler; empty for a local cluster.",
     )
     n_workers: Optional[int] = Field(
-        None, ge=1, title="Workers", description="Workers of the local cluster (default: CPU count), "
+        None,
+        ge=1,
+        title="Workers",
+        description="Workers of the local cluster (default: CPU count), "
         "one thread each; with a Dask scheduler, the worker count auto chunks are planned for "
-        "(default: its workers when the run starts)."
+        "(default: its workers when the run starts).",
     )
 
     @field_validator("test_chunk_size", "train_chunk_size", mode="before")

@@ -38,12 +38,18 @@ def run_demo(output: str, run_flow: Callable[[PipelineConfig], dict]) -> dict:
     self_infl = np.asarray(store.group["self_influence"][:])
     auc = mislabel_auc(self_infl, example.flipped)
     arrays, _ = store.read_summary()
-    png = _draw(example, arrays, os.path.join(output, "top_influences.png")) if "://" not in output else None
+    png = (
+        _draw(example, arrays, os.path.join(output, "top_influences.png"))
+        if "://" not in output
+        else None
+    )
     elapsed = time.perf_counter() - start
     print(f"output: {os.path.abspath(output) if '://' not in output else output}")
     print(f"blocks computed: {result['blocks_computed']}, reused: {result['blocks_reused']}")
-    print(f"mislabel-detection AUC from self-influence: {auc:.3f} "
-          f"({int(example.flipped.sum())} flipped of {len(example.flipped)} training labels)")
+    print(
+        f"mislabel-detection AUC from self-influence: {auc:.3f} "
+        f"({int(example.flipped.sum())} flipped of {len(example.flipped)} training labels)"
+    )
     if png:
         print(f"picture of most helpful/harmful training images: {png}")
     print(f"run time: {elapsed:.1f} s")
@@ -65,7 +71,12 @@ def _draw(example, arrays: dict, path: str, n_test: int = 4, k: int = 4) -> str:
             _show(row[1 + c], example.x_train[h], f"+ #{h}\nlabel {example.y_train[h]}", "green")
             b = int(arrays["top_harmful"][r, c])
             flip = " (flipped)" if example.flipped[b] else ""
-            _show(row[1 + k + c], example.x_train[b], f"− #{b}\nlabel {example.y_train[b]}{flip}", "red")
+            _show(
+                row[1 + k + c],
+                example.x_train[b],
+                f"− #{b}\nlabel {example.y_train[b]}{flip}",
+                "red",
+            )
     fig.suptitle("Test images, their most helpful (+) and most harmful (−) training images")
     fig.tight_layout()
     fig.savefig(path, dpi=80)

@@ -24,8 +24,18 @@ PREFECT_FILE = Path(__file__).resolve().parents[2] / "deployments" / "prefect.ya
 #: prefect.yaml keys of a deployment that serving understands: translated, or meaningful to
 #: workers only (``entrypoint``, ``work_pool``). Anything else is refused, so an edit that serving
 #: would silently ignore cannot make the two ways of deploying diverge.
-_KNOWN_KEYS = {"name", "description", "entrypoint", "tags", "enforce_parameter_schema",
-               "parameters", "schedules", "work_pool", "version", "paused"}
+_KNOWN_KEYS = {
+    "name",
+    "description",
+    "entrypoint",
+    "tags",
+    "enforce_parameter_schema",
+    "parameters",
+    "schedules",
+    "work_pool",
+    "version",
+    "paused",
+}
 
 
 def default_prefect_file() -> Path:
@@ -65,8 +75,12 @@ def load_deployment_specs(prefect_file: Union[str, Path, None] = None) -> list[d
 def _schedule(item: dict[str, Any]):
     from prefect.schedules import Cron, Interval, RRule
 
-    common = {"timezone": item.get("timezone"), "active": item.get("active", True),
-              "parameters": item.get("parameters") or None, "slug": item.get("slug")}
+    common = {
+        "timezone": item.get("timezone"),
+        "active": item.get("active", True),
+        "parameters": item.get("parameters") or None,
+        "slug": item.get("slug"),
+    }
     if "cron" in item:
         return Cron(item["cron"], day_or=item.get("day_or", True), **common)
     if "interval" in item:
@@ -85,21 +99,25 @@ def build_deployments(prefect_file: Union[str, Path, None] = None) -> list:
 
     deployments = []
     for spec in load_deployment_specs(prefect_file):
-        deployments.append(influence_pipeline.to_deployment(
-            name=spec["name"],
-            description=spec.get("description"),
-            tags=spec.get("tags") or [],
-            version=spec.get("version"),
-            paused=spec.get("paused"),
-            parameters=spec.get("parameters") or {},
-            schedules=[_schedule(item) for item in spec.get("schedules") or []],
-            enforce_parameter_schema=spec.get("enforce_parameter_schema", True),
-            entrypoint_type=EntrypointType.MODULE_PATH,
-        ))
+        deployments.append(
+            influence_pipeline.to_deployment(
+                name=spec["name"],
+                description=spec.get("description"),
+                tags=spec.get("tags") or [],
+                version=spec.get("version"),
+                paused=spec.get("paused"),
+                parameters=spec.get("parameters") or {},
+                schedules=[_schedule(item) for item in spec.get("schedules") or []],
+                enforce_parameter_schema=spec.get("enforce_parameter_schema", True),
+                entrypoint_type=EntrypointType.MODULE_PATH,
+            )
+        )
     return deployments
 
 
-def serve_deployments(prefect_file: Union[str, Path, None] = None, limit: Optional[int] = None) -> None:
+def serve_deployments(
+    prefect_file: Union[str, Path, None] = None, limit: Optional[int] = None
+) -> None:
     """Register and serve every deployment of ``prefect_file`` until interrupted; ``limit``
     caps the flow runs executing at once (default: no cap)."""
     from prefect import serve

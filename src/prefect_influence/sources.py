@@ -62,13 +62,17 @@ def resolve_import(path: str, what: str) -> Any:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ConfigurationError(f"{what} {path!r}: cannot import module {module_name!r}: {exc}") from exc
+        raise ConfigurationError(
+            f"{what} {path!r}: cannot import module {module_name!r}: {exc}"
+        ) from exc
     try:
         obj = module
         for part in attr.split("."):
             obj = getattr(obj, part)
     except AttributeError as exc:
-        raise ConfigurationError(f"{what} {path!r}: module {module_name!r} has no {attr!r}.") from exc
+        raise ConfigurationError(
+            f"{what} {path!r}: module {module_name!r} has no {attr!r}."
+        ) from exc
     return obj
 
 
@@ -175,7 +179,9 @@ def _load_state_dict(raw: bytes, url: str) -> dict[str, torch.Tensor]:
     except Exception as exc:
         raise ConfigurationError(f"checkpoint {url!r} cannot be loaded: {exc}") from exc
     if not isinstance(state, dict):
-        raise ConfigurationError(f"checkpoint {url!r} holds a {type(state).__name__}, not a state_dict.")
+        raise ConfigurationError(
+            f"checkpoint {url!r} holds a {type(state).__name__}, not a state_dict."
+        )
     return state
 
 
@@ -198,7 +204,9 @@ class DataSource:
         if not x.shape or not y.shape:
             raise ShapeMismatchError(f"{description}: x and y need a leading sample dimension.")
         if x.shape[0] != y.shape[0]:
-            raise ShapeMismatchError(f"{description}: x has {x.shape[0]} rows but y has {y.shape[0]}.")
+            raise ShapeMismatchError(
+                f"{description}: x has {x.shape[0]} rows but y has {y.shape[0]}."
+            )
         if x.shape[0] == 0:
             raise EmptyDataError(f"{description}: the data set is empty.")
         self._x, self._y, self.description = x, y, description
@@ -241,7 +249,9 @@ class DataSource:
             x, y = self.rows(start, start + _HASH_ROWS)
             for name, arr in (("x", x), ("y", y)):
                 if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
-                    bad = start + int(np.flatnonzero(~np.isfinite(arr.reshape(len(arr), -1)).all(1))[0])
+                    bad = start + int(
+                        np.flatnonzero(~np.isfinite(arr.reshape(len(arr), -1)).all(1))[0]
+                    )
                     raise NonFiniteError(
                         f"{self.description}: {name} contains NaN or Inf (first at row {bad})."
                     )
@@ -250,7 +260,9 @@ class DataSource:
         return "sha256:" + h.hexdigest()
 
 
-def open_source(url: str, storage_options: Optional[dict] = None, role: str = "train") -> DataSource:
+def open_source(
+    url: str, storage_options: Optional[dict] = None, role: str = "train"
+) -> DataSource:
     """Open a data location (see :class:`~prefect_influence.config.DataSpec`), anew on every
     call: data may change between runs at the same URL (the pipeline keeps one job's sources
     for the tasks of that job)."""
@@ -267,7 +279,9 @@ def _open(url: str, storage_options: dict) -> DataSource:
 
         ex = load_digits_example()
         role = url.split("#", 1)[1]
-        return DataSource(*((ex.x_train, ex.y_train) if role == "train" else (ex.x_test, ex.y_test)), url)
+        return DataSource(
+            *((ex.x_train, ex.y_train) if role == "train" else (ex.x_test, ex.y_test)), url
+        )
     if not is_stored(url):
         return _dataset_source(url)
     if url.endswith(".npz"):
@@ -323,7 +337,9 @@ def _looks_like_drive(url: str) -> bool:
 def _require_keys(url: str, keys: list[str]) -> None:
     missing = {"x", "y"} - set(keys)
     if missing:
-        raise ConfigurationError(f"data {url!r} lacks arrays {sorted(missing)} (has {sorted(keys)}).")
+        raise ConfigurationError(
+            f"data {url!r} lacks arrays {sorted(missing)} (has {sorted(keys)})."
+        )
 
 
 def _dataset_source(path: str) -> DataSource:
@@ -332,7 +348,9 @@ def _dataset_source(path: str) -> DataSource:
     try:
         n = len(dataset)
     except TypeError as exc:
-        raise ConfigurationError(f"data factory {path!r} must return a sized torch Dataset.") from exc
+        raise ConfigurationError(
+            f"data factory {path!r} must return a sized torch Dataset."
+        ) from exc
     if n == 0:
         raise EmptyDataError(f"data factory {path!r} returned an empty data set.")
     pairs = [dataset[i] for i in range(n)]
@@ -362,8 +380,12 @@ def check_model_fits_data(network: nn.Module, loss_name: str, source: DataSource
                 f"{source.description}: cross_entropy needs integer class labels in y, got {y.dtype}."
             )
         n_classes = out.shape[1] if out.ndim > 1 else 1
-        labels = np.concatenate([source.rows(s, s + _HASH_ROWS)[1].reshape(-1)
-                                 for s in range(0, len(source), _HASH_ROWS)])
+        labels = np.concatenate(
+            [
+                source.rows(s, s + _HASH_ROWS)[1].reshape(-1)
+                for s in range(0, len(source), _HASH_ROWS)
+            ]
+        )
         bad = (labels < 0) | (labels >= n_classes)
         if bad.any():
             raise InfluenceInputError(
@@ -414,13 +436,31 @@ def build_influence_model(config: PipelineConfig, network: nn.Module):
             pre = methods.JacobiPreconditioner(num_samples_estimator=4)
         elif m.preconditioner is PreconditionerName.nystroem:
             pre = methods.NystroemPreconditioner(rank=m.preconditioner_rank)
-        return methods.CgInfluence(network, loss, reg, rtol=m.rtol, atol=m.atol, maxiter=m.maxiter,
-                                   preconditioner=pre, batch_size=m.fit_batch_size)
+        return methods.CgInfluence(
+            network,
+            loss,
+            reg,
+            rtol=m.rtol,
+            atol=m.atol,
+            maxiter=m.maxiter,
+            preconditioner=pre,
+            batch_size=m.fit_batch_size,
+        )
     if m.name is Method.lissa:
-        return methods.LissaInfluence(network, loss, reg, maxiter=m.maxiter or 1000, dampen=m.lissa_dampen,
-                                      scale=m.lissa_scale, rtol=m.rtol, batch_size=m.fit_batch_size)
+        return methods.LissaInfluence(
+            network,
+            loss,
+            reg,
+            maxiter=m.maxiter or 1000,
+            dampen=m.lissa_dampen,
+            scale=m.lissa_scale,
+            rtol=m.rtol,
+            batch_size=m.fit_batch_size,
+        )
     if m.name is Method.arnoldi:
-        return methods.ArnoldiInfluence(network, loss, reg, rank=m.rank, krylov_dimension=m.krylov_dimension)
+        return methods.ArnoldiInfluence(
+            network, loss, reg, rank=m.rank, krylov_dimension=m.krylov_dimension
+        )
     if m.name is Method.nystroem:
         return methods.NystroemSketchInfluence(network, loss, reg, rank=m.rank)
     if m.name is Method.ekfac:

@@ -15,7 +15,6 @@ import functools
 import json
 import logging
 import math
-import os
 import threading
 import time
 from collections import OrderedDict
@@ -107,8 +106,9 @@ def torch_threads(n: int) -> Iterator[None]:
 
 
 # -- planning --------------------------------------------------------------------------------------
-def auto_chunk_sizes(n_train: int, n_test: int, n_parameters: int, n_workers: int,
-                     itemsize: int = 4) -> tuple[int, int]:
+def auto_chunk_sizes(
+    n_train: int, n_test: int, n_parameters: int, n_workers: int, itemsize: int = 4
+) -> tuple[int, int]:
     """Chunk sizes from the problem size and worker count (deterministic: no timing).
 
     A column task costs about ``train_chunk · p · (6 + 2·n_test)`` flops (per-sample gradients
@@ -124,21 +124,26 @@ def auto_chunk_sizes(n_train: int, n_test: int, n_parameters: int, n_workers: in
     a multiple of it (rounded up while that keeps the gradient cap, else down).
     """
     flops_per_sample = n_parameters * (6 + 2 * n_test)
-    min_train = math.ceil(TASK_OVERHEAD_S / OVERHEAD_SHARE * WORKER_FLOPS / max(flops_per_sample, 1))
+    min_train = math.ceil(
+        TASK_OVERHEAD_S / OVERHEAD_SHARE * WORKER_FLOPS / max(flops_per_sample, 1)
+    )
     spread = math.ceil(n_train / (4 * max(n_workers, 1)))
     cap = max(1, MAX_GRAD_BYTES // (n_parameters * itemsize))
     train_chunk = max(1, min(n_train, cap, max(min_train, spread)))
     if ALIGN_TRAIN_ROWS < train_chunk < n_train:
         up = -(-train_chunk // ALIGN_TRAIN_ROWS) * ALIGN_TRAIN_ROWS
-        train_chunk = min(n_train, up if up <= cap else train_chunk // ALIGN_TRAIN_ROWS * ALIGN_TRAIN_ROWS)
+        train_chunk = min(
+            n_train, up if up <= cap else train_chunk // ALIGN_TRAIN_ROWS * ALIGN_TRAIN_ROWS
+        )
     per_worker = max(math.ceil(n_test / max(n_workers, 1)), min(n_test, MIN_SPLIT_TEST_ROWS))
     test_chunk = max(1, min(per_worker, MAX_BLOCK_BYTES // (train_chunk * itemsize), 4096))
     test_chunk = math.ceil(n_test / math.ceil(n_test / test_chunk))  # even rows, same count
     return train_chunk, test_chunk
 
 
-def _fingerprint(config: PipelineConfig, model_fp: str, train_fp: str, test_fp: str,
-                 grid: Grid) -> dict[str, Any]:
+def _fingerprint(
+    config: PipelineConfig, model_fp: str, train_fp: str, test_fp: str, grid: Grid
+) -> dict[str, Any]:
     return {
         "model": model_fp,
         "train": train_fp,
@@ -180,8 +185,11 @@ def check_output_apart_from_inputs(config: PipelineConfig) -> None:
     """Refuse an output that is, holds or lies inside one of the job's stored inputs: writing
     (and with ``overwrite``, clearing) it would destroy them."""
     out = location_key(config.output, config.storage_options)
-    inputs = {"data.train": config.data.train, "data.test": config.data.test,
-              "model.checkpoint": config.model.checkpoint}
+    inputs = {
+        "data.train": config.data.train,
+        "data.test": config.data.test,
+        "model.checkpoint": config.model.checkpoint,
+    }
     for what, url in inputs.items():
         if not url or not is_stored(url):
             continue
@@ -194,8 +202,9 @@ def check_output_apart_from_inputs(config: PipelineConfig) -> None:
             )
 
 
-def plan_job(config: PipelineConfig, n_workers: int = 1,
-             recorded: Optional[PipelineConfig] = None) -> Plan:
+def plan_job(
+    config: PipelineConfig, n_workers: int = 1, recorded: Optional[PipelineConfig] = None
+) -> Plan:
     """Resolve inputs, fingerprint them, check or create the output; cheap relative to the job.
 
     An existing output with another fingerprint raises :class:`ConfigMismatchError` naming the
@@ -228,16 +237,28 @@ def plan_job(config: PipelineConfig, n_workers: int = 1,
     test_chunk = auto_test if config.test_chunk_size == "auto" else int(config.test_chunk_size)
 
     def grid_of(test_rows: int, train_rows: int) -> Grid:
-        return Grid(len(test), len(train), min(test_rows, len(test)), min(train_rows, len(train)),
-                    p, train.x_shape, config.mode.value, config.dtype.value)
+        return Grid(
+            len(test),
+            len(train),
+            min(test_rows, len(test)),
+            min(train_rows, len(train)),
+            p,
+            train.x_shape,
+            config.mode.value,
+            config.dtype.value,
+        )
 
     grid = grid_of(test_chunk, train_chunk)
     if manifest is not None:
         # auto chunking adopts the stored chunk sizes: a resume never re-chunks (with
         # overwrite only when the rest matches too; otherwise the output is replaced anyway)
         old = manifest.get("fingerprint", {})
-        stored = grid_of(old.get("test_chunk", test_chunk) if config.test_chunk_size == "auto" else test_chunk,
-                         old.get("train_chunk", train_chunk) if config.train_chunk_size == "auto" else train_chunk)
+        stored = grid_of(
+            old.get("test_chunk", test_chunk) if config.test_chunk_size == "auto" else test_chunk,
+            old.get("train_chunk", train_chunk)
+            if config.train_chunk_size == "auto"
+            else train_chunk,
+        )
         if not config.overwrite or _fingerprint(config, model_fp, *data_fps, stored) == old:
             grid = stored
     fingerprint = _fingerprint(config, model_fp, *data_fps, grid)
@@ -249,8 +270,11 @@ def plan_job(config: PipelineConfig, n_workers: int = 1,
             store.clear()
             store = InfluenceStore(config.output, config.storage_options)
         else:
-            diff = sorted(k for k in set(fingerprint) | set(manifest.get("fingerprint", {}))
-                          if fingerprint.get(k) != manifest.get("fingerprint", {}).get(k))
+            diff = sorted(
+                k
+                for k in set(fingerprint) | set(manifest.get("fingerprint", {}))
+                if fingerprint.get(k) != manifest.get("fingerprint", {}).get(k)
+            )
             raise ConfigMismatchError(
                 f"{config.output!r} holds results of a different configuration (differs in: "
                 f"{', '.join(diff)}). Use another output, or overwrite=True to replace them."
@@ -264,13 +288,15 @@ def plan_job(config: PipelineConfig, n_workers: int = 1,
         store.clear()
         store = InfluenceStore(config.output, config.storage_options)
     if not reused:
-        store.write_manifest({
-            "package_version": __version__,
-            "fingerprint": fingerprint,
-            "grid": grid.to_json(),
-            "config": (recorded or config).redacted() | {"overwrite": False, "force": False},
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        })
+        store.write_manifest(
+            {
+                "package_version": __version__,
+                "fingerprint": fingerprint,
+                "grid": grid.to_json(),
+                "config": (recorded or config).redacted() | {"overwrite": False, "force": False},
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            }
+        )
     store.create_arrays(grid)
     return Plan(grid, fingerprint, reused)
 
@@ -324,7 +350,9 @@ def _planned_store(config: PipelineConfig) -> tuple[InfluenceStore, dict[str, An
     store = InfluenceStore(config.output, config.storage_options)
     manifest = store.read_manifest()
     if manifest is None:
-        raise StorageError(f"{config.output!r} holds no prefect-influence manifest; plan the job first.")
+        raise StorageError(
+            f"{config.output!r} holds no prefect-influence manifest; plan the job first."
+        )
     _check_output_still_ours(config, manifest)
     store.bind_plan(manifest)  # its records count only for this plan of the output
     return store, manifest
@@ -409,7 +437,9 @@ def factors_stage(config: PipelineConfig, i: int) -> bool:
     return False
 
 
-def column_stage(config: PipelineConfig, j: int, test_chunks: Optional[list[int]] = None) -> dict[str, int]:
+def column_stage(
+    config: PipelineConfig, j: int, test_chunks: Optional[list[int]] = None
+) -> dict[str, int]:
     """Blocks ``(i, j)`` for the given test chunks (default all) and, if asked, the
     self-influence of train chunk ``j``. The train chunk's gradients are computed once, only if
     something is missing. Returns counts of computed and reused blocks."""
@@ -421,8 +451,13 @@ def column_stage(config: PipelineConfig, j: int, test_chunks: Optional[list[int]
     # the column's top-k, while its blocks are in memory (whole columns only: a partial one
     # is a retry of some blocks, and the summary reads what it lacks)
     k = min(config.top_k, grid.n_train)
-    want_top = (config.summary and mode is InfluenceMode.Up and test_chunks is None
-                and store.read_summary_part(j, k) is None and not _summary_done(store, config))
+    want_top = (
+        config.summary
+        and mode is InfluenceMode.Up
+        and test_chunks is None
+        and store.read_summary_part(j, k) is None
+        and not _summary_done(store, config)
+    )
     counts = {"computed": len(missing), "reused": len(rows) - len(missing)}
     if not missing and not want_self and not want_top:
         return counts
@@ -443,7 +478,13 @@ def column_stage(config: PipelineConfig, j: int, test_chunks: Optional[list[int]
                 top.add(i, block)
         if want_self:
             grads = operand.grads if operand.grads is not None else ctx.model.per_sample_grads(x, y)
-            writer.submit(store.write_chunk, SELF_INFLUENCE, grid, (j,), _numpy(_self_influences(ctx.model, grads)))
+            writer.submit(
+                store.write_chunk,
+                SELF_INFLUENCE,
+                grid,
+                (j,),
+                _numpy(_self_influences(ctx.model, grads)),
+            )
     if want_top:  # after its blocks are written: a part never describes blocks that are not
         store.write_summary_part(j, top.arrays(), k)
     return counts
@@ -455,7 +496,9 @@ _TOP_NAMES = ("top_helpful", "top_helpful_values", "top_harmful", "top_harmful_v
 def _summary_done(store: InfluenceStore, config: PipelineConfig) -> Optional[dict[str, Any]]:
     """The stored summary's info if it is valid and for ``config.top_k``."""
     existing = store.read_summary()
-    return existing[1] if existing is not None and existing[1].get("top_k") == config.top_k else None
+    return (
+        existing[1] if existing is not None and existing[1].get("top_k") == config.top_k else None
+    )
 
 
 class _ColumnTop:

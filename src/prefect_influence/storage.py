@@ -42,8 +42,15 @@ import numpy as np
 from .errors import StorageError
 
 __all__ = [
-    "Grid", "InfluenceStore", "ConfigMismatchError", "LeaseHeldError", "SCHEMA_VERSION", "checksum",
-    "output_location", "location_key", "plan_id",
+    "Grid",
+    "InfluenceStore",
+    "ConfigMismatchError",
+    "LeaseHeldError",
+    "SCHEMA_VERSION",
+    "checksum",
+    "output_location",
+    "location_key",
+    "plan_id",
 ]
 
 SCHEMA_VERSION = 1
@@ -128,8 +135,13 @@ class _PlainLayout:
         )
         if not plain:
             return None
-        return cls(root, tuple(meta.chunk_grid.chunk_shape), np.dtype(array.dtype).newbyteorder("<"),
-                   meta.fill_value, meta.encode_chunk_key)
+        return cls(
+            root,
+            tuple(meta.chunk_grid.chunk_shape),
+            np.dtype(array.dtype).newbyteorder("<"),
+            meta.fill_value,
+            meta.encode_chunk_key,
+        )
 
     def path(self, index: tuple[int, ...]) -> str:
         coords = tuple(index) + (0,) * (len(self.chunk_shape) - len(index))
@@ -294,8 +306,9 @@ class InfluenceStore:
         self._plan_known = False
 
     # -- lease -----------------------------------------------------------------------------------
-    def acquire_lease(self, ttl_seconds: float = 600.0, force: bool = False,
-                      owner: Optional[str] = None) -> str:
+    def acquire_lease(
+        self, ttl_seconds: float = 600.0, force: bool = False, owner: Optional[str] = None
+    ) -> str:
         """Take the output for this run; returns the owner token to renew and release with."""
         try:
             return self._acquire_lease(ttl_seconds, force, owner)
@@ -337,8 +350,9 @@ class InfluenceStore:
         return token
 
     @contextlib.contextmanager
-    def hold_lease(self, force: bool = False, ttl_seconds: float = 600.0,
-                   owner: Optional[str] = None) -> Iterator[str]:
+    def hold_lease(
+        self, force: bool = False, ttl_seconds: float = 600.0, owner: Optional[str] = None
+    ) -> Iterator[str]:
         """Hold the lease while the block runs, renewed by a background thread every ttl/4.
         ``owner`` (e.g. a flow-run id) lets a retry of the same run take its own lease back."""
         token = self.acquire_lease(ttl_seconds, force, owner)
@@ -381,8 +395,16 @@ class InfluenceStore:
             self._remove(LEASE)
 
     def _write_lease(self, token: str, ttl_seconds: float, mode: str = "overwrite") -> None:
-        self._write_json(LEASE, {"owner": token, "host": socket.gethostname(), "pid": os.getpid(),
-                                 "expires": time.time() + ttl_seconds}, mode=mode)
+        self._write_json(
+            LEASE,
+            {
+                "owner": token,
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "expires": time.time() + ttl_seconds,
+            },
+            mode=mode,
+        )
 
     # -- manifest --------------------------------------------------------------------------------
     def read_manifest(self) -> Optional[dict]:
@@ -406,16 +428,25 @@ class InfluenceStore:
         if self._group is None:
             # zarr takes storage options for fsspec URIs only (a local path has none to use)
             options = (self.storage_options or None) if "://" in self.url else None
-            self._group = zarr.open_group(self.url, mode="a", storage_options=options, zarr_format=3)
+            self._group = zarr.open_group(
+                self.url, mode="a", storage_options=options, zarr_format=3
+            )
         return self._group
 
     def create_arrays(self, grid: Grid) -> None:
         """Create the result arrays if missing (existing ones are kept: resume)."""
         dtype = np.dtype(grid.dtype)
         specs = {
-            FACTORS: ((grid.n_test, grid.n_parameters), (grid.test_chunk, grid.n_parameters), dtype),
-            INFLUENCES: (grid.influence_shape,
-                         (grid.test_chunk, grid.train_chunk, *grid.influence_shape[2:]), dtype),
+            FACTORS: (
+                (grid.n_test, grid.n_parameters),
+                (grid.test_chunk, grid.n_parameters),
+                dtype,
+            ),
+            INFLUENCES: (
+                grid.influence_shape,
+                (grid.test_chunk, grid.train_chunk, *grid.influence_shape[2:]),
+                dtype,
+            ),
             SELF_INFLUENCE: ((grid.n_train,), (grid.train_chunk,), dtype),
         }
         for name, (shape, chunks, dt) in specs.items():
@@ -428,8 +459,9 @@ class InfluenceStore:
                     )
                 continue
             # float scores barely compress; zstd cost 5× the write time of a block (measured)
-            self.group.create_array(name, shape=shape, chunks=chunks, dtype=dt, fill_value=np.nan,
-                                    compressors=None)
+            self.group.create_array(
+                name, shape=shape, chunks=chunks, dtype=dt, fill_value=np.nan, compressors=None
+            )
 
     def _array_or_none(self, name: str):
         try:
@@ -451,7 +483,9 @@ class InfluenceStore:
         i, j = index
         return (slice(*grid.test_ranges[i]), slice(*grid.train_ranges[j]))
 
-    def write_chunk(self, name: str, grid: Grid, index: tuple[int, ...], values: np.ndarray) -> None:
+    def write_chunk(
+        self, name: str, grid: Grid, index: tuple[int, ...], values: np.ndarray
+    ) -> None:
         """Write one chunk, then its completion record (in that order)."""
         values = np.asarray(values, dtype=np.dtype(grid.dtype))
         self._remove(self._record_path(name, index))
@@ -468,7 +502,9 @@ class InfluenceStore:
             sha256 = digest.result()
         self._write_json(
             self._record_path(name, index),
-            self._stamped({"sha256": sha256, "shape": list(values.shape), "dtype": values.dtype.str}),
+            self._stamped(
+                {"sha256": sha256, "shape": list(values.shape), "dtype": values.dtype.str}
+            ),
         )
 
     def read_chunk(self, name: str, grid: Grid, index: tuple[int, ...]) -> np.ndarray:
@@ -487,7 +523,9 @@ class InfluenceStore:
             self._layouts[name] = _PlainLayout.of(self.group[name], self._path(name))
         return self._layouts[name]
 
-    def _write_plain(self, layout: "_PlainLayout", index: tuple[int, ...], values: np.ndarray) -> None:
+    def _write_plain(
+        self, layout: "_PlainLayout", index: tuple[int, ...], values: np.ndarray
+    ) -> None:
         path = layout.path(index)
         if values.shape != layout.chunk_shape:  # an edge chunk: zarr stores it padded
             full = np.full(layout.chunk_shape, layout.fill_value, dtype=layout.dtype)
@@ -498,8 +536,9 @@ class InfluenceStore:
         local = "file" in _protocols(self.fs)
         self.fs.pipe_file(path, memoryview(data).cast("B") if local else data.tobytes())
 
-    def _read_plain(self, layout: "_PlainLayout", index: tuple[int, ...],
-                    slices: tuple[slice, ...]) -> np.ndarray:
+    def _read_plain(
+        self, layout: "_PlainLayout", index: tuple[int, ...], slices: tuple[slice, ...]
+    ) -> np.ndarray:
         local = tuple(slice(0, s.stop - s.start) for s in slices)
         try:
             raw = self.fs.cat_file(layout.path(index))
@@ -517,7 +556,9 @@ class InfluenceStore:
         """True only if the record exists and the stored chunk matches its checksum."""
         return self.read_done_chunk(name, grid, index) is not None
 
-    def read_done_chunk(self, name: str, grid: Grid, index: tuple[int, ...]) -> Optional[np.ndarray]:
+    def read_done_chunk(
+        self, name: str, grid: Grid, index: tuple[int, ...]
+    ) -> Optional[np.ndarray]:
         """The chunk's values if it is done (see :meth:`chunk_done`), else ``None``."""
         record = self._read_json(self._record_path(name, index))
         if record is None or not self._of_this_plan(record):
@@ -549,8 +590,10 @@ class InfluenceStore:
     def write_fitted_state(self, state: dict[str, Any]) -> None:
         import torch
 
-        arrays = {k: v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
-                  for k, v in state.items()}
+        arrays = {
+            k: v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
+            for k, v in state.items()
+        }
         self._write_array_set("fitted", arrays, "records/fitted.json", {})
 
     def read_fitted_state(self) -> Optional[dict[str, Any]]:
@@ -573,8 +616,9 @@ class InfluenceStore:
 
     def write_summary_part(self, j: int, arrays: dict[str, np.ndarray], top_k: int) -> None:
         """Top-k arrays over train chunk ``j`` alone (merged by the summary)."""
-        self._write_array_set(f"summary_parts/{j}", arrays, f"records/summary_parts/{j}.json",
-                              {"top_k": top_k})
+        self._write_array_set(
+            f"summary_parts/{j}", arrays, f"records/summary_parts/{j}.json", {"top_k": top_k}
+        )
 
     def read_summary_part(self, j: int, top_k: int) -> Optional[dict[str, np.ndarray]]:
         """Column ``j``'s top-k arrays, or ``None`` if missing, corrupt or for another k."""
@@ -582,19 +626,28 @@ class InfluenceStore:
         return None if found is None or found[1].get("top_k") != top_k else found[0]
 
     # -- small sets of whole arrays with one record ----------------------------------------------
-    def _write_array_set(self, prefix: str, arrays: dict[str, np.ndarray], record: str,
-                         extra: dict) -> None:
+    def _write_array_set(
+        self, prefix: str, arrays: dict[str, np.ndarray], record: str, extra: dict
+    ) -> None:
         self._remove(record)
         sums = {}
         for key, arr in arrays.items():
             name = f"{prefix}/{key}"
-            self.group.create_array(name, shape=arr.shape, dtype=arr.dtype, chunks=arr.shape or (),
-                                    overwrite=True, fill_value=0)
+            self.group.create_array(
+                name,
+                shape=arr.shape,
+                dtype=arr.dtype,
+                chunks=arr.shape or (),
+                overwrite=True,
+                fill_value=0,
+            )
             self.group[name][...] = arr
             sums[key] = checksum(arr)
         self._write_json(record, self._stamped({"arrays": sums, **extra}))
 
-    def _read_array_set(self, prefix: str, record: str) -> Optional[tuple[dict[str, np.ndarray], dict]]:
+    def _read_array_set(
+        self, prefix: str, record: str
+    ) -> Optional[tuple[dict[str, np.ndarray], dict]]:
         entry = self._read_json(record)
         if entry is None or not self._of_this_plan(entry):
             return None

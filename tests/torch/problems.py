@@ -32,7 +32,9 @@ def sum_squared_error(out, target):
 
 def train(model, x, y, loss, steps=200, seed=0):
     torch.manual_seed(seed)
-    opt = torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=steps, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(
+        model.parameters(), lr=0.5, max_iter=steps, line_search_fn="strong_wolfe"
+    )
 
     def closure():
         opt.zero_grad()
@@ -47,9 +49,11 @@ def train(model, x, y, loss, steps=200, seed=0):
 def mlp_classifier(n_train=60, n_test=6, d=4, hidden=6, classes=3, seed=0):
     gen = torch.Generator().manual_seed(seed)
     centers = 2.0 * torch.randn(classes, d, generator=gen, dtype=DTYPE)
+
     def sample(n):
         labels = torch.arange(n) % classes
         return centers[labels] + torch.randn(n, d, generator=gen, dtype=DTYPE), labels
+
     x, y = sample(n_train)
     xt, yt = sample(n_test)
     torch.manual_seed(seed)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from problems import linear_regression, loader, mlp_classifier, sum_squared_error
 from torch.nn.functional import cross_entropy
 
 from prefect_influence import (
@@ -26,7 +27,6 @@ from prefect_influence.torch import (
     NystroemPreconditioner,
     NystroemSketchInfluence,
 )
-from problems import linear_regression, loader, mlp_classifier, sum_squared_error
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +41,15 @@ def fitted(problem):
 
 
 def test_all_errors_are_value_errors():
-    for cls in (EmptyDataError, InputRankError, InvalidRankError, InvalidRegularizationError,
-                NonFiniteError, ShapeMismatchError, InvalidParameterError):
+    for cls in (
+        EmptyDataError,
+        InputRankError,
+        InvalidRankError,
+        InvalidRegularizationError,
+        NonFiniteError,
+        ShapeMismatchError,
+        InvalidParameterError,
+    ):
         assert issubclass(cls, InfluenceInputError) and issubclass(cls, ValueError)
 
 
@@ -50,9 +57,12 @@ def test_not_fitted(problem):
     model, x, y, xt, yt = problem
     m = DirectInfluence(model, cross_entropy, 0.1)
     assert not m.is_fitted
-    for call in (lambda: m.influence_factors(xt, yt), lambda: m.influences(xt, yt),
-                 lambda: m.influences_from_factors(torch.zeros(1, m.n_parameters), x, y),
-                 lambda: m.fitted_state()):
+    for call in (
+        lambda: m.influence_factors(xt, yt),
+        lambda: m.influences(xt, yt),
+        lambda: m.influences_from_factors(torch.zeros(1, m.n_parameters), x, y),
+        lambda: m.fitted_state(),
+    ):
         with pytest.raises(NotFittedError, match="fit"):
             call()
 
@@ -95,7 +105,9 @@ def test_non_finite_inputs_and_loss(problem, fitted):
         fitted.influence_factors(bad, yt)
     bad[1, 2] = float("inf")
     with pytest.raises(NonFiniteError):
-        DirectInfluence(model, cross_entropy, 0.1).fit(loader(torch.cat([x, bad]), torch.cat([y, yt])))
+        DirectInfluence(model, cross_entropy, 0.1).fit(
+            loader(torch.cat([x, bad]), torch.cat([y, yt]))
+        )
     lin, lx, ly, lxt, lyt = linear_regression()  # squared error of huge inputs overflows
     lin_fit = DirectInfluence(lin, sum_squared_error, 0.1).fit(loader(lx, ly))
     with pytest.raises(NonFiniteError, match="gradients"):
@@ -123,7 +135,9 @@ def test_singular_hessian_needs_regularization():
 def test_rank_checks(problem):
     model = problem[0]
     p = sum(q.numel() for q in model.parameters())
-    with pytest.raises(InvalidRankError, match=f"exceeds the number of trainable parameters \\({p}\\)"):
+    with pytest.raises(
+        InvalidRankError, match=f"exceeds the number of trainable parameters \\({p}\\)"
+    ):
         ArnoldiInfluence(model, cross_entropy, 0.1, rank=p + 1)
     with pytest.raises(InvalidRankError):
         NystroemSketchInfluence(model, cross_entropy, 0.1, rank=p + 1)
@@ -131,7 +145,9 @@ def test_rank_checks(problem):
         ArnoldiInfluence(model, cross_entropy, 0.1, rank=0)
     _, x, y, _, _ = problem
     with pytest.raises(InvalidRankError):
-        CgInfluence(model, cross_entropy, 0.1, preconditioner=NystroemPreconditioner(p + 1)).fit(loader(x, y))
+        CgInfluence(model, cross_entropy, 0.1, preconditioner=NystroemPreconditioner(p + 1)).fit(
+            loader(x, y)
+        )
 
 
 def test_option_checks(problem):
@@ -189,8 +205,16 @@ def test_fit_leaves_a_train_mode_models_buffers_alone():
     import warnings
 
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2), torch.nn.Flatten(),
-                              torch.nn.Linear(32, 3)).double().train()
+    net = (
+        torch.nn.Sequential(
+            torch.nn.Conv2d(1, 2, 3),
+            torch.nn.BatchNorm2d(2),
+            torch.nn.Flatten(),
+            torch.nn.Linear(32, 3),
+        )
+        .double()
+        .train()
+    )
     x, y = torch.randn(8, 1, 6, 6, dtype=torch.float64), torch.randint(0, 3, (8,))
     before = {n: b.clone() for n, b in net.named_buffers()}
     with warnings.catch_warnings():

@@ -45,7 +45,7 @@ def classification_data(n, shape, n_classes, noise, seed):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(n, *shape, generator=gen, dtype=DTYPE)
     w = torch.randn(x[0].numel(), n_classes, generator=gen, dtype=DTYPE)
-    y = (x.reshape(n, -1) @ w + noise * torch.randn(n, n_classes, generator=gen, dtype=DTYPE))
+    y = x.reshape(n, -1) @ w + noise * torch.randn(n, n_classes, generator=gen, dtype=DTYPE)
     return x, y.argmax(1)
 
 
@@ -83,7 +83,10 @@ def test_explicit_mse_loss_type_measures_the_scale():
         batches(x, y, 40)
     )
     torch.testing.assert_close(
-        custom.influences(x[:5], y[:5], x, y), direct.influences(x[:5], y[:5], x, y), rtol=1e-6, atol=0
+        custom.influences(x[:5], y[:5], x, y),
+        direct.influences(x[:5], y[:5], x, y),
+        rtol=1e-6,
+        atol=0,
     )
 
 
@@ -94,6 +97,7 @@ def test_corrected_eigenvalues_are_the_exact_diagonal_in_the_kronecker_basis():
     torch.manual_seed(3)
     model = nn.Linear(4, 3).to(DTYPE).eval()
     ekfac = EkfacInfluence(model, F.cross_entropy, 1e-3).fit(batches(x, y, 25))
+
     def mean_loss(flat):
         w, b = flat[:12].reshape(3, 4), flat[12:]
         return F.cross_entropy(x @ w.T + b, y)
@@ -244,7 +248,10 @@ def test_frozen_layers_are_skipped():
     direct = DirectInfluence(net, F.cross_entropy, 1e-1).fit(batches(x, y, 200))
     assert ekfac.n_parameters == 8 * 3 + 3
     # softmax regression on fixed features; measured 0.95-0.98 (seeds 0-4)
-    assert pearson(ekfac.influences(x_test, y_test, x, y), direct.influences(x_test, y_test, x, y)) > 0.95
+    assert (
+        pearson(ekfac.influences(x_test, y_test, x, y), direct.influences(x_test, y_test, x, y))
+        > 0.95
+    )
 
 
 def test_state_round_trip_gives_identical_influences():
@@ -271,8 +278,12 @@ def test_unsupported_trainable_layer_is_named():
 
 
 @pytest.mark.parametrize(
-    "layer", [nn.Conv2d(2, 2, 3, groups=2), nn.Conv2d(2, 2, 3, padding="same"),
-              nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect")],
+    "layer",
+    [
+        nn.Conv2d(2, 2, 3, groups=2),
+        nn.Conv2d(2, 2, 3, padding="same"),
+        nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect"),
+    ],
 )
 def test_unsupported_conv_options(layer):
     with pytest.raises(NotImplementedError, match="Conv2d"):

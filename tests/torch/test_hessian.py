@@ -65,7 +65,9 @@ FALLBACK = {
 
 def data(net, n=30, regression=False):
     gen = torch.Generator().manual_seed(0)
-    shape = (n, 1, 4) if isinstance(net, nn.Sequential) and isinstance(net[0], nn.Conv1d) else (n, 4)
+    shape = (
+        (n, 1, 4) if isinstance(net, nn.Sequential) and isinstance(net[0], nn.Conv1d) else (n, 4)
+    )
     x = torch.randn(*shape, generator=gen, dtype=torch.float64)
     if regression:
         return x, torch.randn(n, 3, generator=gen, dtype=torch.float64)
@@ -86,7 +88,9 @@ def test_structured_hessian_equals_products_with_the_identity(name, loss):
     layers = linear_layout(fn, x, y)
     assert layers is not None
     if name in ("wide head", "narrow, then wide"):
-        assert _by_rows(layers[-1], layers[-1]) and _by_rows(layers[-1], layers[0]) == (name != "wide head")
+        assert _by_rows(layers[-1], layers[-1]) and _by_rows(layers[-1], layers[0]) == (
+            name != "wide head"
+        )
     structured = linear_layers_hessian(fn, batches(x, y), len(x), layers)
     reference = dense_hessian(fn, batches(x, y), len(x))
     torch.testing.assert_close(structured, reference, rtol=1e-10, atol=1e-12)
@@ -103,7 +107,9 @@ def test_frozen_parameters_leave_their_rows_out():
     assert linear_layout(fn, x, y) is not None
     got = exact_hessian(fn, batches(x, y), len(x))
     assert got.shape == (fn.n_parameters, fn.n_parameters)
-    torch.testing.assert_close(got, dense_hessian(fn, batches(x, y), len(x)), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(
+        got, dense_hessian(fn, batches(x, y), len(x)), rtol=1e-10, atol=1e-12
+    )
 
 
 @pytest.mark.parametrize("name", list(FALLBACK))

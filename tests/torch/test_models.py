@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from problems import linear_regression, loader, mlp_classifier, small_cnn, sum_squared_error
 from torch.nn.functional import cross_entropy
 
 from prefect_influence import InfluenceMode
@@ -17,7 +18,6 @@ from prefect_influence.torch import (
     NystroemPreconditioner,
     NystroemSketchInfluence,
 )
-from problems import linear_regression, loader, mlp_classifier, small_cnn, sum_squared_error
 
 REG = 0.1
 
@@ -58,11 +58,19 @@ def linear_methods(model):
     return {
         "cg": CgInfluence(model, sum_squared_error, REG, rtol=1e-12, atol=1e-14),
         "cg-jacobi": CgInfluence(
-            model, sum_squared_error, REG, rtol=1e-12, atol=1e-14,
+            model,
+            sum_squared_error,
+            REG,
+            rtol=1e-12,
+            atol=1e-14,
             preconditioner=JacobiPreconditioner(num_samples_estimator=4),
         ),
         "cg-nystroem": CgInfluence(
-            model, sum_squared_error, REG, rtol=1e-12, atol=1e-14,
+            model,
+            sum_squared_error,
+            REG,
+            rtol=1e-12,
+            atol=1e-14,
             preconditioner=NystroemPreconditioner(rank=3),
         ),
         # scale above λ_max(H + λI) (≈ 2·λ_max(E[x̃x̃ᵀ]) + λ < 12 here); full-batch iteration
@@ -97,7 +105,9 @@ def test_iterative_and_low_rank_methods_match_closed_form(name):
     torch.testing.assert_close(method.influences(xt, yt, x, y), up, rtol=1e-4, atol=1e-4 * scale)
     torch.testing.assert_close(
         method.influences(xt, yt, x, y, InfluenceMode.Perturbation),
-        pert, rtol=1e-4, atol=1e-4 * pert.abs().max(),
+        pert,
+        rtol=1e-4,
+        atol=1e-4 * pert.abs().max(),
     )
 
 
@@ -105,11 +115,20 @@ def classifier_methods(model, p, lam_max):
     return {
         "cg": CgInfluence(model, cross_entropy, REG, rtol=1e-12, atol=1e-14),
         "cg-nystroem": CgInfluence(
-            model, cross_entropy, REG, rtol=1e-12, atol=1e-14,
+            model,
+            cross_entropy,
+            REG,
+            rtol=1e-12,
+            atol=1e-14,
             preconditioner=NystroemPreconditioner(rank=5),
         ),
         "lissa": LissaInfluence(
-            model, cross_entropy, REG, maxiter=20000, scale=1.2 * lam_max, rtol=1e-10,
+            model,
+            cross_entropy,
+            REG,
+            maxiter=20000,
+            scale=1.2 * lam_max,
+            rtol=1e-10,
             batch_size=1000,
         ),
         "arnoldi": ArnoldiInfluence(model, cross_entropy, REG, rank=p),
@@ -145,10 +164,16 @@ def test_methods_match_direct_on_classifiers(classifier, name):
 def test_low_rank_arnoldi_keeps_dominant_curvature(classifier):
     """Below full rank, Arnoldi agrees with Direct on the dominant eigen-directions."""
     model, x, y, xt, yt, direct, _ = classifier
-    arnoldi = ArnoldiInfluence(model, cross_entropy, REG, rank=5, krylov_dimension=40).fit(loader(x, y))
-    vals, vecs = torch.linalg.eigh(direct.hessian - REG * torch.eye(direct.n_parameters, dtype=x.dtype))
+    arnoldi = ArnoldiInfluence(model, cross_entropy, REG, rank=5, krylov_dimension=40).fit(
+        loader(x, y)
+    )
+    vals, vecs = torch.linalg.eigh(
+        direct.hessian - REG * torch.eye(direct.n_parameters, dtype=x.dtype)
+    )
     top = torch.argsort(vals.abs(), descending=True)[:5]
-    torch.testing.assert_close(arnoldi._vals.abs().sort().values, vals[top].abs().sort().values, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(
+        arnoldi._vals.abs().sort().values, vals[top].abs().sort().values, rtol=1e-6, atol=1e-9
+    )
 
 
 def test_full_rank_arnoldi_is_exact_at_tiny_curvature(classifier):
@@ -165,8 +190,12 @@ def test_full_rank_arnoldi_is_exact_at_tiny_curvature(classifier):
     direct = DirectInfluence(model, tiny, reg).fit(loader(x, y))
     arnoldi = ArnoldiInfluence(model, tiny, reg, rank=direct.n_parameters).fit(loader(x, y))
     expected = direct.influence_factors(xt[:3], yt[:3])
-    torch.testing.assert_close(arnoldi.influence_factors(xt[:3], yt[:3]), expected,
-                               rtol=1e-6, atol=1e-6 * expected.abs().max())
+    torch.testing.assert_close(
+        arnoldi.influence_factors(xt[:3], yt[:3]),
+        expected,
+        rtol=1e-6,
+        atol=1e-6 * expected.abs().max(),
+    )
 
 
 @pytest.mark.parametrize(
@@ -229,8 +258,9 @@ def test_hessian_products_reusing_gradient_graphs_equal_rebuilt_ones(problem, mo
     built = []
     original = cg._fn.hvp_function
     monkeypatch.setattr(cg._fn, "hvp_function", lambda *a: built.append(1) or original(*a))
-    vectors = torch.randn(3, cg.n_parameters, generator=torch.Generator().manual_seed(0),
-                          dtype=x.dtype)
+    vectors = torch.randn(
+        3, cg.n_parameters, generator=torch.Generator().manual_seed(0), dtype=x.dtype
+    )
     rebuilt = op(vectors)
     assert len(built) == op.n_batches >= 3  # 40 or 60 samples in batches of 16
     built.clear()
@@ -242,7 +272,9 @@ def test_hessian_products_reusing_gradient_graphs_equal_rebuilt_ones(problem, mo
     torch.testing.assert_close(first, rebuilt, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(second, first, rtol=0, atol=0)
     # the estimate is a real measurement: it grows with the batch (activations are per sample)
-    assert 0 < cg._fn.gradient_graph_bytes(x[:8], y[:8]) < cg._fn.gradient_graph_bytes(x[:16], y[:16])
+    assert (
+        0 < cg._fn.gradient_graph_bytes(x[:8], y[:8]) < cg._fn.gradient_graph_bytes(x[:16], y[:16])
+    )
 
     reused = cg.influence_factors(xt, yt)
     # one vector at a time (a tight budget for the vectors' graphs): the same products
@@ -276,14 +308,16 @@ def test_automatic_product_batch_size_follows_the_graph_budget(classifier):
     # the storage it views (which exists anyway): 200 copies change nothing
     big_x, big_y = torch.cat([x] * 200), torch.cat([y] * 200)
     assert fn.gradient_graph_bytes(big_x[:8], big_y[:8]) == fn.gradient_graph_bytes(
-        x[:8].clone(), y[:8].clone())
+        x[:8].clone(), y[:8].clone()
+    )
 
     auto = CgInfluence(model, cross_entropy, REG, rtol=1e-12, atol=1e-14).fit(loader(x, y, 8))
     fixed = CgInfluence(model, cross_entropy, REG, rtol=1e-12, atol=1e-14, batch_size=8)
     fixed.fit(loader(x, y, 8))
     assert auto._op.batch_size == len(x) and fixed._op.batch_size == 8
-    torch.testing.assert_close(auto.influence_factors(xt, yt), fixed.influence_factors(xt, yt),
-                               rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(
+        auto.influence_factors(xt, yt), fixed.influence_factors(xt, yt), rtol=1e-9, atol=1e-12
+    )
     # the resolved size is part of the fitted state: a loaded model batches identically
     again = CgInfluence(model, cross_entropy, REG, rtol=1e-12, atol=1e-14)
     again.load_fitted_state(auto.fitted_state())
@@ -298,8 +332,11 @@ def _zero_residual_regression_float32():
     """A float32 linear regression whose first test target equals the model's output (that
     test point's loss gradient is exactly zero), and the largest eigenvalue of its H + λI."""
     model, x, y, xt, yt = linear_regression()
-    lam_max = float(torch.linalg.eigvalsh(
-        DirectInfluence(model, sum_squared_error, REG).fit(loader(x, y)).hessian).max())
+    lam_max = float(
+        torch.linalg.eigvalsh(
+            DirectInfluence(model, sum_squared_error, REG).fit(loader(x, y)).hessian
+        ).max()
+    )
     model, x, y, xt, yt = model.float(), x.float(), y.float(), xt.float(), yt.float()
     with torch.no_grad():
         yt[0] = model(xt[:1])[0]
@@ -313,8 +350,9 @@ def test_a_zero_gradient_in_float32_neither_stalls_lissa_nor_makes_cg_report_nan
     import warnings
 
     model, x, y, xt, yt, lam_max = _zero_residual_regression_float32()
-    lissa = LissaInfluence(model, sum_squared_error, REG, maxiter=5000, scale=1.2 * lam_max,
-                           rtol=1e-5).fit(loader(x, y, len(x)))
+    lissa = LissaInfluence(
+        model, sum_squared_error, REG, maxiter=5000, scale=1.2 * lam_max, rtol=1e-5
+    ).fit(loader(x, y, len(x)))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # "did not reach rtol" fails the test
         with_zero = lissa.influence_factors(xt, yt)
@@ -335,14 +373,20 @@ def test_float32_ekfac_is_judged_singular_per_eigenvalue_not_by_parameter_count(
 
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Linear(300, 300), torch.nn.Tanh(),
-                              torch.nn.Linear(300, 3)).eval()
+    net = torch.nn.Sequential(
+        torch.nn.Linear(300, 300), torch.nn.Tanh(), torch.nn.Linear(300, 3)
+    ).eval()
     x = torch.randn(64, 300, generator=gen)
     y = torch.randint(0, 3, (64,), generator=gen)
-    factors32 = EkfacInfluence(net, cross_entropy, 1e-3).fit([(x, y)]).influence_factors(x[:4], y[:4])
+    factors32 = (
+        EkfacInfluence(net, cross_entropy, 1e-3).fit([(x, y)]).influence_factors(x[:4], y[:4])
+    )
     net64 = net.double()
-    factors64 = EkfacInfluence(net64, cross_entropy, 1e-3).fit([(x.double(), y)]).influence_factors(
-        x[:4].double(), y[:4])
+    factors64 = (
+        EkfacInfluence(net64, cross_entropy, 1e-3)
+        .fit([(x.double(), y)])
+        .influence_factors(x[:4].double(), y[:4])
+    )
     # float32 rounding (eps 6e-8) amplified by cond ≈ 900 and the eigendecompositions: ~1e-4
     error = (factors32.double() - factors64).norm() / factors64.norm()
     assert error < 1e-3, error

@@ -10,6 +10,7 @@ import warnings
 
 import pytest
 import torch
+from problems import loader, mlp_classifier, nonconvex_classifier
 from torch import nn
 from torch.func import functional_call, hessian
 from torch.nn.functional import cross_entropy
@@ -24,7 +25,6 @@ from prefect_influence.torch import (
 )
 from prefect_influence.torch.functional import ModelFunctions
 from prefect_influence.torch.hessian import dense_hessian
-from problems import loader, mlp_classifier, nonconvex_classifier
 
 REG = 0.01  # the reference's example setting
 
@@ -66,11 +66,16 @@ def test_float32_direct_is_as_accurate_as_a_float32_lu_solve(network):
     flat = fn.flat_params()
     mean_loss = lambda p: cross_entropy(functional_call(model, fn.unflatten(p), (x,)), y)  # noqa: E731
     matrix = hessian(mean_loss)(flat) + REG * torch.eye(len(flat))
-    reference = fn.per_sample_grads(xt, yt) @ torch.linalg.solve(matrix, fn.per_sample_grads(x, y).T)
+    reference = fn.per_sample_grads(xt, yt) @ torch.linalg.solve(
+        matrix, fn.per_sample_grads(x, y).T
+    )
     reference_error = relative_error(reference, truth)  # ~1.2e-3: float32 rounding × cond ~4e5
 
-    with pytest.warns(UserWarning, match=r"ill-conditioned: condition number ≈ [0-9.]+e\+05.*"
-                                         r"indefinite.*regularization=0.01"):
+    with pytest.warns(
+        UserWarning,
+        match=r"ill-conditioned: condition number ≈ [0-9.]+e\+05.*"
+        r"indefinite.*regularization=0.01",
+    ):
         direct = DirectInfluence(model, cross_entropy, REG).fit(loader(x, y))
     assert direct.condition_estimate > 1e5
     # the bound: within 1.5× of that method's error (measured 0.2×: our sums over samples
@@ -100,8 +105,11 @@ def test_direct_fitted_state_of_an_lu_factorization_round_trips(network):
 @pytest.mark.parametrize("preconditioner", [None, "jacobi", "nystroem"])
 def test_cg_goes_on_with_minres_and_converges_to_the_exact_influences(network, preconditioner):
     _, model64, (x, y, xt, yt), _, truth = network
-    make = {None: lambda: None, "jacobi": lambda: JacobiPreconditioner(num_samples_estimator=10),
-            "nystroem": lambda: NystroemPreconditioner(rank=20)}[preconditioner]
+    make = {
+        None: lambda: None,
+        "jacobi": lambda: JacobiPreconditioner(num_samples_estimator=10),
+        "nystroem": lambda: NystroemPreconditioner(rank=20),
+    }[preconditioner]
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # converges: no warning
         cg = CgInfluence(model64, cross_entropy, REG, preconditioner=make())

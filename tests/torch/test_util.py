@@ -61,6 +61,7 @@ def test_cat_aggregators():
     flat = LazyChunkSequence(lambda: iter(chunks)).compute(TorchCatAggregator())
     assert torch.equal(flat, torch.cat(chunks))
     full = torch.arange(6 * 7.0).reshape(6, 7)
+
     def rows():
         return ((full[a:b, c:d] for c, d in ((0, 2), (2, 7))) for a, b in ((0, 4), (4, 6)))
 

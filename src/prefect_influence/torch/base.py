@@ -56,7 +56,7 @@ class TrainingData:
         self.n_samples: Optional[int] = None
         self.batch_size = getattr(data, "batch_size", None)
         counted = 0
-        for x, y in self:
+        for x, _ in self:
             counted += x.shape[0]
             if self.batch_size is None:
                 self.batch_size = x.shape[0]
@@ -120,7 +120,9 @@ class TorchInfluenceFunctionModel(InfluenceFunctionModel[Tensor, Batches]):
         if regularization is None:
             regularization = 0.0 if hessian_regularization is None else hessian_regularization
         if not isinstance(model, nn.Module):
-            raise InfluenceInputError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+            raise InfluenceInputError(
+                f"model must be a torch.nn.Module, got {type(model).__name__}."
+            )
         if not callable(loss):
             raise InfluenceInputError(f"loss must be callable, got {type(loss).__name__}.")
         reg = float(regularization)
@@ -364,7 +366,11 @@ PRODUCT_GRAPH_BYTES = 64 * 2**20
 
 
 def product_batch_size(
-    fn: ModelFunctions, x: Tensor, y: Tensor, minimum: Optional[int], budget: int = PRODUCT_GRAPH_BYTES
+    fn: ModelFunctions,
+    x: Tensor,
+    y: Tensor,
+    minimum: Optional[int],
+    budget: int = PRODUCT_GRAPH_BYTES,
 ) -> int:
     """Samples per Hessian-vector product when the caller does not fix it: as many as keep one
     batch's gradient graph within ``budget`` (measured on the first ``minimum`` samples), at
@@ -496,7 +502,9 @@ def _as_tensor(value: Any, what: str) -> Tensor:
     try:
         return torch.as_tensor(value)
     except (TypeError, ValueError, RuntimeError) as exc:
-        raise InfluenceInputError(f"{what} must be a tensor or array, got {type(value).__name__}.") from exc
+        raise InfluenceInputError(
+            f"{what} must be a tensor or array, got {type(value).__name__}."
+        ) from exc
 
 
 def positive_int(value: Any, name: str, allow_none: bool = False) -> Optional[int]:

@@ -48,8 +48,9 @@ class DirectInfluence(TorchInfluenceFunctionModel):
 
     _state_keys = ("factor", "pivots")
 
-    def __init__(self, model, loss, regularization=None, *,
-                 hessian_dtype: Optional[torch.dtype] = None, **kw):
+    def __init__(
+        self, model, loss, regularization=None, *, hessian_dtype: Optional[torch.dtype] = None, **kw
+    ):
         super().__init__(model, loss, regularization, **kw)
         if hessian_dtype is not None and (
             not isinstance(hessian_dtype, torch.dtype) or not hessian_dtype.is_floating_point
@@ -111,8 +112,10 @@ class DirectInfluence(TorchInfluenceFunctionModel):
         if cond * eps >= 1:
             loss = f"it is numerically singular in {_name(self._factor.dtype)}"
         else:
-            loss = (f"in {_name(self._factor.dtype)} up to {math.log10(cond):.0f} of {digits:.0f} "
-                    "significant digits may be lost along its smallest eigenvalues")
+            loss = (
+                f"in {_name(self._factor.dtype)} up to {math.log10(cond):.0f} of {digits:.0f} "
+                "significant digits may be lost along its smallest eigenvalues"
+            )
         remedy = "more regularization improves the conditioning"
         if eps > torch.finfo(torch.float64).eps:
             remedy += ", hessian_dtype=torch.float64 the accuracy"

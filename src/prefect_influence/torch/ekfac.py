@@ -133,9 +133,7 @@ class EkfacInfluence(TorchInfluenceFunctionModel):
         loss_type: Optional[LossType] = None,
         hessian_regularization: Optional[float] = None,
     ):
-        super().__init__(
-            model, loss, regularization, hessian_regularization=hessian_regularization
-        )
+        super().__init__(model, loss, regularization, hessian_regularization=hessian_regularization)
         self.loss_type = _loss_type(loss, loss_type)
         self._layers = _find_layers(model, self._fn.names, self._fn.numels)
         self._state_keys = tuple(
@@ -382,7 +380,11 @@ def _find_layers(model: nn.Module, names: list[str], numels: list[int]) -> list[
 
 
 def _check_supported(name: str, module: nn.Module) -> None:
-    label = f"layer {name!r} ({type(module).__name__})" if name else f"the model ({type(module).__name__})"
+    label = (
+        f"layer {name!r} ({type(module).__name__})"
+        if name
+        else f"the model ({type(module).__name__})"
+    )
     if isinstance(module, nn.Linear):
         return
     if isinstance(module, nn.Conv2d):

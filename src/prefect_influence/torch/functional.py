@@ -72,7 +72,9 @@ class ModelFunctions:
         return {n: t.reshape(*lead, *s) for n, t, s in zip(self.names, pieces, self.shapes)}
 
     @staticmethod
-    def flatten(tensors: dict[str, Tensor], n_lead: int = 0, out: Optional[Tensor] = None) -> Tensor:
+    def flatten(
+        tensors: dict[str, Tensor], n_lead: int = 0, out: Optional[Tensor] = None
+    ) -> Tensor:
         """Concatenate a dict of tensors (keeping ``n_lead`` leading dimensions) into flat rows
         (into ``out`` when given)."""
         return torch.cat(

@@ -28,8 +28,14 @@ from torch.func import grad, jacrev, vmap
 
 from .functional import PRODUCT_VECTOR_BYTES, ModelFunctions, check_finite
 
-__all__ = ["exact_hessian", "dense_hessian", "linear_layers_hessian", "linear_layers_flops",
-           "linear_layout", "symmetrize_"]
+__all__ = [
+    "exact_hessian",
+    "dense_hessian",
+    "linear_layers_hessian",
+    "linear_layers_flops",
+    "linear_layout",
+    "symmetrize_",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -183,7 +189,9 @@ def linear_layers_hessian(
     eps = torch.zeros(n_total, dtype=dtype, device=device)
     # per sample: the derivatives kept for a chunk, and the largest matrix-product operand
     kept = n_total * (n_total + inputs) + n_total + inputs + len(layers)
-    operand = max(_operand_size(row, col) for l, row in enumerate(layers) for col in layers[: l + 1])
+    operand = max(
+        _operand_size(row, col) for l, row in enumerate(layers) for col in layers[: l + 1]
+    )
     chunk = max(1, CHUNK_BYTES // ((kept + operand) * itemsize))
     piece = max(1, CHUNK_BYTES // (3 * n_total * (n_total + inputs) * itemsize))
     hessian = torch.zeros(fn.n_parameters, fn.n_parameters, dtype=dtype, device=device)
@@ -192,8 +200,9 @@ def linear_layers_hessian(
     with perturbed.hooks():
         for start in range(0, x_all.shape[0], chunk):
             x, y = x_all[start : start + chunk], y_all[start : start + chunk]
-            parts = [terms(eps, x[i : i + piece], y[i : i + piece])
-                     for i in range(0, len(x), piece)]
+            parts = [
+                terms(eps, x[i : i + piece], y[i : i + piece]) for i in range(0, len(x), piece)
+            ]
             jac, value = (tuple(torch.cat(t) for t in zip(*side)) for side in zip(*parts))
             _accumulate(sums, hessian, layers, starts, jac, value)
     for l in range(len(layers)):
@@ -245,8 +254,9 @@ class _Perturbed:
 
             return add
 
-        handles = [layer.module.register_forward_hook(hook(i))
-                   for i, layer in enumerate(self.layers)]
+        handles = [
+            layer.module.register_forward_hook(hook(i)) for i, layer in enumerate(self.layers)
+        ]
         try:
             yield
         finally:
@@ -295,8 +305,12 @@ def _operand_size(row: LinearLayer, col: LinearLayer) -> int:
     """Numbers per sample of block ``(row, col)``'s largest matrix-product operands."""
     if _by_rows(row, col):
         return 2 * col.n_out * col.n_features
-    return (row.n_out * col.n_out + row.n_features * col.n_features
-            + row.n_features * col.n_out + row.n_out * col.n_features)
+    return (
+        row.n_out * col.n_out
+        + row.n_features * col.n_features
+        + row.n_features * col.n_out
+        + row.n_out * col.n_features
+    )
 
 
 def _accumulate(sums: dict, hessian: Tensor, layers: list[LinearLayer], starts, jac, value) -> None:
@@ -319,8 +333,16 @@ def _accumulate(sums: dict, hessian: Tensor, layers: list[LinearLayer], starts, 
                 if row.bias is not None:
                     moves = torch.cat([moves, moves.new_zeros(b, 1, col.n_out)], dim=1)
             if _by_rows(row, col):
-                _add_by_rows(hessian, row, col, second[:, rows, cols], feats[l], feats[m],
-                             moves, delta[:, rows])
+                _add_by_rows(
+                    hessian,
+                    row,
+                    col,
+                    second[:, rows, cols],
+                    feats[l],
+                    feats[m],
+                    moves,
+                    delta[:, rows],
+                )
                 continue
             t_lm = second[:, rows, cols].reshape(b, -1)
             outer = (feats[l][:, :, None] * feats[m][:, None, :]).reshape(b, -1)
@@ -330,9 +352,16 @@ def _accumulate(sums: dict, hessian: Tensor, layers: list[LinearLayer], starts, 
                 _addmm(sums, (2, l, m), moves.reshape(b, -1), weighted)
 
 
-def _add_by_rows(hessian: Tensor, row: LinearLayer, col: LinearLayer, t_lm: Tensor,
-                 feats_l: Tensor, feats_m: Tensor, moves: Optional[Tensor],
-                 delta_l: Tensor) -> None:
+def _add_by_rows(
+    hessian: Tensor,
+    row: LinearLayer,
+    col: LinearLayer,
+    t_lm: Tensor,
+    feats_l: Tensor,
+    feats_m: Tensor,
+    moves: Optional[Tensor],
+    delta_l: Tensor,
+) -> None:
     """Block ``(row, col)`` one output unit ``r`` of ``row`` at a time: its rows of the Hessian,
     ``(f_l) × (o_m, f_m)``, are ``F_lᵀ (T[:, r, :] ⊗ F_m)`` plus ``(∂a_l/∂s_m)ᵀ (δ_r F_m)``."""
     b = t_lm.shape[0]

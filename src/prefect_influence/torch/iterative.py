@@ -127,7 +127,10 @@ class CgInfluence(_DataBackedInfluence):
         if self.preconditioner is not None:
             with self._op.reusing_graphs():
                 self.preconditioner.fit(
-                    self._op.hessian_matmul, self.n_parameters, self.regularization, self.dtype,
+                    self._op.hessian_matmul,
+                    self.n_parameters,
+                    self.regularization,
+                    self.dtype,
                     self.device,
                 )
 
@@ -156,7 +159,9 @@ class CgInfluence(_DataBackedInfluence):
                 logger.info(
                     "CG met non-positive curvature (H + λI is indefinite at regularization=%s) "
                     "after %d iterations; continuing %d right-hand side(s) with MINRES.",
-                    self.regularization, used, active.numel(),
+                    self.regularization,
+                    used,
+                    active.numel(),
                 )
                 step, residual, more = minres(
                     self._op, r[active], tol[active], maxiter - used, self._precondition
@@ -168,8 +173,10 @@ class CgInfluence(_DataBackedInfluence):
         if active.numel():
             worst = float(_relative(r, rhs).max())
             if used < maxiter:
-                why = (f"(MINRES stopped improving after {used} iterations: H + λI is indefinite "
-                       f"and too ill-conditioned for {str(self.dtype).removeprefix('torch.')} products)")
+                why = (
+                    f"(MINRES stopped improving after {used} iterations: H + λI is indefinite "
+                    f"and too ill-conditioned for {str(self.dtype).removeprefix('torch.')} products)"
+                )
             else:
                 why = f"in {maxiter} iterations"
             warnings.warn(
@@ -398,8 +405,11 @@ class LissaInfluence(_DataBackedInfluence):
             growing = latest > 1.5 * smallest
             warnings.warn(
                 f"LiSSA did not reach rtol={self.rtol} in {self.maxiter} iterations; "
-                + (f"its steps grow, so it appears to diverge. {self._divergence_hint()}" if growing
-                   else "raise maxiter or adjust scale."),
+                + (
+                    f"its steps grow, so it appears to diverge. {self._divergence_hint()}"
+                    if growing
+                    else "raise maxiter or adjust scale."
+                ),
                 stacklevel=3,
             )
         return h / self.scale

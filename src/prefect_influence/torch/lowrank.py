@@ -161,8 +161,15 @@ class ArnoldiInfluence(_LowRankInfluence):
     """
 
     def __init__(
-        self, model, loss, regularization=None, rank: int = 10, *,
-        krylov_dimension: Optional[int] = None, seed: int = 0, **kw,
+        self,
+        model,
+        loss,
+        regularization=None,
+        rank: int = 10,
+        *,
+        krylov_dimension: Optional[int] = None,
+        seed: int = 0,
+        **kw,
     ):
         super().__init__(model, loss, regularization, rank, seed=seed, **kw)
         self.krylov_dimension = positive_int(krylov_dimension, "krylov_dimension", allow_none=True)

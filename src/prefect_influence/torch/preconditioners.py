@@ -25,7 +25,11 @@ class Preconditioner(ABC):
 
     @abstractmethod
     def fit(
-        self, hessian_matmul: MatMul, n_parameters: int, regularization: float, dtype: torch.dtype,
+        self,
+        hessian_matmul: MatMul,
+        n_parameters: int,
+        regularization: float,
+        dtype: torch.dtype,
         device: Optional[torch.device] = None,
     ) -> None:
         """Build from ``hessian_matmul`` (mean Hessian without λ, applied to rows); the fitted
@@ -40,7 +44,9 @@ class Preconditioner(ABC):
         """Fitted tensors."""
 
     @abstractmethod
-    def load_state(self, state: dict[str, Tensor], dtype: torch.dtype, device: torch.device) -> None:
+    def load_state(
+        self, state: dict[str, Tensor], dtype: torch.dtype, device: torch.device
+    ) -> None:
         """Restore from :meth:`state`."""
 
 
