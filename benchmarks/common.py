@@ -214,22 +214,22 @@ def job_config(paths: dict, output: str, method: Optional[dict] = None, **overri
 def run_stages_in_process(config) -> dict[str, float]:
     """Plan, fit, factors, columns and summary called in this process, one after the other
     (what the flow's tasks do, without Prefect or Dask). Returns seconds per stage."""
-    from prefect_influence import stages
+    from prefect_influence import pipeline
 
     times: dict[str, float] = {}
     t0 = time.perf_counter()
-    plan = stages.plan_job(config, n_workers=1)
+    plan = pipeline.plan_job(config, n_workers=1)
     t1 = time.perf_counter()
-    stages.fit_stage(config)
+    pipeline.fit_stage(config)
     t2 = time.perf_counter()
     for i in range(plan.grid.shape[0]):
-        stages.factors_stage(config, i)
+        pipeline.factors_stage(config, i)
     t3 = time.perf_counter()
     for j in range(plan.grid.shape[1]):
-        stages.column_stage(config, j)
+        pipeline.column_stage(config, j)
     t4 = time.perf_counter()
     if config.summary:
-        stages.summary_stage(config)
+        pipeline.summary_stage(config)
     t5 = time.perf_counter()
     times.update(
         plan=t1 - t0, fit=t2 - t1, factors=t3 - t2, columns=t4 - t3, summary=t5 - t4, total=t5 - t0

@@ -48,16 +48,16 @@ def main() -> None:
     if args.quick:
         args.n_test, args.n_train = 1000, 50000
 
-    from prefect_influence import stages
+    from prefect_influence import pipeline
     from prefect_influence.flows import influence_pipeline
-    from prefect_influence.flows.influence_pipeline import wait_for_closing_clusters
+    from prefect_influence.flows.cluster import wait_for_closing_clusters
 
     grid_bytes = args.n_test * args.n_train * 4
     root = Path(tempfile.mkdtemp(prefix="bench-memory-"))
     try:
         paths = common.write_job(root / "data", args.n_train, args.n_test, args.hidden)
         p = common.n_parameters(args.hidden)
-        train_chunk, test_chunk = stages.auto_chunk_sizes(
+        train_chunk, test_chunk = pipeline.auto_chunk_sizes(
             args.n_train, args.n_test, p, args.workers
         )
         common.header(

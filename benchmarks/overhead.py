@@ -15,7 +15,7 @@ drifts), on ``--workers`` single-threaded Dask workers (default 2, what the flow
   artifacts, and runs every task through the Prefect API. Overhead = flow / calculator − 1
   (target ≤ 10%).
 * ``in-process`` (one run, for reference): plan, fit, factors, columns and summary through
-  ``prefect_influence.stages`` in this process, one torch thread: the work with neither Prefect
+  ``prefect_influence.pipeline`` in this process, one torch thread: the work with neither Prefect
   nor Dask; its ratio to the flow shows what the second worker buys on this machine.
 
 The ephemeral Prefect API is started once before the flows and timed apart (a deployment talks
@@ -113,9 +113,9 @@ def main() -> None:
 
     import torch
 
-    from prefect_influence import stages
+    from prefect_influence import pipeline
     from prefect_influence.flows import influence_pipeline
-    from prefect_influence.flows.influence_pipeline import wait_for_closing_clusters
+    from prefect_influence.flows.cluster import wait_for_closing_clusters
 
     # the fit runs in this process on every path; one thread keeps it immune to oversubscribed
     # cores (2 OpenMP threads on a busy 2-core machine slow down many-fold); chunks use 1 anyway
@@ -123,7 +123,7 @@ def main() -> None:
 
     root = Path(tempfile.mkdtemp(prefix="bench-overhead-"))
     p = common.n_parameters(args.hidden)
-    chunks = stages.auto_chunk_sizes(args.n_train, args.n_test, p, args.workers)
+    chunks = pipeline.auto_chunk_sizes(args.n_train, args.n_test, p, args.workers)
     try:
         paths = common.write_job(root / "data", args.n_train, args.n_test, args.hidden)
         warm = common.write_job(root / "warm", 600, 60, args.hidden)

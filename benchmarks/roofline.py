@@ -1,4 +1,4 @@
-"""Benchmark: the score stage (``stages.column_stage`` over every train chunk, influences from
+"""Benchmark: the score stage (``pipeline.column_stage`` over every train chunk, influences from
 stored factors) against bare PyTorch doing only the unavoidable work for the same shapes.
 
 The bare baseline holds data and factors in memory and does, with the same single torch thread
@@ -74,7 +74,7 @@ def run_row(
 ) -> tuple[float, float, float]:
     import torch
 
-    from prefect_influence import stages
+    from prefect_influence import pipeline
     from prefect_influence.storage import FACTORS, INFLUENCES, InfluenceStore
 
     torch.set_num_threads(1)  # the stage computes with one torch thread
@@ -86,16 +86,16 @@ def run_row(
         config = common.job_config(
             p, str(out), method=FIT, self_influence=False, summary=False, device=device
         )
-        plan = stages.plan_job(config, n_workers=2)
-        stages.fit_stage(config)
+        plan = pipeline.plan_job(config, n_workers=2)
+        pipeline.fit_stage(config)
         for i in range(plan.grid.shape[0]):
-            stages.factors_stage(config, i)
+            pipeline.factors_stage(config, i)
         return config, plan.grid
 
     # warm-up: the whole column stage and the baseline once on a small job
     wconfig, wgrid = prepare(warm, root / f"{label}-warm-out")
     for j in range(wgrid.shape[1]):
-        stages.column_stage(wconfig, j)
+        pipeline.column_stage(wconfig, j)
     wdata = common.load_job_arrays(warm)
     wf = torch.from_numpy(np.array(InfluenceStore(wconfig.output).read_chunk(FACTORS, wgrid, (0,))))
     bare_scores(
@@ -129,7 +129,7 @@ def run_row(
             shutil.rmtree(root / f"{label}-out" / sub, ignore_errors=True)
         start = time.perf_counter()
         for j in range(grid.shape[1]):
-            stages.column_stage(config, j)  # stored blocks: on the host when it returns
+            pipeline.column_stage(config, j)  # stored blocks: on the host when it returns
         return time.perf_counter() - start
 
     t_bare, t_ours = [], []

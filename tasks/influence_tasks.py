@@ -1,5 +1,5 @@
 """Prefect tasks of the influence pipeline, one per stage: thin wrappers around
-:mod:`prefect_influence.stages` that add retries, logging and small, serializable arguments
+:mod:`prefect_influence.pipeline.stages` that add retries, logging and small, serializable arguments
 (the configuration and chunk indices, never arrays).
 
 Each task is usable alone: ``fit_model.fn(config)`` runs it in-process without Prefect's engine.
@@ -14,10 +14,10 @@ from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 from prefect.tasks import exponential_backoff
 
-from prefect_influence import stages
+from prefect_influence import pipeline
 from prefect_influence.config import PipelineConfig
-from prefect_influence.errors import InfluenceInputError, NotFittedError
-from prefect_influence.storage import ConfigMismatchError
+from prefect_influence.errors import ConfigMismatchError, InfluenceInputError, NotFittedError
+from prefect_influence.storage import set_secret_loader
 
 __all__ = [
     "fit_model",
@@ -25,7 +25,7 @@ __all__ = [
     "influences_from_factors",
     "write_summary",
     "retry_transient",
-    "with_secret_storage_options",
+    "load_secret",
 ]
 
 
@@ -64,26 +64,15 @@ _RETRY = dict(
 )
 
 
-def with_secret_storage_options(config: PipelineConfig) -> PipelineConfig:
-    """The configuration with the ``storage_secret`` block's value merged into its storage
-    options (resolved where it is used, so the credentials never travel as parameters)."""
-    if not config.storage_secret:
-        return config
+def load_secret(name: str):
+    """The value of the Prefect Secret block ``name`` (storage options for a job's storage)."""
     from prefect.blocks.system import Secret
 
-    value = Secret.load(config.storage_secret).get()
-    if isinstance(value, str):
-        import json
+    return Secret.load(name).get()
 
-        try:
-            value = json.loads(value)
-        except ValueError:
-            value = None  # a plain string: refused below, without echoing it
-    if not isinstance(value, dict):
-        raise InfluenceInputError(
-            f"Secret block {config.storage_secret!r} must hold a JSON object of storage options."
-        )
-    return config.model_copy(update={"storage_options": {**config.storage_options, **value}})
+
+# storage opened in this process (the flow's, a Dask worker's) reads secrets from Prefect
+set_secret_loader(load_secret)
 
 
 def _logger():
@@ -98,7 +87,7 @@ def _logger():
 @task(name="fit-model", **_RETRY)
 def fit_model(config: PipelineConfig) -> bool:
     """Fit the influence model on the training data and store its state (skipped if stored)."""
-    reused = stages.fit_stage(with_secret_storage_options(config))
+    reused = pipeline.fit_stage(config)
     _logger().info("fitted state %s", "reused from storage" if reused else "computed and stored")
     return reused
 
@@ -106,7 +95,7 @@ def fit_model(config: PipelineConfig) -> bool:
 @task(name="compute-factors", task_run_name="factors-{i}", **_RETRY)
 def compute_factors(config: PipelineConfig, i: int) -> bool:
     """Write H⁻¹∇ℓ of test chunk ``i`` into the ``factors`` array (skipped if stored)."""
-    return stages.factors_stage(with_secret_storage_options(config), i)
+    return pipeline.factors_stage(config, i)
 
 
 @task(name="influences-from-factors", task_run_name="column-{j}", **_RETRY)
@@ -115,7 +104,7 @@ def influences_from_factors(
 ) -> dict[str, int]:
     """Blocks (i, j) for the test chunks (default all) from train chunk ``j``'s gradients,
     computed once; plus the chunk's self-influence when configured."""
-    counts = stages.column_stage(with_secret_storage_options(config), j, test_chunks)
+    counts = pipeline.column_stage(config, j, test_chunks)
     _logger().debug("column %d: %s", j, counts)
     return counts
 
@@ -123,4 +112,4 @@ def influences_from_factors(
 @task(name="write-summary", **_RETRY)
 def write_summary(config: PipelineConfig) -> dict[str, Any]:
     """Top-k most helpful and most harmful training indices per test point, streamed."""
-    return stages.summary_stage(with_secret_storage_options(config))
+    return pipeline.summary_stage(config)

@@ -21,11 +21,14 @@ from prefect_influence import (
     InvalidRankError,
     NonFiniteError,
     ShapeMismatchError,
-    stages,
+    pipeline,
 )
-from prefect_influence.errors import InfluenceInputError, StorageError
-from prefect_influence.sources import ConfigurationError
-from prefect_influence.storage import ConfigMismatchError
+from prefect_influence.errors import (
+    ConfigMismatchError,
+    ConfigurationError,
+    InfluenceInputError,
+    StorageError,
+)
 
 
 def tree_digest(root: Path) -> dict[str, str]:
@@ -234,7 +237,7 @@ def test_bad_input_fails_clearly_and_keeps_output(finished, make, error, message
     overrides = make(tmp_path, inputs)
     config = job_config(inputs, overrides.pop("output", str(out)), **overrides)
     with pytest.raises(error, match=message):
-        stages.plan_job(config)
+        pipeline.plan_job(config)
     assert tree_digest(out) == before
 
 
@@ -246,7 +249,7 @@ def test_cuda_without_a_usable_gpu_fails_clearly_and_keeps_output(finished):
     with pytest.raises(
         ConfigurationError, match="device='cuda', but this process has no usable CUDA"
     ):
-        stages.plan_job(config)
+        pipeline.plan_job(config)
     assert tree_digest(out) == before
 
 
@@ -295,5 +298,5 @@ def test_an_output_overlapping_the_inputs_is_refused_and_they_survive(where, tmp
     before = tree_digest(tmp_path / "inputs")
     config = job_config(inputs, str(output) + "/", overwrite=True)
     with pytest.raises(ConfigurationError, match="overlaps the job's input"):
-        stages.plan_job(config)
+        pipeline.plan_job(config)
     assert tree_digest(tmp_path / "inputs") == before

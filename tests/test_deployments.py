@@ -463,7 +463,7 @@ def runs(prefect, worker, inputs, tmp_path_factory) -> Runs:
     _, alive = psutil.wait_procs(family, timeout=30)
     assert not alive
     store = InfluenceStore(killed_config.output)
-    grid = store.grid()
+    grid = store.planned_manifest().grid
     done = {ix for ix in store.recorded("influences") if store.chunk_done("influences", grid, ix)}
     assert 2 <= len(done) < N_BLOCKS, f"{len(done)} blocks done: kill earlier"
     return Runs(reference, reference_config, killed, killed_config, done)

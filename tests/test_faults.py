@@ -15,10 +15,9 @@ from jobs import job_config, read_outputs, write_inputs
 from prefect.testing.utilities import prefect_test_harness
 from test_stages import run_tasks
 
-from prefect_influence.errors import InfluenceInputError
+from prefect_influence.errors import ConfigMismatchError, ConfigurationError, InfluenceInputError
 from prefect_influence.flows import influence_pipeline
-from prefect_influence.sources import ConfigurationError
-from prefect_influence.storage import ConfigMismatchError, InfluenceStore
+from prefect_influence.storage import InfluenceStore
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -124,7 +123,7 @@ def test_persistent_fault_fails_clearly_then_resumes(env):
     with pytest.raises(OSError, match="injected fault"):
         influence_pipeline(config)
     store = InfluenceStore(str(root / "persistent"))
-    grid = store.grid()
+    grid = store.planned_manifest().grid
     assert not store.chunk_done("influences", grid, (1, 3))  # the torn chunk is not accepted
     assert store._read_json("lease.json") is None  # a failed run releases its lease
 
@@ -168,7 +167,7 @@ def test_storage_credentials_from_a_secret_block(env, s3_server):
     got = read_outputs(config.output, options)
     for name, values in expected.items():
         assert np.array_equal(got[name], values, equal_nan=True), name
-    manifest = json.dumps(InfluenceStore(config.output, options).read_manifest())
+    manifest = json.dumps(InfluenceStore(config.output, options).read_manifest().to_json())
     run_id = state.state_details.flow_run_id
     with get_client(sync_client=True) as client:
         params = json.dumps(client.read_flow_run(run_id).parameters)
@@ -184,13 +183,13 @@ def test_storage_credentials_from_a_secret_block(env, s3_server):
 def test_a_secret_block_holding_a_plain_string_is_refused_clearly(env):
     from prefect.blocks.system import Secret
 
-    from prefect_influence.tasks.influence_tasks import with_secret_storage_options
+    from prefect_influence.storage import storage_options
 
     root, inputs, _, _ = env
     Secret(value="not-json-at-all").save("influence-plain", overwrite=True)
     config = job_config(inputs, str(root / "plain"), storage_secret="influence-plain")
     with pytest.raises(InfluenceInputError, match="must hold a JSON object") as info:
-        with_secret_storage_options(config)
+        storage_options(config)
     assert "not-json-at-all" not in str(info.value)
 
 

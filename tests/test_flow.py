@@ -109,7 +109,7 @@ def test_sigkill_then_rerun_is_bit_identical(api_url, uninterrupted, inputs, tmp
         os.killpg(proc.pid, signal.SIGKILL)  # the flow process and its Dask workers
         proc.wait()
     store = InfluenceStore(str(out))
-    grid = store.grid()
+    grid = store.planned_manifest().grid
     done = {ix for ix in store.recorded("influences") if store.chunk_done("influences", grid, ix)}
     assert 6 <= len(done) < 48
     records_before = _block_records(out)
@@ -126,11 +126,11 @@ def test_sigkill_then_rerun_is_bit_identical(api_url, uninterrupted, inputs, tmp
 
 
 def test_second_run_on_a_leased_output_is_refused(uninterrupted):
-    from prefect_influence.storage import LeaseHeldError
+    from prefect_influence.errors import LeaseHeldError
 
     config, _, before = uninterrupted
     store = InfluenceStore(config.output)
-    token = store.acquire_lease(ttl_seconds=60)  # a live run elsewhere holds the output
+    token = store.lease.acquire(ttl_seconds=60)  # a live run elsewhere holds the output
     try:
         with pytest.raises(LeaseHeldError, match="in use by another run"):
             influence_pipeline(config)
@@ -138,7 +138,7 @@ def test_second_run_on_a_leased_output_is_refused(uninterrupted):
         result = influence_pipeline(config.model_copy(update={"force": True}))
         assert result["blocks_reused"] == 48
     finally:
-        store.release_lease(token)
+        store.lease.release(token)
     for name, values in read_outputs(config.output).items():
         assert np.array_equal(values, before[name]), name
 
@@ -149,7 +149,7 @@ def test_a_flow_returns_before_its_cluster_has_stopped_and_the_next_one_waits_fo
     import psutil
 
     from prefect_influence.config import PipelineConfig
-    from prefect_influence.flows.influence_pipeline import LocalClusterStart
+    from prefect_influence.flows.cluster import LocalClusterStart
 
     first = LocalClusterStart(PipelineConfig(n_workers=1))
     environ = _worker_environ(first.cluster())
@@ -185,8 +185,8 @@ def test_an_external_cluster_is_planned_for_its_workers(tmp_path, monkeypatch):
     one, which left most workers of a large cluster idle), or for n_workers when given."""
     from distributed import LocalCluster
 
-    from prefect_influence.flows.influence_pipeline import planned_workers
-    from prefect_influence.sources import ConfigurationError
+    from prefect_influence.errors import ConfigurationError
+    from prefect_influence.flows.cluster import planned_workers
 
     monkeypatch.setitem(planned_workers.__globals__, "SCHEDULER_CONNECT_S", 2)
     paths = {"train": "t", "test": "t", "checkpoint": "c"}

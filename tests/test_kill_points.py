@@ -77,7 +77,7 @@ def test_sigkill_at_point_then_rerun(env, name, pattern, at, when):
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
 
     store = InfluenceStore(str(out))
-    grid = store.grid()
+    grid = store.planned_manifest().grid
     done = {ix for ix in store.recorded("influences") if store.chunk_done("influences", grid, ix)}
     fitted_done = store.read_fitted_state() is not None
 

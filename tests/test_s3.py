@@ -50,11 +50,11 @@ def test_pipeline_on_s3_equals_local_run(s3_server, tmp_path, caplog):
     assert run_tasks(config) == {"computed": 0, "reused": 12}
 
     store = InfluenceStore(config.output, options)
-    manifest = json.dumps(store.read_manifest())
+    manifest = json.dumps(store.read_manifest().to_json())
     for secret in (options["key"], options["secret"]):
         assert secret not in manifest
         assert secret not in caplog.text  # our logs and INFO+ of every library
-    assert store.read_manifest()["config"]["storage_options"]["secret"] == "***"
+    assert store.read_manifest().config["storage_options"]["secret"] == "***"
 
 
 def test_credentials_from_the_environment(s3_server, tmp_path, monkeypatch):
@@ -67,5 +67,5 @@ def test_credentials_from_the_environment(s3_server, tmp_path, monkeypatch):
     endpoint_only = {"endpoint_url": options["endpoint_url"]}
     config = job_config(remote_inputs, "s3://influence/job2/out", storage_options=endpoint_only)
     assert run_tasks(config) == {"computed": 12, "reused": 0}
-    manifest = json.dumps(InfluenceStore(config.output, endpoint_only).read_manifest())
+    manifest = json.dumps(InfluenceStore(config.output, endpoint_only).read_manifest().to_json())
     assert options["secret"] not in manifest and options["key"] not in manifest

@@ -11,7 +11,9 @@ from jobs import job_config, write_inputs
 from test_stages import run_tasks
 
 from prefect_influence.cli import main
-from prefect_influence.sources import ConfigurationError, open_source, resolve_loss
+from prefect_influence.errors import ConfigurationError
+from prefect_influence.pipeline.data import open_source
+from prefect_influence.pipeline.network import resolve_loss
 
 X = np.arange(24, dtype=np.float32).reshape(6, 4)
 Y = np.arange(6, dtype=np.int64) % 3
@@ -64,7 +66,7 @@ class _CountingArray:
 
 
 def test_rows_within_a_stored_chunk_read_it_once_and_are_returned_as_copies(tmp_path, monkeypatch):
-    from prefect_influence import sources
+    from prefect_influence.pipeline import data as sources
 
     values = np.arange(50 * 4, dtype=np.float32).reshape(50, 4)
     group = zarr.open_group(str(tmp_path / "c.zarr"), mode="w")

@@ -3,6 +3,8 @@ independent in-memory computation; resume skips valid chunks and redoes corrupt 
 
 from __future__ import annotations
 
+import dataclasses
+
 import dask
 import numpy as np
 import pytest
@@ -10,10 +12,11 @@ import torch
 import zarr
 from jobs import job_config, read_outputs, write_inputs
 
-from prefect_influence import stages
-from prefect_influence.errors import StorageError
-from prefect_influence.sources import build_influence_model, load_network, open_source
-from prefect_influence.storage import FACTORS, ConfigMismatchError, InfluenceStore
+from prefect_influence import pipeline
+from prefect_influence.errors import ConfigMismatchError, StorageError
+from prefect_influence.pipeline.data import open_source
+from prefect_influence.pipeline.network import build_influence_model, load_network
+from prefect_influence.storage import FACTORS, InfluenceStore
 from prefect_influence.tasks import (
     compute_factors,
     fit_model,
@@ -24,7 +27,7 @@ from prefect_influence.tasks import (
 
 def run_tasks(config) -> dict:
     """The flow's task sequence, called in-process through ``.fn``."""
-    plan = stages.plan_job(config, n_workers=1)
+    plan = pipeline.plan_job(config, n_workers=1)
     with dask.config.set(scheduler="synchronous"):
         fit_model.fn(config)
         for i in range(plan.grid.shape[0]):
@@ -118,13 +121,13 @@ def test_summary_from_column_parts_equals_summary_from_blocks(reference, tmp_pat
     shutil.copytree(config.output, out)
     copy = config.model_copy(update={"output": str(out)})
     store = InfluenceStore(str(out))
-    grid = store.grid()
+    grid = store.planned_manifest().grid
     assert all(store.read_summary_part(j, 5) is not None for j in range(grid.shape[1]))
     assert store.read_summary_part(0, 4) is None  # another k is not reused
 
     def summary_again() -> dict:
         store._remove("records/summary.json")
-        stages.summary_stage(copy)
+        pipeline.summary_stage(copy)
         return read_outputs(str(out))
 
     shutil.rmtree(out / "summary_parts" / "2")  # a lost part (its record stays) and a lost record
@@ -140,7 +143,7 @@ def test_summary_from_column_parts_equals_summary_from_blocks(reference, tmp_pat
             s0, s1 = grid.train_ranges[j]
             store.write_chunk("influences", grid, (i, j), np.ones((t1 - t0, s1 - s0), np.float32))
         store._remove(f"records/summary_parts/{j}.json")
-        stages.column_stage(copy, j)  # blocks reused, the part rebuilt from them
+        pipeline.column_stage(copy, j)  # blocks reused, the part rebuilt from them
     tied = summary_again()
     np.testing.assert_array_equal(tied["top_helpful"], np.tile(np.arange(5), (grid.n_test, 1)))
     np.testing.assert_array_equal(tied["top_harmful"], np.tile(np.arange(5), (grid.n_test, 1)))
@@ -149,7 +152,7 @@ def test_summary_from_column_parts_equals_summary_from_blocks(reference, tmp_pat
 def test_without_summary_no_top_k_is_kept(inputs, reference, tmp_path):
     _, _, expected, _ = reference
     config = job_config(inputs, str(tmp_path / "out")).model_copy(update={"summary": False})
-    plan = stages.plan_job(config, n_workers=1)
+    plan = pipeline.plan_job(config, n_workers=1)
     fit_model.fn(config)
     for i in range(plan.grid.shape[0]):
         compute_factors.fn(config, i)
@@ -174,7 +177,7 @@ def test_missing_and_corrupt_chunks_are_recomputed_bit_identically(inputs, refer
     config = job_config(inputs, str(tmp_path / "out"))
     run_tasks(config)
     store = InfluenceStore(config.output)
-    grid = store.grid()
+    grid = store.planned_manifest().grid
     # a half-finished block: data written, record never made
     store._remove(store._record_path("influences", (1, 2)))
     # a truncated chunk file after completion
@@ -202,7 +205,7 @@ def test_changed_configuration_is_refused(inputs, reference):
     config, _, before, _ = reference
     changed = job_config(inputs, config.output, method={"regularization": 0.5})
     with pytest.raises(ConfigMismatchError, match="method"):
-        stages.plan_job(changed)
+        pipeline.plan_job(changed)
     assert np.array_equal(read_outputs(config.output)["influences"], before["influences"])
 
 
@@ -211,14 +214,14 @@ def test_overwrite_replaces_a_different_configuration(inputs, tmp_path):
     run_tasks(job_config(inputs, out))
     counts = run_tasks(job_config(inputs, out, method={"regularization": 0.5}, overwrite=True))
     assert counts["computed"] == 12
-    assert InfluenceStore(out).read_manifest()["fingerprint"]["method"]["regularization"] == 0.5
+    assert InfluenceStore(out).read_manifest().fingerprint["method"]["regularization"] == 0.5
 
 
 def test_foreign_non_empty_output_is_refused(inputs, tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "precious.txt").write_text("keep me")
     with pytest.raises(ConfigMismatchError, match="not empty"):
-        stages.plan_job(job_config(inputs, str(tmp_path / "out")))
+        pipeline.plan_job(job_config(inputs, str(tmp_path / "out")))
     assert (tmp_path / "out" / "precious.txt").read_text() == "keep me"
 
 
@@ -261,7 +264,7 @@ def test_background_writer_keeps_order_and_raises_a_failed_write():
         done.append(i)
 
     with pytest.raises(OSError, match="disk full"):
-        with stages._Writer() as writer:
+        with pipeline.resources.BackgroundWriter() as writer:
             for i in range(5):
                 writer.submit(write, i)
     # the failure surfaced at the next submit; nothing after it was started, nothing before lost
@@ -278,22 +281,22 @@ def test_background_writer_keeps_order_and_raises_a_failed_write():
     ],
 )
 def test_auto_chunks_bound_blocks_and_split_test_rows_evenly(n_train, n_test, p, workers):
-    train_chunk, test_chunk = stages.auto_chunk_sizes(n_train, n_test, p, workers)
-    assert train_chunk * test_chunk * 4 <= stages.MAX_BLOCK_BYTES or test_chunk == 1
+    train_chunk, test_chunk = pipeline.auto_chunk_sizes(n_train, n_test, p, workers)
+    assert train_chunk * test_chunk * 4 <= pipeline.planning.MAX_BLOCK_BYTES or test_chunk == 1
     rows = -(-n_test // test_chunk)
     assert rows * test_chunk - n_test < rows  # the last row is at most one sample short
-    assert train_chunk * p * 4 <= stages.MAX_GRAD_BYTES
+    assert train_chunk * p * 4 <= pipeline.planning.MAX_GRAD_BYTES
     # large train chunks are GEMM-friendly (a multiple of 64 rows); small jobs keep one chunk
-    assert train_chunk % stages.ALIGN_TRAIN_ROWS == 0 or train_chunk == n_train
+    assert train_chunk % pipeline.planning.ALIGN_TRAIN_ROWS == 0 or train_chunk == n_train
     # every worker solves factors from the start, unless that makes chunks thinner than 128
-    assert rows >= min(workers, -(-n_test // stages.MIN_SPLIT_TEST_ROWS))
+    assert rows >= min(workers, -(-n_test // pipeline.planning.MIN_SPLIT_TEST_ROWS))
 
 
 def test_summary_of_an_incomplete_grid_is_refused(inputs, tmp_path):
     """The summary task alone, before every column is done: it must not rank missing blocks
     (read as NaN) and record a summary that a later complete run would keep."""
     config = job_config(inputs, str(tmp_path / "out"))
-    plan = stages.plan_job(config, n_workers=1)
+    plan = pipeline.plan_job(config, n_workers=1)
     with dask.config.set(scheduler="synchronous"):
         fit_model.fn(config)
         for i in range(plan.grid.shape[0]):
@@ -321,12 +324,12 @@ def test_overwrite_resume_keeps_the_stored_auto_chunks(inputs, tmp_path):
         summary=False,
         self_influence=False,
     )
-    first = stages.plan_job(config, n_workers=2)
+    first = pipeline.plan_job(config, n_workers=2)
     assert first.grid.shape[0] == 2  # one test chunk per worker
-    stages.fit_stage(config)
-    stages.factors_stage(config, 0)
-    again = stages.plan_job(config, n_workers=1)
-    assert again.reused_output and again.grid == first.grid
+    pipeline.fit_stage(config)
+    pipeline.factors_stage(config, 0)
+    again = pipeline.plan_job(config, n_workers=1)
+    assert again.resumed and again.grid == first.grid
     assert InfluenceStore(config.output).chunk_done(FACTORS, again.grid, (0,))
 
 
@@ -353,12 +356,12 @@ def test_a_worker_context_follows_the_output_manifest(inputs, tmp_path):
     """A long-lived process (an external cluster's worker) keeps one context per job while the
     output's manifest stays, and builds a new one when another process re-plans the output."""
     config = job_config(inputs, str(tmp_path / "out"))
-    stages.plan_job(config, n_workers=1)
-    ctx = stages._context(config)
-    assert stages._context(config) is ctx
+    pipeline.plan_job(config, n_workers=1)
+    ctx = pipeline.context.job_context(config)
+    assert pipeline.context.job_context(config) is ctx
     store = InfluenceStore(config.output)
-    store.write_manifest({**store.read_manifest(), "created": "a later plan"})
-    assert stages._context(config) is not ctx
+    store.write_manifest(dataclasses.replace(store.read_manifest(), created="a later plan"))
+    assert pipeline.context.job_context(config) is not ctx
 
 
 def test_tasks_of_a_replaced_run_stop_instead_of_writing(inputs, tmp_path):
@@ -366,15 +369,15 @@ def test_tasks_of_a_replaced_run_stop_instead_of_writing(inputs, tmp_path):
     a forced takeover after A's lease lapsed). A's queued tasks must refuse to write A's
     blocks into B's arrays, where B's completion checks would accept them."""
     a = job_config(inputs, str(tmp_path / "out"), self_influence=False)
-    stages.plan_job(a, n_workers=1)
-    stages.fit_stage(a)
+    pipeline.plan_job(a, n_workers=1)
+    pipeline.fit_stage(a)
     b = job_config(inputs, str(tmp_path / "out"), method={"regularization": 0.5}, overwrite=True)
-    stages.plan_job(b, n_workers=1)
+    pipeline.plan_job(b, n_workers=1)
     for stage in (
-        lambda: stages.fit_stage(a),
-        lambda: stages.factors_stage(a, 0),
-        lambda: stages.column_stage(a, 0),
-        lambda: stages.summary_stage(a),
+        lambda: pipeline.fit_stage(a),
+        lambda: pipeline.factors_stage(a, 0),
+        lambda: pipeline.column_stage(a, 0),
+        lambda: pipeline.summary_stage(a),
     ):
         with pytest.raises(ConfigMismatchError, match="differs in: method"):
             stage()
@@ -387,18 +390,31 @@ def test_a_late_write_of_a_replaced_run_never_counts_for_the_new_one(inputs, tmp
     configuration): its write lands in B's arrays, with a record B must not accept, whether a
     block, a factor chunk or a fitted state (B would reuse A's model for everything)."""
     a = job_config(inputs, str(tmp_path / "out"), self_influence=False)
-    plan_a = stages.plan_job(a, n_workers=1)
-    stages.fit_stage(a)
-    ctx_a = stages._context(a)  # A's worker, before B
+    plan_a = pipeline.plan_job(a, n_workers=1)
+    pipeline.fit_stage(a)
+    ctx_a = pipeline.context.job_context(a)  # A's worker, before B
     factors_a = ctx_a.model.influence_factors(*ctx_a.rows("test", *plan_a.grid.test_ranges[0]))
     b = job_config(inputs, str(tmp_path / "out"), method={"regularization": 0.5}, overwrite=True)
-    plan_b = stages.plan_job(b, n_workers=1)
+    plan_b = pipeline.plan_job(b, n_workers=1)
     ctx_a.store.write_chunk(FACTORS, plan_a.grid, (0,), factors_a.numpy())  # A's late writes
     ctx_a.store.write_fitted_state(ctx_a.model.fitted_state())
     store_b = InfluenceStore(b.output)
     assert store_b.read_fitted_state() is None
     assert not store_b.chunk_done(FACTORS, plan_b.grid, (0,))
-    assert stages.fit_stage(b) is False and stages.factors_stage(b, 0) is False  # computed anew
+    assert pipeline.fit_stage(b) is False and pipeline.factors_stage(b, 0) is False  # computed anew
     assert not np.array_equal(
         InfluenceStore(b.output).read_chunk(FACTORS, plan_b.grid, (0,)), factors_a.numpy()
     )
+
+
+def test_every_job_field_enters_the_fingerprint():
+    """A field added to the job section without a place in the fingerprint would let two
+    different jobs share one output: the mapping must cover the section exactly."""
+    from prefect_influence.config import JobSpec
+    from prefect_influence.pipeline.planning import FINGERPRINTED, fingerprint
+    from prefect_influence.storage import Grid
+
+    assert set(FINGERPRINTED) == set(JobSpec.model_fields)
+    grid = Grid(4, 6, 2, 3, 10, (8,), "up", "float32")
+    entries = fingerprint(JobSpec(), "model-fp", "train-fp", "test-fp", grid)
+    assert set(entries) == {key for keys in FINGERPRINTED.values() for key in keys}

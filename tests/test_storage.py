@@ -9,8 +9,8 @@ import time
 import numpy as np
 import pytest
 
-from prefect_influence.errors import StorageError
-from prefect_influence.storage import Grid, InfluenceStore, LeaseHeldError, checksum
+from prefect_influence.errors import LeaseHeldError, StorageError
+from prefect_influence.storage import Grid, InfluenceStore, Manifest, checksum
 
 GRID = Grid(
     n_test=5,
@@ -32,7 +32,7 @@ def store(request, tmp_path):
         else f"memory://storage-test-{os.getpid()}-{time.time_ns()}"
     )
     s = InfluenceStore(url)
-    s.write_manifest({"grid": GRID.to_json(), "fingerprint": {}})
+    s.write_manifest(Manifest(fingerprint={}, grid=GRID))
     s.create_arrays(GRID)
     yield s
     s.clear()
@@ -65,7 +65,7 @@ def test_chunks_written_directly_are_what_zarr_itself_writes(tmp_path, mode):
 
     grid = Grid(**{**GRID.to_json(), "x_shape": (2,), "mode": mode})
     ours = InfluenceStore(str(tmp_path / "ours"))
-    ours.write_manifest({"grid": grid.to_json(), "fingerprint": {}})
+    ours.write_manifest(Manifest(fingerprint={}, grid=grid))
     ours.create_arrays(grid)
     theirs = zarr.open_group(str(tmp_path / "zarr"), mode="w", zarr_format=3)
     rng = np.random.default_rng(0)
@@ -116,7 +116,7 @@ def test_an_unwritten_chunk_reads_as_the_fill_value(store):
 
 def test_a_torn_chunk_file_is_not_done(store):
     store.write_chunk("influences", GRID, (0, 0), np.ones((2, 3), dtype=np.float32))
-    path = store._plain_layout("influences").path((0, 0))
+    path = store._plain_chunks("influences").path((0, 0))
     store.fs.pipe_file(path, store.fs.cat_file(path)[:10])
     assert not store.chunk_done("influences", GRID, (0, 0))
 
@@ -147,27 +147,27 @@ def test_checksum_depends_on_shape_dtype_and_bytes():
 
 
 def test_lease_refuses_a_second_live_run_and_allows_forced_takeover(store):
-    token = store.acquire_lease(ttl_seconds=60)
+    token = store.lease.acquire(ttl_seconds=60)
     with pytest.raises(LeaseHeldError, match="in use by another run"):
-        store.acquire_lease(ttl_seconds=60)
-    other = store.acquire_lease(ttl_seconds=60, force=True)
+        store.lease.acquire(ttl_seconds=60)
+    other = store.lease.acquire(ttl_seconds=60, force=True)
     with pytest.raises(LeaseHeldError, match="taken over"):
-        store.renew_lease(token)
-    store.release_lease(token)  # not ours any more: left alone
+        store.lease.renew(token)
+    store.lease.release(token)  # not ours any more: left alone
     with pytest.raises(LeaseHeldError):
-        store.acquire_lease()
-    store.release_lease(other)
-    store.release_lease(store.acquire_lease())
+        store.lease.acquire()
+    store.lease.release(other)
+    store.lease.release(store.lease.acquire())
 
 
 def test_expired_lease_is_taken_over(store):
-    store.acquire_lease(ttl_seconds=0.01)
+    store.lease.acquire(ttl_seconds=0.01)
     time.sleep(0.05)
-    store.acquire_lease(ttl_seconds=60)
+    store.lease.acquire(ttl_seconds=60)
 
 
 def _hold(url):
-    InfluenceStore(url).acquire_lease(ttl_seconds=3600)
+    InfluenceStore(url).lease.acquire(ttl_seconds=3600)
 
 
 def test_lease_of_a_dead_process_on_this_host_is_stale(tmp_path):
@@ -176,20 +176,20 @@ def test_lease_of_a_dead_process_on_this_host_is_stale(tmp_path):
     proc.start()
     proc.join()
     store = InfluenceStore(url)
-    store.release_lease(store.acquire_lease(ttl_seconds=60))  # the holder exited: no error
+    store.lease.release(store.lease.acquire(ttl_seconds=60))  # the holder exited: no error
 
 
 def test_hold_lease_renews_and_releases(store):
-    with store.hold_lease(ttl_seconds=0.4) as token:
+    with store.lease.hold(ttl_seconds=0.4) as token:
         time.sleep(0.6)  # longer than the TTL: only renewals keep it
         assert store._read_json("lease.json")["owner"] == token
         with pytest.raises(LeaseHeldError):
-            store.acquire_lease()
+            store.lease.acquire()
     assert store._read_json("lease.json") is None
 
 
 def test_clear_keeps_the_lease(store):
-    token = store.acquire_lease()
+    token = store.lease.acquire()
     store.clear()
     assert store.is_empty()
     assert store._read_json("lease.json")["owner"] == token
@@ -197,18 +197,18 @@ def test_clear_keeps_the_lease(store):
 
 def test_the_same_owner_takes_its_lease_back(store):
     """A retry of the same flow run (same owner id) is not locked out by its crashed attempt."""
-    store.acquire_lease(ttl_seconds=60, owner="flow-run-1")
-    assert store.acquire_lease(ttl_seconds=60, owner="flow-run-1") == "flow-run-1"
+    store.lease.acquire(ttl_seconds=60, owner="flow-run-1")
+    assert store.lease.acquire(ttl_seconds=60, owner="flow-run-1") == "flow-run-1"
     with pytest.raises(LeaseHeldError):
-        store.acquire_lease(ttl_seconds=60, owner="flow-run-2")
-    store.release_lease("flow-run-1")
+        store.lease.acquire(ttl_seconds=60, owner="flow-run-2")
+    store.lease.release("flow-run-1")
 
 
 def test_a_lease_on_an_unwritable_output_is_a_storage_error(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
     with pytest.raises(StorageError, match="Cannot take the lease"):
-        InfluenceStore(str(blocker / "out")).acquire_lease()
+        InfluenceStore(str(blocker / "out")).lease.acquire()
 
 
 def test_two_runs_starting_at_once_on_a_free_output_get_one_lease(tmp_path):
@@ -237,7 +237,7 @@ def test_two_runs_starting_at_once_on_a_free_output_get_one_lease(tmp_path):
 
     def take(name, store):
         try:
-            results[name] = store.acquire_lease(ttl_seconds=60)
+            results[name] = store.lease.acquire(ttl_seconds=60)
         except LeaseHeldError:
             results[name] = "refused"
 

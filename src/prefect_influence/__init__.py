@@ -7,6 +7,8 @@ See ``prefect_influence.base`` for the definitions of factors and influences.
 from .base import InfluenceFunctionModel, InfluenceMode
 from .errors import (
     ArrayExistsError,
+    ConfigMismatchError,
+    ConfigurationError,
     EmptyDataError,
     FittedStateError,
     InfluenceInputError,
@@ -15,6 +17,7 @@ from .errors import (
     InvalidParameterError,
     InvalidRankError,
     InvalidRegularizationError,
+    LeaseHeldError,
     NonFiniteError,
     NotFittedError,
     PrefectInfluenceError,
@@ -31,6 +34,9 @@ __all__ = [
     "InfluenceFunctionModel",
     "InfluenceMode",
     "ArrayExistsError",
+    "ConfigMismatchError",
+    "ConfigurationError",
+    "LeaseHeldError",
     "EmptyDataError",
     "FittedStateError",
     "InfluenceInputError",

@@ -26,14 +26,12 @@ from __future__ import annotations
 import logging
 import os
 from abc import ABC, abstractmethod
-from pathlib import Path
-from typing import Any, Callable, Generic, Iterator, Optional, TypeVar, Union
-from urllib.parse import urlparse
-from urllib.request import url2pathname
+from typing import Any, Callable, Generic, Iterator, Optional, TypeVar
 
 import numpy as np
 
 from .errors import ArrayExistsError, EmptyDataError, ShapeMismatchError
+from .locations import PathOrUrl, open_store
 
 __all__ = [
     "NumpyConverter",
@@ -48,7 +46,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 TensorType = TypeVar("TensorType")
-PathOrUrl = Union[str, "os.PathLike[str]"]
 
 
 class NumpyConverter(ABC, Generic[TensorType]):
@@ -195,25 +192,6 @@ class NestedLazyChunkSequence(Generic[TensorType]):
 
 
 # -- storage ----------------------------------------------------------------------------------
-
-
-def open_store(
-    path_or_url: PathOrUrl,
-    storage_options: Optional[dict[str, Any]] = None,
-    read_only: bool = False,
-):
-    """A zarr store for a local path, a ``file://`` URL or any other fsspec URL."""
-    from zarr.storage import FsspecStore, LocalStore
-
-    url = os.fspath(path_or_url)
-    is_file_url = url.startswith("file://")
-    if "://" not in url or is_file_url:
-        path = Path(url2pathname(urlparse(url).path) if is_file_url else url).expanduser()
-        if not storage_options:
-            return LocalStore(path, read_only=read_only)
-        # options for the local filesystem go through fsspec; create directories like LocalStore
-        url, storage_options = path.absolute().as_uri(), {"auto_mkdir": True, **storage_options}
-    return FsspecStore.from_url(url, storage_options=storage_options, read_only=read_only)
 
 
 def _store_is_empty(store) -> bool:

@@ -16,9 +16,9 @@ from abc import ABC, abstractmethod
 from enum import Enum
 from typing import Any, Generic, Optional, TypeVar
 
-from .errors import UnsupportedInfluenceModeError
+from .errors import NotFittedError, ShapeMismatchError, UnsupportedInfluenceModeError
 
-__all__ = ["InfluenceMode", "InfluenceFunctionModel"]
+__all__ = ["InfluenceMode", "InfluenceFunctionModel", "require_fitted", "check_factors_shape"]
 
 TensorType = TypeVar("TensorType")
 DataType = TypeVar("DataType")
@@ -123,3 +123,19 @@ class InfluenceFunctionModel(ABC, Generic[TensorType, DataType]):
     @abstractmethod
     def load_fitted_state(self, state: dict[str, Any]) -> "InfluenceFunctionModel":
         """Restore a state from :meth:`fitted_state`; return ``self``, now fitted."""
+
+
+def require_fitted(model: Any) -> None:
+    """Raise :class:`~prefect_influence.NotFittedError` unless ``model`` is fitted."""
+    if not getattr(model, "is_fitted", True):
+        raise NotFittedError(
+            f"{type(model).__name__} is not fitted: call .fit(train_dataloader) first."
+        )
+
+
+def check_factors_shape(shape: tuple, n_parameters: int) -> None:
+    """Influence factors are ``n_test × p``; raise :class:`ShapeMismatchError` otherwise."""
+    if len(shape) != 2 or shape[1] != n_parameters:
+        raise ShapeMismatchError(
+            f"z_test_factors must have shape (n_test, {n_parameters}), got {tuple(shape)}."
+        )

@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import itertools
 import sys
-from typing import Any, Callable, Iterable, Iterator, NamedTuple, Optional
+from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
-from .base import InfluenceFunctionModel, InfluenceMode
-from .errors import InfluenceInputError, NonFiniteError, NotFittedError, ShapeMismatchError
+from .base import InfluenceFunctionModel, InfluenceMode, check_factors_shape, require_fitted
+from .errors import InfluenceInputError, NonFiniteError
 
 __all__ = [
     "TrainOperand",
@@ -59,7 +59,7 @@ def train_operand(
     model: InfluenceFunctionModel, x: Any, y: Any, mode: InfluenceMode
 ) -> TrainOperand:
     """Prepare one train chunk for all its blocks: gradients in Up mode when the model has them."""
-    _require_fitted(model)
+    require_fitted(model)
     if reuses_gradients(model, mode):
         return TrainOperand(grads=model.per_sample_grads(x, y))
     return TrainOperand(x=x, y=y)
@@ -87,7 +87,7 @@ def influence_block(
         raise InfluenceInputError(
             f"Gradients of a train chunk only give Up-mode influences, not {mode.name}."
         )
-    return _factors_times_grads(factors, operand.grads, model.n_parameters, check_factors)
+    return _factors_times_grads(factors, operand.grads, check_factors)
 
 
 def iter_factor_chunks(
@@ -170,27 +170,14 @@ def _as_pair(batch: Any) -> tuple[Any, Any]:
     return batch[0], batch[1]
 
 
-def _require_fitted(model: InfluenceFunctionModel) -> None:
-    if not getattr(model, "is_fitted", True):
-        raise NotFittedError(
-            f"{type(model).__name__} is not fitted: call .fit(train_dataloader) before computing "
-            "influences."
-        )
-
-
-def _factors_times_grads(factors: Any, grads: Any, n_parameters: Optional[int], check: bool) -> Any:
+def _factors_times_grads(factors: Any, grads: Any, check: bool) -> Any:
     """``factors @ grads.T`` with factors moved to the gradients' device and dtype (torch)."""
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(grads, torch.Tensor):
         factors = torch.as_tensor(factors).to(device=grads.device, dtype=grads.dtype)
     if check:
         check_finite_factors(factors)
-    p = grads.shape[1]
-    if factors.ndim != 2 or factors.shape[1] != p:
-        raise ShapeMismatchError(
-            f"z_test_factors must have shape (n_test, {n_parameters or p}), got "
-            f"{tuple(factors.shape)}."
-        )
+    check_factors_shape(tuple(factors.shape), grads.shape[1])
     return factors @ grads.T
 
 

@@ -17,7 +17,7 @@ from typing import Any, Iterable, Optional, Sized, Type, Union
 import numpy as np
 
 from .array import LazyChunkSequence, NestedLazyChunkSequence, NumpyConverter
-from .base import InfluenceFunctionModel, InfluenceMode
+from .base import InfluenceFunctionModel, InfluenceMode, check_factors_shape
 from .blocks import (
     TrainOperand,
     influence_block,
@@ -47,27 +47,13 @@ logger = logging.getLogger(__name__)
 
 
 #: Dask configuration for spawning worker processes that run torch (glibc's malloc settings,
-#: read when a worker process starts). distributed starts workers with
-#: ``MALLOC_TRIM_THRESHOLD_=65536``, which pins glibc's mmap threshold at 128 KiB: every tensor
-#: above it is a fresh ``mmap`` with page faults on first touch, and a 10k-parameter CG solve
-#: took 2.7× as long in such a worker (measured). Left to its default (adaptive) threshold
-#: instead, glibc keeps freed allocations up to 32 MiB in its heaps, and a worker writing
-#: 32 MiB blocks grew by ~0.2 GiB over its first columns (measured). ``MALLOC_MMAP_THRESHOLD_``
-#: of 4 MiB keeps the small and mid-sized tensors of products and solves on the heap (no page
-#: faults) and returns every larger one (blocks, gradient matrices) to the system when freed:
-#: 5,000 × 200,000 scores on two workers peaked at 1.16 GiB for both instead of 1.60 GiB, at
-#: the same speed. Use it around starting a cluster:
+#: read when a worker process starts). distributed's default ``MALLOC_TRIM_THRESHOLD_`` pins
+#: glibc's mmap threshold at 128 KiB, so every mid-sized tensor of a product or solve becomes a
+#: fresh ``mmap`` with page faults on first touch, several times slower; glibc's adaptive
+#: default instead keeps freed blocks of up to 32 MiB in its heaps, so workers grow. A fixed
+#: 4 MiB threshold keeps small and mid-sized tensors on the heap and returns every larger one
+#: (blocks, gradient matrices) to the system when freed. Use it around starting a cluster:
 #: ``with dask.config.set(TORCH_WORKER_DASK_CONFIG): LocalCluster(...)``.
-#:
-#: Measured and left as is: (1) distributed copies these variables into the starting
-#: process's ``os.environ``, where they win over the config, so once a cluster without this
-#: config has started in a process, later workers inherit ``MALLOC_TRIM_THRESHOLD_=65536``;
-#: beside the fixed mmap threshold that is harmless (2,000-sample CG solves 3.03 / 3.24 s best /
-#: median with it, 2.97 / 3.20 s without). (2) With the mmap threshold fixed, glibc trims the
-#: heap whenever more than 128 KiB lie free at its top, so a Hessian-vector product's few-MiB
-#: temporaries fault in 600–1,200 fresh pages; ``MALLOC_TOP_PAD_`` of 16 MiB cut that to ~20
-#: and products by 15–20%, but raised the memory benchmark's peak from 1.80 to 1.94–1.99 GiB
-#: (a pad per arena and worker), so it is not set.
 TORCH_WORKER_DASK_CONFIG = {
     "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None,
     "distributed.nanny.pre-spawn-environ.MALLOC_MMAP_THRESHOLD_": str(4 * 2**20),
@@ -349,7 +335,7 @@ class DaskInfluenceCalculator:
         dtype = _float_dtype(self.influence_function_model, x_test.dtype)
         # each block depends on its factor solve directly, not on a chunk of a concatenated
         # array: such an alias is a task of its own that the scheduler places with its input
-        # and may queue behind a long solve there, idling the other workers (measured)
+        # and may queue behind a long solve there, idling the other workers
         return self._blocks(self._factor_tasks(x_test, y_test, dtype), x, y, mode, dtype)
 
     def influences_from_factors(
@@ -368,11 +354,7 @@ class DaskInfluenceCalculator:
         _check_inputs(x, y, "x", "y")
         _check_dask_array(z_test_factors, "z_test_factors")
         _check_first_dim_only(z_test_factors, "z_test_factors")
-        if z_test_factors.ndim != 2 or z_test_factors.shape[1] != self.n_parameters:
-            raise ShapeMismatchError(
-                f"z_test_factors must have shape (n_test, {self.n_parameters}), got "
-                f"{z_test_factors.shape}."
-            )
+        check_factors_shape(z_test_factors.shape, self.n_parameters)
         dtype = _float_dtype(self.influence_function_model, z_test_factors.dtype)
         factors = list(zip(_chunks(z_test_factors), z_test_factors.chunks[0]))
         return self._blocks(factors, x, y, mode, dtype)

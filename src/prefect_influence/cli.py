@@ -38,10 +38,8 @@ def load_config(path: str, overrides: Optional[dict[str, Any]] = None):
 
 def _run_flow(config) -> dict:
     from .flows import influence_pipeline
-    from .flows.influence_pipeline import PROGRESS_ENV
 
-    os.environ[PROGRESS_ENV] = "1"
-    return influence_pipeline(config)
+    return influence_pipeline(config, progress_bar=True)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -73,19 +71,16 @@ def cmd_status(args: argparse.Namespace) -> int:
         )
         return 1
     manifest = status["manifest"]
-    grid = manifest["grid"]
+    grid, method = manifest.grid, manifest.config.get("method", {})
     print(f"output:   {args.output}")
+    print(f"created:  {manifest.created} by prefect-influence {manifest.package_version}")
     print(
-        f"created:  {manifest.get('created')} by prefect-influence {manifest.get('package_version')}"
-    )
-    cfg = manifest.get("config", {})
-    print(
-        f"method:   {cfg.get('method', {}).get('name')} (regularization "
-        f"{cfg.get('method', {}).get('regularization')}), mode {grid['mode']}, {grid['dtype']}"
+        f"method:   {method.get('name')} (regularization {method.get('regularization')}), "
+        f"mode {grid.mode}, {grid.dtype}"
     )
     print(
-        f"grid:     {grid['n_test']} test × {grid['n_train']} train, chunks "
-        f"{grid['test_chunk']} × {grid['train_chunk']}, p = {grid['n_parameters']}"
+        f"grid:     {grid.n_test} test × {grid.n_train} train, chunks "
+        f"{grid.test_chunk} × {grid.train_chunk}, p = {grid.n_parameters}"
     )
     print(f"fitted:   {'yes' if status['fitted'] else 'no'}")
     for name in ("factors", "influences", "self_influence"):

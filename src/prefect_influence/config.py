@@ -1,5 +1,9 @@
 """The one configuration of an influence job: a pydantic model that validates parameters and
-renders as the run form of a Prefect deployment (titles, descriptions, enums, defaults)."""
+renders as the run form of a Prefect deployment (titles, descriptions, enums, defaults).
+
+Its fields come in three sections: :class:`JobSpec` (what is computed: fingerprinted as a
+whole), :class:`OutputSpec` (where results go and which are written) and :class:`RunOptions`
+(how one run behaves)."""
 
 from __future__ import annotations
 
@@ -20,6 +24,9 @@ __all__ = [
     "ModelSpec",
     "DataSpec",
     "MethodSpec",
+    "JobSpec",
+    "OutputSpec",
+    "RunOptions",
     "PipelineConfig",
     "BUILTIN",
 ]
@@ -151,9 +158,10 @@ class MethodSpec(_Section):
 ChunkSize = Union[Literal["auto"], Annotated[int, Field(ge=1)]]  # bounds in the JSON schema too
 
 
-class PipelineConfig(_Section):
-    """Everything an influence job needs. Fields marked as determining the numbers enter the
-    output's fingerprint; changing them on an existing output is refused unless ``overwrite``."""
+class JobSpec(_Section):
+    """What a job computes: every field determines the stored numbers and enters the output's
+    fingerprint (the model and data by content, chunk sizes as resolved); changing one on an
+    existing output is refused unless ``overwrite``."""
 
     model: ModelSpec = Field(
         default_factory=ModelSpec, title="Model", description="The trained network and its loss."
@@ -188,6 +196,19 @@ class PipelineConfig(_Section):
         title="Device",
         description="Torch device of the computation ('cuda' needs a GPU on every Dask worker).",
     )
+
+    @field_validator("test_chunk_size", "train_chunk_size", mode="before")
+    @classmethod
+    def _chunk_not_bool(cls, value: Any) -> Any:
+        if isinstance(value, bool):  # lax mode would read True as 1 (the schema bounds the rest)
+            raise ValueError(f"chunk size must be 'auto' or an integer ≥ 1, got {value!r}")
+        return value
+
+
+class OutputSpec(_Section):
+    """Where the results go, how to reach storage, and which derived results to write. Not
+    fingerprinted: a changed top-k rewrites the summary, the arrays stay."""
+
     output: str = Field(
         "influence-output/run",
         title="Output URL",
@@ -226,6 +247,22 @@ class PipelineConfig(_Section):
         title="Self-influence",
         description="Also compute every training point's self-influence.",
     )
+
+    @field_validator("output", mode="before")  # before the schema's pattern: clearer messages
+    @classmethod
+    def _output_location(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        if not value.strip():
+            raise ValueError("output must be a non-empty URL or path")
+        from .locations import output_location
+
+        return output_location(value)
+
+
+class RunOptions(_Section):
+    """How one run behaves: never recorded in the fingerprint, never changing a number."""
+
     overwrite: bool = Field(
         False,
         title="Overwrite",
@@ -250,23 +287,14 @@ class PipelineConfig(_Section):
         "(default: its workers when the run starts).",
     )
 
-    @field_validator("test_chunk_size", "train_chunk_size", mode="before")
-    @classmethod
-    def _chunk_not_bool(cls, value: Any) -> Any:
-        if isinstance(value, bool):  # lax mode would read True as 1 (the schema bounds the rest)
-            raise ValueError(f"chunk size must be 'auto' or an integer ≥ 1, got {value!r}")
-        return value
 
-    @field_validator("output", mode="before")  # before the schema's pattern: clearer messages
-    @classmethod
-    def _output_location(cls, value: Any) -> Any:
-        if not isinstance(value, str):
-            return value
-        if not value.strip():
-            raise ValueError("output must be a non-empty URL or path")
-        from .storage import output_location
+class PipelineConfig(RunOptions, OutputSpec, JobSpec):
+    """Everything an influence job needs, as one flat set of fields (a job file, a flow's
+    parameter form): the fields of :class:`JobSpec`, :class:`OutputSpec` and :class:`RunOptions`."""
 
-        return output_location(value)
+    def job(self) -> JobSpec:
+        """The fields that determine the numbers."""
+        return JobSpec.model_validate(self.model_dump(include=set(JobSpec.model_fields)))
 
     def redacted(self) -> dict[str, Any]:
         """The configuration as JSON data with credential-like storage options masked."""

@@ -24,6 +24,9 @@ __all__ = [
     "ThreadSafetyViolationError",
     "StorageError",
     "ArrayExistsError",
+    "ConfigurationError",
+    "ConfigMismatchError",
+    "LeaseHeldError",
 ]
 
 
@@ -83,6 +86,10 @@ class UnalignedChunksError(InfluenceInputError):
     """Inputs and labels are chunked differently along the sample dimension."""
 
 
+class ConfigurationError(InfluenceInputError):
+    """A configuration entry cannot be resolved (import path, checkpoint, data URL...)."""
+
+
 class ThreadSafetyViolationError(InfluenceInputError):
     """A model that is not thread-safe would run on Dask workers with more than one thread."""
 
@@ -93,3 +100,11 @@ class StorageError(PrefectInfluenceError):
 
 class ArrayExistsError(StorageError, FileExistsError):
     """An array exists at the target location and ``overwrite`` was not requested."""
+
+
+class ConfigMismatchError(StorageError, ValueError):
+    """The output holds results of a different configuration."""
+
+
+class LeaseHeldError(StorageError):
+    """Another live run holds the output's lease."""

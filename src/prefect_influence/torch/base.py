@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..base import InfluenceFunctionModel, InfluenceMode
+from ..base import InfluenceFunctionModel, InfluenceMode, check_factors_shape, require_fitted
 from ..errors import (
     EmptyDataError,
     FittedStateError,
@@ -26,7 +26,6 @@ from ..errors import (
     InputRankError,
     InvalidParameterError,
     InvalidRegularizationError,
-    NotFittedError,
     ShapeMismatchError,
 )
 from .functional import PRODUCT_VECTOR_BYTES, LossFunction, ModelFunctions, check_finite
@@ -276,10 +275,7 @@ class TorchInfluenceFunctionModel(InfluenceFunctionModel[Tensor, Batches]):
 
     # -- checks ---------------------------------------------------------------------------------
     def _require_fitted(self) -> None:
-        if not self._fitted:
-            raise NotFittedError(
-                f"{type(self).__name__} is not fitted: call .fit(train_dataloader) first."
-            )
+        require_fitted(self)
 
     def _prepare(
         self, x: Any, y: Any, what: str, allow_empty: bool = False
@@ -347,11 +343,7 @@ class TorchInfluenceFunctionModel(InfluenceFunctionModel[Tensor, Batches]):
 
     def _prepare_factors(self, factors: Any) -> Tensor:
         factors = _as_tensor(factors, "z_test_factors")
-        if factors.ndim != 2 or factors.shape[1] != self.n_parameters:
-            raise ShapeMismatchError(
-                f"z_test_factors must have shape (n_test, {self.n_parameters}), got "
-                f"{tuple(factors.shape)}."
-            )
+        check_factors_shape(tuple(factors.shape), self.n_parameters)
         check_finite(factors, "z_test_factors")
         return factors.to(device=self.device, dtype=self.dtype)
 
@@ -391,10 +383,10 @@ class HessianOperator:
 
     Inside :meth:`reusing_graphs` each batch's gradient graph is built once and every product
     reuses it: a product then costs one backward pass per batch instead of a forward, a
-    backward and their derivatives (measured 3–4× cheaper on an MLP). The graphs are held
+    backward and their derivatives. The graphs are held
     only within that block and only if they fit ``graph_budget_bytes`` (estimated by
-    :meth:`~prefect_influence.torch.functional.ModelFunctions.gradient_graph_bytes`, within
-    20% of the measured resident memory on MLPs and CNNs); otherwise products rebuild them.
+    :meth:`~prefect_influence.torch.functional.ModelFunctions.gradient_graph_bytes`);
+    otherwise products rebuild them.
     """
 
     #: largest estimated size of all batches' gradient graphs that :meth:`reusing_graphs` keeps

@@ -43,8 +43,8 @@ logger = logging.getLogger(__name__)
 #: :func:`linear_layers_hessian`
 CHUNK_BYTES = 128 * 2**20
 #: the sums over samples of :func:`linear_layers_hessian` run in float64 whatever the model's
-#: dtype: float32 accumulation made the error of an ill-conditioned float32 fit depend on the
-#: order of summation (measured: 7e-5 to 2e-3 across chunk sizes, 4e-4 for any in float64)
+#: dtype: in float32 the error of an ill-conditioned fit would depend on the order of
+#: summation, and so on the chunk sizes
 ACCUMULATE = torch.float64
 
 Batches = Iterable[tuple[Tensor, Tensor]]

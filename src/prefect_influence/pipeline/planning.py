@@ -1,0 +1,251 @@
+"""Planning a job on an output: the grid (auto chunk sizes), the fingerprint of what determines
+the numbers, and the overwrite policy that decides whether an existing output is resumed,
+replaced or refused. Planning reads the inputs' contents once and writes only the manifest
+and the empty result arrays."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from .. import __version__
+from ..config import JobSpec, PipelineConfig
+from ..errors import ConfigMismatchError, ConfigurationError, ShapeMismatchError
+from ..locations import location_key
+from ..storage import Grid, InfluenceStore, Manifest, storage_options
+from .data import is_stored, open_source
+from .inputs import torch_dtype
+from .network import build_influence_model, check_model_fits_data, load_network, model_identity
+
+__all__ = [
+    "PlannedJob",
+    "plan_job",
+    "auto_chunk_sizes",
+    "check_output_still_ours",
+    "check_output_apart_from_inputs",
+    "fingerprint",
+]
+
+#: per-task overhead of a Prefect task on Dask (40–90 ms), and the target share of it
+TASK_OVERHEAD_S = 0.09
+OVERHEAD_SHARE = 0.10
+#: conservative per-worker throughput of small per-sample gradient kernels (flop/s)
+WORKER_FLOPS = 1.0e9
+MAX_GRAD_BYTES = 256 * 2**20
+#: with glibc's adaptive mmap threshold a block above ~32 MiB is a fresh mmap (page faults) on
+#: every allocation
+MAX_BLOCK_BYTES = 32 * 2**20
+#: auto train chunks are a multiple of this many rows, so a block's row stride (train rows × 4
+#: bytes) is a multiple of 256 bytes, which single-thread SGEMM runs about twice as fast
+ALIGN_TRAIN_ROWS = 64
+#: test rows are split between workers only down to this many per chunk (thinner chunks
+#: multiply blocks and files, and a block CG solve shares less of its Krylov space)
+MIN_SPLIT_TEST_ROWS = 128
+
+#: how each field of :class:`JobSpec` enters the fingerprint (a test keeps this complete)
+FINGERPRINTED = {
+    "model": ("model", "loss"),  # factory, arguments and checkpoint digest; the loss by name
+    "data": ("train", "test"),  # by content
+    "method": ("method",),
+    "mode": ("mode",),
+    "dtype": ("dtype",),
+    "device": ("device",),
+    "test_chunk_size": ("test_chunk",),  # as resolved
+    "train_chunk_size": ("train_chunk",),
+}
+
+
+def auto_chunk_sizes(
+    n_train: int, n_test: int, n_parameters: int, n_workers: int, itemsize: int = 4
+) -> tuple[int, int]:
+    """Chunk sizes from the problem size and worker count (deterministic: no timing).
+
+    A column task costs about ``train_chunk · p · (6 + 2·n_test)`` flops (per-sample gradients
+    plus one GEMM against every factor). It must last ``TASK_OVERHEAD_S / OVERHEAD_SHARE`` (0.9 s)
+    at ``WORKER_FLOPS`` so Prefect's overhead stays ≤ 10%; beyond that, chunks shrink to give
+    each worker about four columns, and a chunk's gradients stay under 256 MiB. Test chunks
+    keep a block within 32 MiB, split evenly: a column with several blocks writes one while it
+    computes the next. There are at least as many test chunks as workers (when there are
+    enough test rows): the factor solves, which every column waits for, then run on all
+    workers at once, and every worker pays its first-task start-up there instead of one after
+    the other. Train chunks of more than ``ALIGN_TRAIN_ROWS`` rows are
+    a multiple of it (rounded up while that keeps the gradient cap, else down).
+    """
+    flops_per_sample = n_parameters * (6 + 2 * n_test)
+    min_train = math.ceil(
+        TASK_OVERHEAD_S / OVERHEAD_SHARE * WORKER_FLOPS / max(flops_per_sample, 1)
+    )
+    spread = math.ceil(n_train / (4 * max(n_workers, 1)))
+    cap = max(1, MAX_GRAD_BYTES // (n_parameters * itemsize))
+    train_chunk = max(1, min(n_train, cap, max(min_train, spread)))
+    if ALIGN_TRAIN_ROWS < train_chunk < n_train:
+        up = -(-train_chunk // ALIGN_TRAIN_ROWS) * ALIGN_TRAIN_ROWS
+        train_chunk = min(
+            n_train, up if up <= cap else train_chunk // ALIGN_TRAIN_ROWS * ALIGN_TRAIN_ROWS
+        )
+    per_worker = max(math.ceil(n_test / max(n_workers, 1)), min(n_test, MIN_SPLIT_TEST_ROWS))
+    test_chunk = max(1, min(per_worker, MAX_BLOCK_BYTES // (train_chunk * itemsize), 4096))
+    test_chunk = math.ceil(n_test / math.ceil(n_test / test_chunk))  # even rows, same count
+    return train_chunk, test_chunk
+
+
+def _settings(job: JobSpec) -> dict[str, Any]:
+    """The fingerprint entries that the configuration alone determines."""
+    return {
+        "loss": job.model.loss,
+        "method": job.method.model_dump(mode="json"),
+        "mode": job.mode.value,
+        "dtype": job.dtype.value,
+        "device": job.device.value,
+    }
+
+
+def fingerprint(
+    job: JobSpec, model_fp: str, train_fp: str, test_fp: str, grid: Grid
+) -> dict[str, Any]:
+    """Everything that determines the stored numbers (see :data:`FINGERPRINTED`)."""
+    return {
+        "model": model_fp,
+        "train": train_fp,
+        "test": test_fp,
+        **_settings(job),
+        "test_chunk": grid.test_chunk,
+        "train_chunk": grid.train_chunk,
+    }
+
+
+def check_output_still_ours(config: PipelineConfig, manifest: Manifest) -> None:
+    """A task's configuration must match the output's manifest: another run may have replaced
+    the output (``overwrite``, a forced lease takeover) while this run's tasks were queued, and
+    they must not write this configuration's blocks into that run's arrays."""
+    stored = manifest.fingerprint
+    differs = [k for k, v in _settings(config.job()).items() if stored.get(k) != v]
+    if not str(stored.get("model", "")).startswith(model_identity(config) + "|"):
+        differs.insert(0, "model")
+    if differs:
+        raise ConfigMismatchError(
+            f"{config.output!r} now holds another configuration's job (differs in: "
+            f"{', '.join(differs)}); another run replaced it while this one was running, so "
+            "this task stops instead of writing into it."
+        )
+
+
+def check_output_apart_from_inputs(config: PipelineConfig) -> None:
+    """Refuse an output that is, holds or lies inside one of the job's stored inputs: writing
+    (and with ``overwrite``, clearing) it would destroy them."""
+    options = storage_options(config)
+    out = location_key(config.output, options)
+    inputs = {
+        "data.train": config.data.train,
+        "data.test": config.data.test,
+        "model.checkpoint": config.model.checkpoint,
+    }
+    for what, url in inputs.items():
+        if not url or not is_stored(url):
+            continue
+        where = location_key(url, options)
+        if where == out or where.startswith(out + "/") or out.startswith(where + "/"):
+            raise ConfigurationError(
+                f"output {config.output!r} overlaps the job's input {what} ({url!r}): results "
+                "written there (or cleared by overwrite) would destroy it. Choose an output "
+                "location apart from the inputs."
+            )
+
+
+@dataclass(frozen=True)
+class PlannedJob:
+    """The output's manifest after planning, and whether it was there already (a resume)."""
+
+    manifest: Manifest
+    resumed: bool
+
+    @property
+    def grid(self) -> Grid:
+        return self.manifest.grid
+
+
+def plan_job(config: PipelineConfig, n_workers: int = 1) -> PlannedJob:
+    """Resolve inputs, fingerprint them, check or create the output; cheap relative to the job.
+
+    An existing output with another fingerprint raises :class:`ConfigMismatchError` naming the
+    differences, unless ``config.overwrite`` (then it is cleared). With ``auto`` chunking, an
+    existing output's chunk sizes are adopted, so a resume never re-chunks (with or without
+    ``overwrite``, even when the worker count changed).
+    """
+    options = storage_options(config)
+    job = config.job()
+    network, model_fp = load_network(config)
+    train = open_source(config.data.train, options, "train")
+    test = open_source(config.data.test, options, "test")
+    data_fps = (train.fingerprint(), test.fingerprint())  # also refuses NaN/Inf
+    if train.x_shape != test.x_shape:
+        raise ShapeMismatchError(
+            f"training samples have shape {train.x_shape} but test samples {test.x_shape}."
+        )
+    for source in (train, test):
+        check_model_fits_data(network, config.model.loss, source, torch_dtype(config.dtype))
+    build_influence_model(config, network)  # validates the method's options (rank, layers...)
+    check_output_apart_from_inputs(config)
+    p = sum(q.numel() for q in network.parameters() if q.requires_grad)
+    store = InfluenceStore(config.output, options)
+    store.check_writable()
+    existing = store.read_manifest()
+    itemsize = torch_dtype(config.dtype).itemsize
+    auto_train, auto_test = auto_chunk_sizes(len(train), len(test), p, n_workers, itemsize)
+    auto = {"test": config.test_chunk_size == "auto", "train": config.train_chunk_size == "auto"}
+    train_chunk = auto_train if auto["train"] else int(config.train_chunk_size)
+    test_chunk = auto_test if auto["test"] else int(config.test_chunk_size)
+
+    def grid_of(test_rows: int, train_rows: int) -> Grid:
+        return Grid(
+            len(test),
+            len(train),
+            min(test_rows, len(test)),
+            min(train_rows, len(train)),
+            p,
+            train.x_shape,
+            config.mode.value,
+            config.dtype.value,
+        )
+
+    grid = grid_of(test_chunk, train_chunk)
+    if existing is not None:
+        # auto chunking adopts the stored chunk sizes: a resume never re-chunks (with
+        # overwrite only when the rest matches too; otherwise the output is replaced anyway)
+        old = existing.fingerprint
+        stored = grid_of(
+            old.get("test_chunk", test_chunk) if auto["test"] else test_chunk,
+            old.get("train_chunk", train_chunk) if auto["train"] else train_chunk,
+        )
+        if not config.overwrite or fingerprint(job, model_fp, *data_fps, stored) == old:
+            grid = stored
+    fp = fingerprint(job, model_fp, *data_fps, grid)
+    if existing is not None and existing.fingerprint == fp:
+        store.create_arrays(grid)  # same configuration: resume, with or without overwrite
+        return PlannedJob(existing, True)
+    if existing is not None and not config.overwrite:
+        raise ConfigMismatchError(
+            f"{config.output!r} holds results of a different configuration (differs in: "
+            f"{', '.join(existing.differences(fp))}). Use another output, or overwrite=True to "
+            "replace them."
+        )
+    if existing is None and not store.is_empty() and not config.overwrite:
+        raise ConfigMismatchError(
+            f"{config.output!r} is not empty and holds no prefect-influence manifest; refusing "
+            "to write into it. Choose an empty location or set overwrite=True."
+        )
+    if existing is not None or not store.is_empty():
+        store.clear()
+        store = InfluenceStore(config.output, options)
+    manifest = Manifest(
+        fingerprint=fp,
+        grid=grid,
+        config=config.redacted() | {"overwrite": False, "force": False},
+        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        package_version=__version__,
+    )
+    store.write_manifest(manifest)
+    store.create_arrays(grid)
+    return PlannedJob(manifest, False)

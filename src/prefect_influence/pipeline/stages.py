@@ -1,0 +1,175 @@
+"""The stages of an influence job as plain functions of ``(config, indices)``: fit, factors of
+one test chunk, one column of blocks (one train chunk against the test chunks), summary.
+
+Each stage reads what it needs from the configuration's sources and the store, skips work whose
+completion record validates, and writes its results through :mod:`prefect_influence.storage`.
+Prefect tasks wrap these functions one-to-one; tests and the sequential path call them directly.
+Per-sample computations run with one torch thread, so a chunk's bytes never depend on where
+or when it was computed: a resumed job is bit-identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from ..base import InfluenceMode
+from ..blocks import influence_block, train_operand
+from ..config import PipelineConfig
+from ..errors import StorageError
+from ..storage import FACTORS, INFLUENCES, SELF_INFLUENCE, InfluenceStore
+from ..torch.functional import rows_within
+from .context import job_context, planned_store, tensors
+from .data import open_source
+from .network import build_influence_model, load_network
+from .ranking import ColumnTop, merge_top_k
+from .resources import BackgroundWriter, release_free_memory, torch_threads
+
+__all__ = ["fit_stage", "factors_stage", "column_stage", "summary_stage"]
+
+
+def _writable(values: np.ndarray) -> np.ndarray:
+    """torch wants writable memory; chunks read straight from storage may be read-only."""
+    return values if values.flags.writeable else values.copy()
+
+
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    return t.detach().cpu().numpy()
+
+
+def fit_stage(config: PipelineConfig) -> bool:
+    """Fit the influence model and store its state; returns ``True`` if a valid one was reused."""
+    store, _ = planned_store(config)
+    if store.read_fitted_state() is not None:
+        return True
+    _fit_and_store(config, store)
+    release_free_memory()  # the training set and the fit's temporaries are gone by now
+    return False
+
+
+def _fit_and_store(config: PipelineConfig, store: InfluenceStore) -> None:
+    from torch.utils.data import DataLoader, TensorDataset
+
+    network, _ = load_network(config)
+    model = build_influence_model(config, network)
+    source = open_source(config.data.train, store.storage_options, "train")
+    x, y = tensors(source.rows(0, len(source)))
+    model.fit(DataLoader(TensorDataset(x, y), batch_size=config.method.fit_batch_size))
+    store.write_fitted_state(model.fitted_state())
+
+
+def factors_stage(config: PipelineConfig, i: int) -> bool:
+    """Factors of test chunk ``i``; returns ``True`` if the stored chunk was reused."""
+    ctx = job_context(config)
+    if ctx.store.chunk_done(FACTORS, ctx.grid, (i,)):
+        return True
+    start, stop = ctx.grid.test_ranges[i]
+    with torch_threads(1):
+        x, y = ctx.rows("test", start, stop)
+        factors = ctx.model.influence_factors(x, y)
+    ctx.store.write_chunk(FACTORS, ctx.grid, (i,), _numpy(factors))
+    return False
+
+
+def column_stage(
+    config: PipelineConfig, j: int, test_chunks: Optional[list[int]] = None
+) -> dict[str, int]:
+    """Blocks ``(i, j)`` for the given test chunks (default all) and, if asked, the
+    self-influence of train chunk ``j``. The train chunk's gradients are computed once, only if
+    something is missing. Returns counts of computed and reused blocks."""
+    ctx = job_context(config)
+    grid, store, mode = ctx.grid, ctx.store, InfluenceMode.parse(config.mode)
+    rows = list(range(grid.shape[0])) if test_chunks is None else list(test_chunks)
+    missing = [i for i in rows if not store.chunk_done(INFLUENCES, grid, (i, j))]
+    want_self = config.self_influence and not store.chunk_done(SELF_INFLUENCE, grid, (j,))
+    # the column's top-k, while its blocks are in memory (whole columns only: a partial one
+    # is a retry of some blocks, and the summary reads what it lacks)
+    k = min(config.top_k, grid.n_train)
+    want_top = (
+        config.summary
+        and mode is InfluenceMode.Up
+        and test_chunks is None
+        and store.read_summary_part(j, k) is None
+        and not _summary_done(store, config)
+    )
+    counts = {"computed": len(missing), "reused": len(rows) - len(missing)}
+    if not missing and not want_self and not want_top:
+        return counts
+    start, stop = grid.train_ranges[j]
+    top = ColumnTop(grid, j, k)
+    with torch_threads(1), BackgroundWriter() as writer:
+        if missing or want_self:
+            x, y = ctx.rows("train", start, stop)
+            operand = train_operand(ctx.model, x, y, mode)
+        for i in rows if want_top else missing:
+            if i not in missing:  # a stored block: read back for the column's top-k
+                top.add(i, store.read_chunk(INFLUENCES, grid, (i, j)))
+                continue
+            factors = torch.from_numpy(_writable(store.read_chunk(FACTORS, grid, (i,))))
+            block = _numpy(influence_block(ctx.model, factors, operand, mode))
+            writer.submit(store.write_chunk, INFLUENCES, grid, (i, j), block)
+            if want_top:
+                top.add(i, block)
+        if want_self:
+            grads = operand.grads if operand.grads is not None else ctx.model.per_sample_grads(x, y)
+            writer.submit(
+                store.write_chunk,
+                SELF_INFLUENCE,
+                grid,
+                (j,),
+                _numpy(_self_influences(ctx.model, grads)),
+            )
+    if want_top:  # after its blocks are written: a part never describes blocks that are not
+        store.write_summary_part(j, top.arrays(), k)
+    return counts
+
+
+def _self_influences(model, grads: torch.Tensor) -> torch.Tensor:
+    """``⟨H⁻¹g, g⟩`` per row, in slices of ≤ 4 MiB of rows (the ``n × p`` factors of a whole
+    chunk are never needed; a solve's temporaries are a few times its input)."""
+    step = rows_within(grads.shape[1], grads.element_size(), budget=4 * 2**20)
+    return torch.cat([(model.factors_from_grads(g) * g).sum(dim=1) for g in grads.split(step)])
+
+
+def _summary_done(store: InfluenceStore, config: PipelineConfig) -> Optional[dict[str, Any]]:
+    """The stored summary's info if it is valid and for ``config.top_k``."""
+    existing = store.read_summary()
+    return (
+        existing[1] if existing is not None and existing[1].get("top_k") == config.top_k else None
+    )
+
+
+def summary_stage(config: PipelineConfig) -> dict[str, Any]:
+    """Top-k most helpful / harmful training indices per test point (Up mode), merged from the
+    columns' own top-k (written by the column tasks while their blocks were in memory); a
+    column without one is summarized from its stored blocks here. Returns the summary's info.
+    Exact: see :mod:`.ranking`."""
+    store, manifest = planned_store(config)
+    grid = manifest.grid
+    done = _summary_done(store, config)
+    if done is not None:
+        return done
+    info: dict[str, Any] = {"top_k": config.top_k, "mode": grid.mode}
+    arrays: dict[str, np.ndarray] = {}
+    if grid.mode == InfluenceMode.Up.value:
+        k = min(config.top_k, grid.n_train)
+        arrays = {}  # the running result, n_test × k: folded one column at a time
+        for j in range(grid.shape[1]):
+            part = store.read_summary_part(j, k)
+            if part is None:
+                top = ColumnTop(grid, j, k)
+                for i in range(grid.shape[0]):
+                    block = store.read_done_chunk(INFLUENCES, grid, (i, j))
+                    if block is None:
+                        raise StorageError(
+                            f"{config.output!r}: influence block ({i}, {j}) is missing or does "
+                            "not match its record; compute the influences (column "
+                            f"{j}) before the summary."
+                        )
+                    top.add(i, block)
+                part = top.arrays()
+            arrays = merge_top_k(arrays, part, k) if arrays else part
+    store.write_summary(arrays, info)
+    return info

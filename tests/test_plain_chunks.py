@@ -1,0 +1,68 @@
+"""Whole uncompressed zarr v3 chunks written and read as files give exactly what zarr itself
+writes and reads (edge chunks padded with the fill value), on local disk and memory://."""
+
+from __future__ import annotations
+
+import fsspec
+import numpy as np
+import pytest
+import zarr
+
+from prefect_influence.errors import StorageError
+from prefect_influence.locations import open_group
+from prefect_influence.storage.plain_chunks import PlainChunks
+
+
+@pytest.fixture(params=["local", "memory"])
+def location(request, tmp_path):
+    url = str(tmp_path / "g") if request.param == "local" else f"memory://plain-{tmp_path.name}/g"
+    fs, root = fsspec.core.url_to_fs(url)
+    return url, fs, root
+
+
+def _array(url, name="a", compressors=None, dtype="float32"):
+    group = open_group(url)
+    return group.create_array(
+        name, shape=(5, 7), chunks=(2, 3), dtype=dtype, fill_value=np.nan, compressors=compressors
+    )
+
+
+def test_files_written_as_plain_chunks_read_back_through_zarr(location):
+    url, fs, root = location
+    array = _array(url)
+    plain = PlainChunks.of(array, fs, f"{root}/a")
+    assert plain is not None and plain.chunk_shape == (2, 3)
+    values = np.arange(35, dtype=np.float32).reshape(5, 7)
+    for i, r in enumerate(range(0, 5, 2)):
+        for j, c in enumerate(range(0, 7, 3)):
+            plain.write((i, j), values[r : r + 2, c : c + 3])  # edge chunks are smaller
+    np.testing.assert_array_equal(zarr.open_array(array.store_path, mode="r")[...], values)
+    got = plain.read((2, 2), (1, 1))  # the corner chunk, cut to its true size
+    np.testing.assert_array_equal(got, values[4:, 6:])
+
+
+def test_chunks_written_by_zarr_read_back_as_plain_chunks(location):
+    url, fs, root = location
+    array = _array(url)
+    values = np.random.default_rng(0).standard_normal((5, 7)).astype(np.float32)
+    array[...] = values
+    plain = PlainChunks.of(array, fs, f"{root}/a")
+    np.testing.assert_array_equal(plain.read((1, 1), (2, 3)), values[2:4, 3:6])
+    np.testing.assert_array_equal(plain.read((2, 0), (1, 3)), values[4:, :3])
+
+
+def test_an_unwritten_chunk_reads_as_the_fill_value_and_a_torn_one_is_refused(location):
+    url, fs, root = location
+    plain = PlainChunks.of(_array(url), fs, f"{root}/a")
+    assert np.isnan(plain.read((0, 0), (2, 3))).all()
+    plain.write((0, 1), np.ones((2, 3), dtype=np.float32))
+    path = plain.path((0, 1))
+    fs.pipe_file(path, fs.cat_file(path)[:-4])
+    with pytest.raises(StorageError, match="torn write"):
+        plain.read((0, 1), (2, 3))
+
+
+def test_compressed_arrays_have_no_plain_layout(location):
+    url, fs, root = location
+    compressed = _array(url, "c", compressors=zarr.codecs.ZstdCodec())
+    assert PlainChunks.of(compressed, fs, f"{root}/c") is None
