@@ -320,9 +320,9 @@ def test_threads_per_worker_2_is_refused(problem):
 def test_a_cluster_without_workers_gets_a_clear_error(problem, monkeypatch):
     """The model is scattered to the workers: with none, distributed's scatter waited and
     failed with 'No valid workers found', and the thread-safety check was skipped."""
-    from prefect_influence import calculators
+    from prefect_influence import dask_calculator
 
-    monkeypatch.setattr(calculators, "WAIT_FOR_WORKERS_S", 1.0)
+    monkeypatch.setattr(dask_calculator, "WAIT_FOR_WORKERS_S", 1.0)
     with (
         LocalCluster(n_workers=0, processes=False, dashboard_address=":0") as cluster,
         Client(cluster) as client,

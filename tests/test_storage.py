@@ -249,3 +249,20 @@ def test_two_runs_starting_at_once_on_a_free_output_get_one_lease(tmp_path):
     assert sorted(v == "refused" for v in results.values()) == [False, True]
     winner = next(v for v in results.values() if v != "refused")
     assert a._read_json("lease.json")["owner"] == winner == results["a"]
+
+
+def test_a_manifest_round_trips_and_names_what_differs(store):
+    """The manifest read back equals the one written (its id too); ``differences`` names the
+    fingerprint entries that changed; a file that is not a manifest is refused by name."""
+    fingerprint = {"model": "m|sha256:1", "train": "sha256:2", "method": {"name": "cg"}}
+    manifest = Manifest(fingerprint=fingerprint, grid=GRID, config={"top_k": 3}, created="now")
+    store.write_manifest(manifest)
+    again = store.read_manifest()
+    assert again == manifest and again.id == manifest.id
+    other = {**fingerprint, "train": "sha256:9", "mode": "up"}
+    assert manifest.differences(other) == ["mode", "train"]
+    assert manifest.differences(dict(fingerprint)) == []
+    assert Manifest(fingerprint=fingerprint, grid=GRID, created="later").id != manifest.id
+    store.fs.pipe_file(store._path("manifest.json"), b'{"fingerprint": {}}')
+    with pytest.raises(StorageError, match="not a prefect-influence manifest"):
+        store.read_manifest()

@@ -249,7 +249,7 @@ def test_hessian_products_reusing_gradient_graphs_equal_rebuilt_ones(problem, mo
     """Inside ``reusing_graphs`` every batch's gradient graph is built once and reused; the
     products (and a whole CG solve) equal those that rebuild the graph each time, and over the
     budget nothing is kept."""
-    from prefect_influence.torch.base import HessianOperator
+    from prefect_influence.torch.operator import HessianOperator
 
     model, x, y, xt, yt = problem()
     cg = CgInfluence(model, cross_entropy, REG, rtol=1e-12, atol=1e-14, batch_size=16)
@@ -278,9 +278,9 @@ def test_hessian_products_reusing_gradient_graphs_equal_rebuilt_ones(problem, mo
 
     reused = cg.influence_factors(xt, yt)
     # one vector at a time (a tight budget for the vectors' graphs): the same products
-    from prefect_influence.torch import base
+    from prefect_influence.torch import operator
 
-    monkeypatch.setattr(base, "PRODUCT_VECTOR_BYTES", 1)
+    monkeypatch.setattr(operator, "PRODUCT_VECTOR_BYTES", 1)
     assert op._vectors_at_once() == 1
     torch.testing.assert_close(op(vectors), rebuilt, rtol=1e-12, atol=1e-14)
     monkeypatch.setattr(HessianOperator, "graph_budget_bytes", 0)
@@ -295,15 +295,17 @@ def test_automatic_product_batch_size_follows_the_graph_budget(classifier):
     """Without a fixed batch size, a Hessian product covers as many samples as keep one batch's
     gradient graph within the budget, at least the loader's batch: the same Hessian, fewer
     passes; LiSSA keeps the loader's batches (one per iteration is its method)."""
-    from prefect_influence.torch import base
+    from prefect_influence.torch import operator
 
     model, x, y, xt, yt, direct, lam_max = classifier
     per_sample = CgInfluence(model, cross_entropy, REG)._fn.gradient_graph_bytes(x[:8], y[:8]) / 8
-    assert base.product_batch_size(CgInfluence(model, cross_entropy, REG)._fn, x, y, 8) == len(x)
+    assert operator.product_batch_size(CgInfluence(model, cross_entropy, REG)._fn, x, y, 8) == len(
+        x
+    )
     fn = CgInfluence(model, cross_entropy, REG)._fn
-    tight = base.product_batch_size(fn, x, y, 4, budget=int(10 * per_sample))
+    tight = operator.product_batch_size(fn, x, y, 4, budget=int(10 * per_sample))
     assert 4 <= tight <= 10
-    assert base.product_batch_size(fn, x, y, 16, budget=1) == 16  # never below the loader's
+    assert operator.product_batch_size(fn, x, y, 16, budget=1) == 16  # never below the loader's
     # a batch that is a view of a large training tensor is measured by its own graph, not by
     # the storage it views (which exists anyway): 200 copies change nothing
     big_x, big_y = torch.cat([x] * 200), torch.cat([y] * 200)

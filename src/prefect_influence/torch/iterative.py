@@ -16,14 +16,8 @@ import torch
 from torch import Tensor
 
 from ..errors import InvalidParameterError
-from .base import (
-    HessianOperator,
-    TorchInfluenceFunctionModel,
-    TrainingData,
-    non_negative,
-    positive_int,
-    product_batch_size,
-)
+from .base import TorchInfluenceFunctionModel, TrainingData, non_negative, positive_int
+from .operator import HessianOperator, product_batch_size
 from .preconditioners import Preconditioner
 
 __all__ = ["CgInfluence", "LissaInfluence", "minres"]
