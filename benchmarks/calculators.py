@@ -18,9 +18,9 @@ Methods (``--method``):
 * ``direct``: the exact method. Its fit eigendecomposes a dense 10k × 10k Hessian, which takes
   well over 10 minutes on 2 CPU cores (use a GPU machine or be patient).
 
-The LocalCluster's workers start with ``TORCH_WORKER_DASK_CONFIG``, as the README advises for
-any cluster running torch. With 2,000 train samples (the earlier default) the whole job took a
-quarter of a second and the LocalCluster row measured Dask's fixed latency instead.
+The LocalCluster's workers start with ``TORCH_WORKER_DASK_CONFIG``, as docs/calculators.md
+advises for any cluster running torch. The default size keeps the job long enough that the
+LocalCluster row measures the computation, not Dask's fixed latency.
 
     python benchmarks/calculators.py [--method arnoldi|cg|direct] [--repeat 3] [--no-cluster]
                                      [--n-train 20000] [--n-test 500]

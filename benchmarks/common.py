@@ -360,7 +360,7 @@ def gib(n_bytes: float) -> str:
 
 
 def gb(n_bytes: float) -> str:
-    """Decimal gigabytes (10⁹ bytes), the unit of the issue's memory targets, with GiB beside."""
+    """Decimal gigabytes (10⁹ bytes), the unit of the memory targets, with GiB beside."""
     return f"{n_bytes / 1e9:.2f} GB ({gib(n_bytes)})"
 
 

@@ -10,8 +10,8 @@ per process (an upper bound), PSS splits them between processes (the true total)
     python benchmarks/memory.py [--n-test 5000] [--n-train 200000] [--workers 2] [--quick]
 
 Judged: the peak, over the samples, of the summed RSS of this flow process and the Dask
-processes (target < 2 GB, i.e. 2·10⁹ bytes, for a grid of ≥ 4 GB of scores; decimal units as in
-the issue). The Prefect API server is left out of the judged figure: a deployment's runs talk to
+processes (target < 2 GB, i.e. 2·10⁹ bytes, for a grid of ≥ 4 GB of scores; decimal units as the
+target is stated). The Prefect API server is left out of the judged figure: a deployment's runs talk to
 a server that runs anyway, and its memory does not grow with the job; the totals with it (RSS
 and PSS) are printed on the line before.
 """

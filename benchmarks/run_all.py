@@ -15,6 +15,8 @@ A failing benchmark is reported and the others still run; the exit status is 1 i
 from __future__ import annotations
 
 import argparse
+import os
+import platform
 import re
 import subprocess
 import sys
@@ -109,7 +111,7 @@ def record(name: str, command: str, size: str, elapsed: float, lines: list[str])
     )
     body = "\n".join(lines)
     section = (
-        f"## {name}\n\n{date.today().isoformat()}, {size} size, {elapsed:.0f} s: "
+        f"## {name}\n\n{date.today().isoformat()}, {size} size, {elapsed:.0f} s on {machine()}: "
         f"`python {command}`\n\n```\n{body}\n```\n"
     )
     pattern = re.compile(rf"^## {re.escape(name)}\n.*?(?=^## |\Z)", re.S | re.M)
@@ -119,6 +121,18 @@ def record(name: str, command: str, size: str, elapsed: float, lines: list[str])
         else (text.rstrip("\n") + "\n\n" + section)
     )
     RESULTS.write_text(text.rstrip("\n") + "\n")
+
+
+def machine() -> str:
+    """The machine in a few words: CPUs, processor, Python and torch (and the GPU if any)."""
+    import torch
+
+    gpu = f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
+    cpu = platform.processor() or platform.machine()
+    return (
+        f"{os.cpu_count()} CPUs ({cpu}), Python {platform.python_version()}, "
+        f"torch {torch.__version__}{gpu}"
+    )
 
 
 if __name__ == "__main__":

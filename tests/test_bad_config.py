@@ -1,4 +1,4 @@
-"""The bad-input catalogue (README "Bad input"): each bad job gets a clear error before any
+"""The bad-input catalogue (docs/bad-input.md): each bad job gets a clear error before any
 expensive work, and an existing finished output is left byte-for-byte as it was."""
 
 from __future__ import annotations

@@ -398,7 +398,7 @@ def worker(prefect):
     with _started(
         [str(BIN / "prefect"), "worker", "start", "--pool", pool], prefect.env, log
     ) as proc:
-        # as the README says: from the repository root (the entrypoints are relative to it)
+        # as docs/deployments.md says: from the repository root (the entrypoints are relative to it)
         deployed = prefect.cli(
             "deploy", "--all", "--prefect-file", str(PREFECT_FILE.relative_to(REPO))
         )
