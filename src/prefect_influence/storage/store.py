@@ -81,7 +81,11 @@ class InfluenceStore:
         self._plain: dict[str, Optional[PlainChunks]] = {}
         self._manifest_id: Optional[str] = None
         self._manifest_id_known = False
-        self.lease = Lease(self.fs, self._path(LEASE), self.url)
+
+    @property
+    def lease(self) -> Lease:
+        """The output's lease, on this store's filesystem."""
+        return Lease(self.fs, self._path(LEASE), self.url)
 
     # -- the manifest records are written under ----------------------------------------------------
     def bind(self, manifest: Manifest) -> None:
