@@ -38,6 +38,7 @@ BENCHMARKS = {
     # runs 1,000 × 50,000 (not judged)
     "memory": (["--quick"], ["--quick"], 3),
     "scaling": ([], ["--quick"], 5),
+    "cli_errors": ([], ["--quick"], 2),
 }
 #: arguments that replace the default ones with --full: the judged memory grid
 FULL = {"memory": []}

@@ -18,7 +18,7 @@ from prefect_dask import DaskTaskRunner
 
 from prefect_influence import TORCH_WORKER_DASK_CONFIG
 from prefect_influence.config import PipelineConfig
-from prefect_influence.errors import ConfigurationError
+from prefect_influence.pipeline.planning import n_local_workers, planned_workers
 
 __all__ = [
     "planned_workers",
@@ -27,32 +27,6 @@ __all__ = [
     "wait_for_closing_clusters",
     "workers_share_api",
 ]
-
-
-def n_local_workers(config: PipelineConfig) -> int:
-    return config.n_workers or os.cpu_count() or 1
-
-
-#: seconds to reach an external scheduler (``dask_address``) when planning
-SCHEDULER_CONNECT_S = 30
-
-
-def planned_workers(config: PipelineConfig) -> int:
-    """Workers the grid's auto chunks are planned for: the local cluster's, or on an external
-    scheduler (``dask_address``) ``n_workers`` if given, else its workers at planning time."""
-    if not config.dask_address:
-        return n_local_workers(config)
-    if config.n_workers:
-        return config.n_workers
-    from distributed import Client
-
-    try:
-        with Client(config.dask_address, timeout=SCHEDULER_CONNECT_S) as client:
-            return max(1, len(client.nthreads()))
-    except OSError as exc:  # before anything is written to the output
-        raise ConfigurationError(
-            f"dask_address {config.dask_address!r} cannot be reached: {exc}"
-        ) from exc
 
 
 def local_cluster_kwargs(config: PipelineConfig) -> dict[str, Any]:

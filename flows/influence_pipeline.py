@@ -35,6 +35,7 @@ from prefect_influence.tasks import (
     influences_from_factors,
     write_summary,
 )
+from prefect_influence.user_errors import explain
 
 __all__ = ["influence_pipeline", "compute_grid"]
 
@@ -90,9 +91,15 @@ def influence_pipeline(
     ``progress_bar`` draws the grid's progress on the terminal that runs the flow."""
     logger = get_run_logger()
     logger.info("configuration: %s", json.dumps(config.redacted()))
-    store = InfluenceStore(config.output, storage_options(config))
-    with store.lease.hold(force=config.force, owner=_flow_run_id()):
-        result = _run(config, progress_bar, logger)
+    try:
+        store = InfluenceStore(config.output, storage_options(config))
+        with store.lease.hold(force=config.force, owner=_flow_run_id()):
+            result = _run(config, progress_bar, logger)
+    except Exception as exc:
+        told = explain(exc, started=True)  # the run's log says what the command line says
+        for line in told.lines() if told else ():
+            logger.error(line)
+        raise
     logger.info("done: %s", json.dumps(result))
     return result
 

@@ -213,3 +213,20 @@ def test_an_external_cluster_is_planned_for_its_workers(tmp_path, monkeypatch):
         planned_workers(
             job_config(paths, str(tmp_path), dask_address="tcp://127.0.0.1:9", n_workers=None)
         )
+
+
+def test_bad_input_is_logged_in_the_flow_run_as_on_the_command_line(api_url, inputs, tmp_path):
+    """A deployment's run tells its logs what the command line tells a terminal: one line."""
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogHandler
+
+    config = job_config(inputs, str(tmp_path / "out"), data={"train": str(tmp_path / "nope.npz")})
+    state = influence_pipeline(config, return_state=True)
+    assert state.is_failed()
+    APILogHandler().flush()
+    run_filter = LogFilter(flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id]))
+    with get_client(sync_client=True) as client:
+        messages = [log.message for log in client.read_logs(log_filter=run_filter)]
+    assert any(
+        m.startswith("prefect-influence: error: data") and "does not exist" in m for m in messages
+    ), messages

@@ -56,44 +56,46 @@ __all__ = [
 ]
 
 # -- calculators, lazy chunk sequences and their converters/aggregators ---------------------------
-from .array import (  # noqa: E402
-    LazyChunkSequence,
-    ListAggregator,
-    NestedLazyChunkSequence,
-    NestedListAggregator,
-    NestedSequenceAggregator,
-    NumpyConverter,
-    SequenceAggregator,
-)
-from .calculators import (  # noqa: E402
-    TORCH_WORKER_DASK_CONFIG,
-    DaskInfluenceCalculator,
-    DisableClientSingleThreadCheck,
-    DisableClientThreadingCheck,
-    SequentialInfluenceCalculator,
-)
-from .torch.util import (  # noqa: E402
-    NestedTorchCatAggregator,
-    TorchCatAggregator,
-    TorchNumpyConverter,
-    torch_dataset_to_dask_array,
-)
+# imported on first use: a command that only reads a configuration or an output starts without
+# loading torch and dask
+_LAZY = {
+    "array": (
+        "LazyChunkSequence",
+        "ListAggregator",
+        "NestedLazyChunkSequence",
+        "NestedListAggregator",
+        "NestedSequenceAggregator",
+        "NumpyConverter",
+        "SequenceAggregator",
+    ),
+    "calculators": (
+        "TORCH_WORKER_DASK_CONFIG",
+        "DaskInfluenceCalculator",
+        "DisableClientSingleThreadCheck",
+        "DisableClientThreadingCheck",
+        "SequentialInfluenceCalculator",
+    ),
+    "torch.util": (
+        "NestedTorchCatAggregator",
+        "TorchCatAggregator",
+        "TorchNumpyConverter",
+        "torch_dataset_to_dask_array",
+    ),
+}
+_LAZY_NAMES = {name: module for module, names in _LAZY.items() for name in names}
+__all__ += list(_LAZY_NAMES)
 
-__all__ += [
-    "SequentialInfluenceCalculator",
-    "TORCH_WORKER_DASK_CONFIG",
-    "DaskInfluenceCalculator",
-    "DisableClientSingleThreadCheck",
-    "DisableClientThreadingCheck",
-    "NumpyConverter",
-    "SequenceAggregator",
-    "NestedSequenceAggregator",
-    "ListAggregator",
-    "NestedListAggregator",
-    "LazyChunkSequence",
-    "NestedLazyChunkSequence",
-    "TorchNumpyConverter",
-    "TorchCatAggregator",
-    "NestedTorchCatAggregator",
-    "torch_dataset_to_dask_array",
-]
+
+def __getattr__(name: str):
+    module = _LAZY_NAMES.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY_NAMES))

@@ -1,6 +1,10 @@
 """The ``prefect-influence`` command line (top layer: may import flows and everything below).
 
-Commands: ``run CONFIG.yaml``, ``demo``, ``status OUTPUT_URL``, ``top-k OUTPUT_URL --test-index I``,
+An error a person can fix is printed as one line (``prefect-influence: error: ...``) with exit
+status 2 (bad input) or 1 (a failed run); a bug keeps its traceback, and ``--debug`` shows
+every one. A run checks everything it can before the Prefect server and the Dask cluster start.
+
+Commands: ``run CONFIG.yaml`` (``--dry-run``), ``plan CONFIG.yaml``, ``demo``, ``status OUTPUT_URL``, ``top-k OUTPUT_URL --test-index I``,
 ``serve`` (both deployments from one process).
 """
 
@@ -10,6 +14,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from typing import Any, Optional, Sequence
 
 __all__ = ["main", "load_config"]
@@ -27,11 +32,17 @@ def load_config(path: str, overrides: Optional[dict[str, Any]] = None):
     import yaml
 
     from .config import PipelineConfig
+    from .user_errors import BadInput
 
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except OSError as exc:
+        raise BadInput(f"configuration file {path!r} cannot be read: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise BadInput(f"configuration file {path!r} is not valid YAML or JSON: {exc}") from exc
     if not isinstance(data, dict):
-        raise SystemExit(f"{path}: expected a mapping of configuration fields")
+        raise BadInput(f"configuration file {path!r}: expected a mapping of configuration fields")
     data.update(overrides or {})
     return PipelineConfig.model_validate(data)
 
@@ -42,15 +53,137 @@ def _run_flow(config) -> dict:
     return influence_pipeline(config, progress_bar=True)
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    overrides = {"overwrite": True} if args.overwrite else {}
+def _job_config(args: argparse.Namespace):
+    overrides: dict[str, Any] = {}
+    if args.overwrite:
+        overrides["overwrite"] = True
     if args.force:
         overrides["force"] = True
     if args.output:
         overrides["output"] = args.output
-    result = _run_flow(load_config(args.config, overrides))
+    return load_config(args.config, overrides)
+
+
+def _survey(config, check_lease: bool):
+    """Every check of the job that needs no Prefect and no Dask cluster (see
+    :func:`~prefect_influence.pipeline.planning.survey_job`)."""
+    from .pipeline.planning import planned_workers, survey_job
+    from .user_errors import BadInput
+
+    n_workers = planned_workers(config)
+    try:
+        return survey_job(config, n_workers, check_lease=check_lease), n_workers
+    except NotImplementedError as exc:  # e.g. a layer the method does not support
+        raise BadInput(str(exc)) from exc
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    config = _job_config(args)
+    if args.dry_run:
+        return _plan(config, args)
+    _survey(config, check_lease=True)  # bad input is refused before Prefect or Dask start
+    try:
+        result = _run_flow(config)
+    except Exception as exc:
+        return _report(exc, args, started=True)
     print(json.dumps(result, indent=1))
     return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    return _plan(_job_config(args), args)
+
+
+def _plan(config, args: argparse.Namespace) -> int:
+    import warnings
+
+    from .errors import LeaseHeldError
+    from .pipeline.estimate import estimate_job, stored_progress
+
+    notes: list[str] = []
+    started = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            survey, n_workers = _survey(config, check_lease=True)
+        except LeaseHeldError as exc:
+            notes.append(f"the run would be refused now: {exc}")
+            survey, n_workers = _survey(config, check_lease=False)
+    notes += [str(w.message) for w in caught]
+    if survey.action == "replace":
+        notes.append("overwrite: the output's stored results are cleared before the run")
+    checks_s = time.perf_counter() - started
+    progress = stored_progress(survey)
+    api_running = bool(os.environ.get("PREFECT_API_URL"))
+    estimate = estimate_job(survey, n_workers, api_running, checks_s, progress)
+    plan = _plan_json(survey, n_workers, progress, estimate, notes)
+    print(json.dumps(plan, indent=1) if args.json else _plan_text(plan))
+    return 0
+
+
+def _plan_json(survey, n_workers: int, progress: dict, estimate, notes: list[str]) -> dict:
+    grid, config = survey.grid, survey.config
+    return {
+        "output": config.output,
+        "action": survey.action,
+        "method": config.method.name.value,
+        "mode": grid.mode,
+        "dtype": grid.dtype,
+        "n_parameters": grid.n_parameters,
+        "n_test": grid.n_test,
+        "n_train": grid.n_train,
+        "chunks": [grid.test_chunk, grid.train_chunk],
+        "grid": list(grid.shape),
+        "blocks": grid.n_blocks,
+        "workers": n_workers,
+        "stored": progress,
+        "estimate": estimate.to_json(),
+        "warnings": notes,
+    }
+
+
+def _plan_text(plan: dict) -> str:
+    stored, est = plan["stored"], plan["estimate"]
+    seconds = est["seconds"]
+    phases = ", ".join(f"{k} {v:g}" for k, v in seconds.items() if k != "total" and v)
+    reused = (
+        f"{stored['blocks'][0]} of {stored['blocks'][1]} blocks, "
+        f"{stored['factors'][0]} of {stored['factors'][1]} factor chunks, fitted state "
+        f"{'yes' if stored['fitted'] else 'no'} (reused if their checksums verify)"
+    )
+    lines = [
+        f"output:    {plan['output']} ({plan['action']})",
+        f"job:       {plan['method']}, mode {plan['mode']}, {plan['dtype']}, "
+        f"p = {plan['n_parameters']:,}",
+        f"grid:      {plan['n_test']:,} test × {plan['n_train']:,} train in chunks of "
+        f"{plan['chunks'][0]} × {plan['chunks'][1]}: {plan['grid'][0]} × {plan['grid'][1]} = "
+        f"{plan['blocks']} blocks on {plan['workers']} worker(s)",
+        f"stored:    {reused}",
+        f"memory:    about {est['worker_bytes'] / 2**20:,.0f} MiB per worker (estimate; "
+        f"fitted state {est['fitted_state_bytes'] / 2**20:,.1f} MiB)",
+        f"time:      about {seconds['total']:g} s (estimate from a probe on this machine: "
+        f"{phases})",
+    ]
+    lines += [f"warning:   {note}" for note in plan["warnings"]]
+    return "\n".join(lines)
+
+
+def _report(exc: BaseException, args: argparse.Namespace, started: bool = False) -> int:
+    """Print a person's error in one line (and a hint), or re-raise a bug or under --debug."""
+    from .user_errors import explain
+
+    told = explain(exc, started=started)
+    if told is None or _debug(args):
+        raise exc
+    for line in told.lines():
+        print(line, file=sys.stderr)
+    return told.status
+
+
+def _debug(args: argparse.Namespace) -> bool:
+    return bool(getattr(args, "debug", False)) or os.environ.get(
+        "PREFECT_INFLUENCE_DEBUG", ""
+    ).lower() not in ("", "0", "false", "no")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -143,7 +276,20 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="take the output over from another run holding its lease (known dead)",
     )
+    run.add_argument(
+        "--dry-run", action="store_true", help="print the plan (as `plan` does) and stop"
+    )
     run.set_defaults(func=cmd_run)
+    plan = sub.add_parser(
+        "plan", help="what a run would do, cost and reuse, without starting Prefect or Dask"
+    )
+    plan.add_argument("config", help="configuration file (fields of PipelineConfig)")
+    plan.add_argument("--output", help="override the output URL")
+    plan.add_argument("--overwrite", action="store_true", help="plan replacing an existing output")
+    plan.add_argument("--force", action="store_true", help="plan taking over a held lease")
+    plan.set_defaults(func=cmd_plan)
+    for p in (run, plan):
+        p.add_argument("--json", action="store_true", help="the plan as JSON (with --dry-run)")
     demo = sub.add_parser("demo", help="run the built-in digits example end to end")
     demo.add_argument("--output", default="influence-output/demo", help="output directory or URL")
     demo.set_defaults(func=cmd_demo)
@@ -171,13 +317,22 @@ def build_parser() -> argparse.ArgumentParser:
         "else ./deployments/prefect.yaml)",
     )
     serve.set_defaults(func=cmd_serve)
+    for p in sub.choices.values():
+        p.add_argument(
+            "--debug",
+            action="store_true",
+            help="show the full traceback of an error (or set PREFECT_INFLUENCE_DEBUG=1)",
+        )
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     _quiet_defaults()
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except Exception as exc:
+        return _report(exc, args)
 
 
 if __name__ == "__main__":

@@ -5,17 +5,47 @@
 * :mod:`.context` — what a job's stages share within one process.
 * :mod:`.stages` — fit, factors, one column of blocks, summary: what the Prefect tasks run.
 * :mod:`.ranking` — top-k per test point; :mod:`.resources` — threads, memory, writes.
+* :mod:`.estimate` — a job's time and memory, from a short probe.
+
+Names load on first use, so checking a job file starts without importing torch.
 """
 
-from .planning import PlannedJob, auto_chunk_sizes, plan_job
-from .stages import column_stage, factors_stage, fit_stage, summary_stage
+import importlib
 
-__all__ = [
-    "PlannedJob",
-    "plan_job",
-    "auto_chunk_sizes",
-    "fit_stage",
-    "factors_stage",
-    "column_stage",
-    "summary_stage",
-]
+_NAMES = {
+    "PlannedJob": "planning",
+    "plan_job": "planning",
+    "survey_job": "planning",
+    "auto_chunk_sizes": "planning",
+    "fit_stage": "stages",
+    "factors_stage": "stages",
+    "column_stage": "stages",
+    "summary_stage": "stages",
+}
+_MODULES = (
+    "context",
+    "data",
+    "estimate",
+    "inputs",
+    "network",
+    "planning",
+    "ranking",
+    "resources",
+    "stages",
+)
+
+__all__ = list(_NAMES)
+
+
+def __getattr__(name: str):
+    if name in _MODULES:
+        return importlib.import_module(f".{name}", __name__)
+    if name in _NAMES:
+        value = getattr(importlib.import_module(f".{_NAMES[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_NAMES) | set(_MODULES))

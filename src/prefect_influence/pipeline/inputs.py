@@ -6,14 +6,15 @@ import importlib
 from typing import Any
 
 import fsspec
-import torch
 
 from ..errors import ConfigurationError
 
 __all__ = ["resolve_import", "read_bytes", "torch_dtype"]
 
 
-def torch_dtype(name: Any) -> torch.dtype:
+def torch_dtype(name: Any) -> "torch.dtype":  # noqa: F821
+    import torch
+
     return {"float32": torch.float32, "float64": torch.float64}[getattr(name, "value", name)]
 
 

@@ -6,9 +6,10 @@ and the empty result arrays."""
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 from .. import __version__
 from ..config import JobSpec, PipelineConfig
@@ -17,10 +18,15 @@ from ..locations import location_key
 from ..storage import Grid, InfluenceStore, Manifest, storage_options
 from .data import is_stored, open_source
 from .inputs import torch_dtype
-from .network import build_influence_model, check_model_fits_data, load_network, model_identity
+
+# the network module (and with it torch, about a second to import) is loaded only once the
+# data has passed its checks: a missing or malformed data file is refused before that
 
 __all__ = [
+    "planned_workers",
     "PlannedJob",
+    "Survey",
+    "survey_job",
     "plan_job",
     "auto_chunk_sizes",
     "check_output_still_ours",
@@ -43,6 +49,33 @@ ALIGN_TRAIN_ROWS = 64
 #: test rows are split between workers only down to this many per chunk (thinner chunks
 #: multiply blocks and files, and a block CG solve shares less of its Krylov space)
 MIN_SPLIT_TEST_ROWS = 128
+
+
+def n_local_workers(config: PipelineConfig) -> int:
+    return config.n_workers or os.cpu_count() or 1
+
+
+#: seconds to reach an external scheduler (``dask_address``) when planning
+SCHEDULER_CONNECT_S = 30
+
+
+def planned_workers(config: PipelineConfig) -> int:
+    """Workers the grid's auto chunks are planned for: the local cluster's, or on an external
+    scheduler (``dask_address``) ``n_workers`` if given, else its workers at planning time."""
+    if not config.dask_address:
+        return n_local_workers(config)
+    if config.n_workers:
+        return config.n_workers
+    from distributed import Client
+
+    try:
+        with Client(config.dask_address, timeout=SCHEDULER_CONNECT_S) as client:
+            return max(1, len(client.nthreads()))
+    except OSError as exc:  # before anything is written to the output
+        raise ConfigurationError(
+            f"dask_address {config.dask_address!r} cannot be reached: {exc}"
+        ) from exc
+
 
 #: how each field of :class:`JobSpec` enters the fingerprint (a test keeps this complete)
 FINGERPRINTED = {
@@ -120,6 +153,8 @@ def check_output_still_ours(config: PipelineConfig, manifest: Manifest) -> None:
     """A task's configuration must match the output's manifest: another run may have replaced
     the output (``overwrite``, a forced lease takeover) while this run's tasks were queued, and
     they must not write this configuration's blocks into that run's arrays."""
+    from .network import model_identity
+
     stored = manifest.fingerprint
     differs = [k for k, v in _settings(config.job()).items() if stored.get(k) != v]
     if not str(stored.get("model", "")).startswith(model_identity(config) + "|"):
@@ -166,17 +201,29 @@ class PlannedJob:
         return self.manifest.grid
 
 
-def plan_job(config: PipelineConfig, n_workers: int = 1) -> PlannedJob:
-    """Resolve inputs, fingerprint them, check or create the output; cheap relative to the job.
+@dataclass(frozen=True)
+class Survey:
+    """What planning would do, found without writing anything: the job's grid and fingerprint,
+    the output's manifest if it has one, and the action planning would take on it."""
 
-    An existing output with another fingerprint raises :class:`ConfigMismatchError` naming the
-    differences, unless ``config.overwrite`` (then it is cleared). With ``auto`` chunking, an
-    existing output's chunk sizes are adopted, so a resume never re-chunks (with or without
-    ``overwrite``, even when the worker count changed).
-    """
+    config: PipelineConfig
+    grid: Grid
+    fingerprint: dict[str, Any]
+    existing: Optional[Manifest]
+    #: "new" (an empty output), "resume" (the same job), "replace" (``overwrite`` clears it)
+    action: str
+    train_rows: int
+    test_rows: int
+    parameter_count: int
+
+
+def survey_job(config: PipelineConfig, n_workers: int = 1, check_lease: bool = False) -> Survey:
+    """Every check of :func:`plan_job` without its writes: inputs readable and finite, model,
+    loss and data fitting together, the method's options, the output's location, contents and
+    (with ``check_lease``) lease. Raises what :func:`plan_job` would raise; writes nothing but
+    a probe file that it deletes (the output must be writable)."""
     options = storage_options(config)
     job = config.job()
-    network, model_fp = load_network(config)
     train = open_source(config.data.train, options, "train")
     test = open_source(config.data.test, options, "test")
     data_fps = (train.fingerprint(), test.fingerprint())  # also refuses NaN/Inf
@@ -184,6 +231,9 @@ def plan_job(config: PipelineConfig, n_workers: int = 1) -> PlannedJob:
         raise ShapeMismatchError(
             f"training samples have shape {train.x_shape} but test samples {test.x_shape}."
         )
+    from .network import build_influence_model, check_model_fits_data, load_network
+
+    network, model_fp = load_network(config)
     for source in (train, test):
         check_model_fits_data(network, config.model.loss, source, torch_dtype(config.dtype))
     build_influence_model(config, network)  # validates the method's options (rank, layers...)
@@ -191,6 +241,8 @@ def plan_job(config: PipelineConfig, n_workers: int = 1) -> PlannedJob:
     p = sum(q.numel() for q in network.parameters() if q.requires_grad)
     store = InfluenceStore(config.output, options)
     store.check_writable()
+    if check_lease:
+        store.lease.check_free(force=config.force)
     existing = store.read_manifest()
     itemsize = torch_dtype(config.dtype).itemsize
     auto_train, auto_test = auto_chunk_sizes(len(train), len(test), p, n_workers, itemsize)
@@ -223,29 +275,46 @@ def plan_job(config: PipelineConfig, n_workers: int = 1) -> PlannedJob:
             grid = stored
     fp = fingerprint(job, model_fp, *data_fps, grid)
     if existing is not None and existing.fingerprint == fp:
-        store.create_arrays(grid)  # same configuration: resume, with or without overwrite
-        return PlannedJob(existing, True)
-    if existing is not None and not config.overwrite:
+        action = "resume"  # with or without overwrite
+    elif existing is not None and not config.overwrite:
         raise ConfigMismatchError(
             f"{config.output!r} holds results of a different configuration (differs in: "
             f"{', '.join(existing.differences(fp))}). Use another output, or overwrite=True to "
             "replace them."
         )
-    if existing is None and not store.is_empty() and not config.overwrite:
+    elif existing is None and not store.is_empty() and not config.overwrite:
         raise ConfigMismatchError(
             f"{config.output!r} is not empty and holds no prefect-influence manifest; refusing "
             "to write into it. Choose an empty location or set overwrite=True."
         )
-    if existing is not None or not store.is_empty():
+    else:
+        action = "replace" if existing is not None or not store.is_empty() else "new"
+    return Survey(config, grid, fp, existing, action, len(train), len(test), p)
+
+
+def plan_job(config: PipelineConfig, n_workers: int = 1) -> PlannedJob:
+    """Resolve inputs, fingerprint them, check or create the output; cheap relative to the job.
+
+    An existing output with another fingerprint raises :class:`ConfigMismatchError` naming the
+    differences, unless ``config.overwrite`` (then it is cleared). With ``auto`` chunking, an
+    existing output's chunk sizes are adopted, so a resume never re-chunks (with or without
+    ``overwrite``, even when the worker count changed).
+    """
+    survey = survey_job(config, n_workers)
+    store = InfluenceStore(config.output, storage_options(config))
+    if survey.action == "resume":
+        store.create_arrays(survey.grid)
+        return PlannedJob(survey.existing, True)
+    if survey.action == "replace":
         store.clear()
-        store = InfluenceStore(config.output, options)
+        store = InfluenceStore(config.output, storage_options(config))
     manifest = Manifest(
-        fingerprint=fp,
-        grid=grid,
+        fingerprint=survey.fingerprint,
+        grid=survey.grid,
         config=config.redacted() | {"overwrite": False, "force": False},
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         package_version=__version__,
     )
     store.write_manifest(manifest)
-    store.create_arrays(grid)
+    store.create_arrays(survey.grid)
     return PlannedJob(manifest, False)

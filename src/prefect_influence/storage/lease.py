@@ -47,6 +47,22 @@ class Lease:
     def read(self) -> Optional[dict]:
         return read_json(self.fs, self.path)
 
+    def check_free(self, force: bool = False, owner: Optional[str] = None) -> None:
+        """Raise :class:`LeaseHeldError` if another live run holds the lease (what
+        :meth:`acquire` would refuse), without taking it."""
+        current = self.read()
+        ours = owner is not None and current is not None and current.get("owner") == owner
+        if current and not force and not ours and not _stale(current):
+            raise LeaseHeldError(self._held_message(current))
+
+    def _held_message(self, current: dict) -> str:
+        until = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(current.get("expires", 0)))
+        return (
+            f"{self.url!r} is in use by another run (owner {current.get('owner')}, host "
+            f"{current.get('host')}, pid {current.get('pid')}) until {until}. "
+            "Wait for it, or take over with force=True (CLI: --force) if it is dead."
+        )
+
     def acquire(
         self, ttl_seconds: float = 600.0, force: bool = False, owner: Optional[str] = None
     ) -> str:
@@ -73,14 +89,7 @@ class Lease:
         if not created:
             ours = owner is not None and current is not None and current.get("owner") == owner
             if current and not force and not ours and not _stale(current):
-                until = time.strftime(
-                    "%Y-%m-%d %H:%M:%S UTC", time.gmtime(current.get("expires", 0))
-                )
-                raise LeaseHeldError(
-                    f"{self.url!r} is in use by another run (owner {current.get('owner')}, host "
-                    f"{current.get('host')}, pid {current.get('pid')}) until {until}. "
-                    "Wait for it, or take over with force=True (CLI: --force) if it is dead."
-                )
+                raise LeaseHeldError(self._held_message(current))
             self._write(token, ttl_seconds)  # taking over a stale, forced or own lease
         # two runs taking over at once (or a backend without atomic create): the last writer
         # wins, the other notices here

@@ -26,6 +26,7 @@ that replaced it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -133,14 +134,19 @@ class InfluenceStore:
         return all(e == self._path(LEASE) for e in entries)
 
     def check_writable(self) -> None:
-        """Write and delete a probe file, so an unwritable output fails before any work."""
+        """Write and delete a probe file, so an unwritable output fails before any work; a
+        directory made for the probe is removed again (a check leaves nothing behind)."""
         probe = self._path(f".write-probe-{uuid.uuid4().hex}")
         try:
+            made = not self.fs.exists(self.root)
             self.fs.makedirs(self.root, exist_ok=True)
             self.fs.pipe_file(probe, b"")
             self.fs.rm_file(probe)
         except Exception as exc:
             raise StorageError(f"The output location {self.url!r} is not writable: {exc}") from exc
+        if made:
+            with contextlib.suppress(OSError):
+                self.fs.rmdir(self.root)
 
     def clear(self) -> None:
         """Delete everything under the output URL except the lease (used for ``overwrite``)."""
