@@ -199,3 +199,36 @@ def test_a_dry_run_on_a_new_output_writes_nothing(finished, tmp_path):
     plan = json.loads(proc.stdout)
     assert plan["action"] == "new" and plan["stored"]["blocks"] == [0, 12]
     assert not out.exists()
+
+
+def _catalogue():
+    from test_bad_config import CASES
+
+    return CASES
+
+
+@pytest.mark.parametrize(
+    "make, error, message", _catalogue(), ids=[c[0].__name__[5:] for c in _catalogue()]
+)
+def test_the_bad_input_catalogue_is_one_line_from_the_command_line(
+    finished, tmp_path, make, error, message
+):
+    """Every case of the bad-input catalogue, as a job file: status 2, the catalogue's message
+    in one line, no traceback, the finished output untouched."""
+    import re
+
+    root, inputs, out, _ = finished
+    before = tree_digest(out)
+    overrides = make(tmp_path, inputs)
+    output = overrides.pop("output", str(out))
+    config = job_config(inputs, output, **overrides).model_dump(mode="json")
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(config))
+    proc, _ = cli("run", str(job))
+    errors = [
+        line for line in proc.stderr.splitlines() if line.startswith("prefect-influence: error:")
+    ]
+    assert proc.returncode == 2, proc.stderr
+    assert len(errors) == 1 and re.search(message, errors[0]), proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert tree_digest(out) == before
