@@ -32,17 +32,23 @@ def load_config(path: str, overrides: Optional[dict[str, Any]] = None):
     import yaml
 
     from .config import PipelineConfig
-    from .user_errors import BadInput
+    from .errors import JobRefusedError
 
     try:
         with open(path) as f:
             data = yaml.safe_load(f) or {}
     except OSError as exc:
-        raise BadInput(f"configuration file {path!r} cannot be read: {exc.strerror}") from exc
+        raise JobRefusedError(
+            f"configuration file {path!r} cannot be read: {exc.strerror}"
+        ) from exc
     except yaml.YAMLError as exc:
-        raise BadInput(f"configuration file {path!r} is not valid YAML or JSON: {exc}") from exc
+        raise JobRefusedError(
+            f"configuration file {path!r} is not valid YAML or JSON: {exc}"
+        ) from exc
     if not isinstance(data, dict):
-        raise BadInput(f"configuration file {path!r}: expected a mapping of configuration fields")
+        raise JobRefusedError(
+            f"configuration file {path!r}: expected a mapping of configuration fields"
+        )
     data.update(overrides or {})
     return PipelineConfig.model_validate(data)
 
@@ -67,14 +73,14 @@ def _job_config(args: argparse.Namespace):
 def _survey(config, check_lease: bool):
     """Every check of the job that needs no Prefect and no Dask cluster (see
     :func:`~prefect_influence.pipeline.planning.survey_job`)."""
+    from .errors import JobRefusedError
     from .pipeline.planning import planned_workers, survey_job
-    from .user_errors import BadInput
 
     n_workers = planned_workers(config)
     try:
         return survey_job(config, n_workers, check_lease=check_lease), n_workers
     except NotImplementedError as exc:  # e.g. a layer the method does not support
-        raise BadInput(str(exc)) from exc
+        raise JobRefusedError(str(exc)) from exc
 
 
 def cmd_run(args: argparse.Namespace) -> int:

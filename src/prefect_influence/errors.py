@@ -25,6 +25,7 @@ __all__ = [
     "StorageError",
     "ArrayExistsError",
     "ConfigurationError",
+    "JobRefusedError",
     "ConfigMismatchError",
     "LeaseHeldError",
 ]
@@ -88,6 +89,11 @@ class UnalignedChunksError(InfluenceInputError):
 
 class ConfigurationError(InfluenceInputError):
     """A configuration entry cannot be resolved (import path, checkpoint, data URL...)."""
+
+
+class JobRefusedError(InfluenceInputError):
+    """A job refused while it was checked, before anything started: its file cannot be read, or
+    the method does not support a layer of the network."""
 
 
 class ThreadSafetyViolationError(InfluenceInputError):

@@ -17,14 +17,9 @@ from .errors import (
     StorageError,
 )
 
-__all__ = ["UserError", "BadInput", "explain", "PREFIX"]
+__all__ = ["UserError", "explain", "PREFIX"]
 
 PREFIX = "prefect-influence: error: "
-
-
-class BadInput(Exception):
-    """An input found unusable before the run started (wraps what refused it, e.g. a layer an
-    influence method does not support, or a configuration file that cannot be read)."""
 
 
 @dataclass(frozen=True)
@@ -75,7 +70,7 @@ def explain(exc: BaseException, started: bool = False) -> Optional[UserError]:
         )
     if isinstance(exc, LeaseHeldError):
         return UserError(_one_line(exc), None, 2)
-    if isinstance(exc, (InfluenceInputError, BadInput)):
+    if isinstance(exc, InfluenceInputError):
         return UserError(_one_line(exc), None, 2)
     if isinstance(exc, StorageError):
         return UserError(_one_line(exc), None, 1 if started else 2)
