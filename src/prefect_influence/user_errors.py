@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from pydantic import ValidationError
+
 from .errors import (
     ConfigMismatchError,
     InfluenceInputError,
@@ -39,23 +41,32 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
-def _validation_message(exc) -> str:
-    parts = []
+def _validation_message(exc: ValidationError) -> str:
+    """One clause per field: the alternatives of a union field (``'auto'`` or an integer) are
+    joined, and pydantic's tags for them are left out of the field's path."""
+    fields: dict[str, tuple[list[str], object]] = {}
     for error in exc.errors():
-        where = ".".join(str(p) for p in error.get("loc", ())) or "configuration"
-        got = error.get("input")
-        shown = f" (got {got!r})" if not isinstance(got, dict) and got is not None else ""
-        parts.append(f"{where}: {error.get('msg')}{shown}")
+        path = [str(p) for p in error.get("loc", ()) if not _is_tag(p)]
+        messages, _ = fields.setdefault(".".join(path) or "configuration", ([], error.get("input")))
+        messages.append(error.get("msg", "invalid"))
+    parts = []
+    for where, (messages, got) in fields.items():
+        shown = f" (got {got!r})" if got is not None and not isinstance(got, dict) else ""
+        parts.append(f"{where}: {' or '.join(dict.fromkeys(messages))}{shown}")
     return "invalid configuration: " + "; ".join(parts)
+
+
+def _is_tag(part) -> bool:
+    """A union member's tag in an error's location (``literal['auto']``, ``constrained-int``,
+    ``int``), not a field name."""
+    return isinstance(part, str) and (
+        not part.isidentifier() or part in ("int", "float", "str", "bool")
+    )
 
 
 def explain(exc: BaseException, started: bool = False) -> Optional[UserError]:
     """The person-facing form of ``exc``, or ``None`` for a bug (show its traceback).
     ``started``: the run had begun (a storage failure then fails the run, status 1)."""
-    try:
-        from pydantic import ValidationError
-    except ImportError:  # pragma: no cover - pydantic is a dependency
-        ValidationError = ()  # type: ignore[assignment]
     if isinstance(exc, ValidationError):
         return UserError(
             _one_line(_validation_message(exc)),
@@ -68,9 +79,7 @@ def explain(exc: BaseException, started: bool = False) -> Optional[UserError]:
             "choose another output (--output), or replace the stored results (--overwrite)",
             2,
         )
-    if isinstance(exc, LeaseHeldError):
-        return UserError(_one_line(exc), None, 2)
-    if isinstance(exc, InfluenceInputError):
+    if isinstance(exc, (InfluenceInputError, LeaseHeldError)):
         return UserError(_one_line(exc), None, 2)
     if isinstance(exc, StorageError):
         return UserError(_one_line(exc), None, 1 if started else 2)
