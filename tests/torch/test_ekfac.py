@@ -266,6 +266,27 @@ def test_state_round_trip_gives_identical_influences():
     )
 
 
+def test_a_state_loads_under_another_regularization_as_a_fit_at_it():
+    """EK-FAC's eigenbases and corrected eigenvalues do not depend on λ: a state fitted at one
+    λ, loaded into a model with another, gives that model's fit exactly; a method whose state
+    holds λ in its numbers (Direct's factorization) still refuses."""
+    from prefect_influence.errors import FittedStateError
+
+    net, x, y, x_test, y_test = mlp_classifier()
+    state = EkfacInfluence(net, F.cross_entropy, 1.0).fit(batches(x, y, 50)).fitted_state()
+    fitted = EkfacInfluence(net, F.cross_entropy, 1e-3).fit(batches(x, y, 50))
+    loaded = EkfacInfluence(net, F.cross_entropy, 1e-3).load_fitted_state(state)
+    torch.testing.assert_close(
+        loaded.influences(x_test, y_test, x, y),
+        fitted.influences(x_test, y_test, x, y),
+        rtol=1e-12,
+        atol=0,
+    )
+    direct = DirectInfluence(net, F.cross_entropy, 1.0).fit(batches(x, y, 50)).fitted_state()
+    with pytest.raises(FittedStateError, match="regularization"):
+        DirectInfluence(net, F.cross_entropy, 1e-3).load_fitted_state(direct)
+
+
 # -- errors ---------------------------------------------------------------------------------------
 def test_unsupported_trainable_layer_is_named():
     net = nn.Sequential(

@@ -101,6 +101,9 @@ class TorchInfluenceFunctionModel(InfluenceFunctionModel[Tensor, Batches]):
 
     #: methods that divide by ``λ`` set this, so that ``λ = 0`` is refused at construction
     _needs_positive_regularization = False
+    #: whether the fitted state holds λ in its numbers (a factorization of ``H + λI``); one
+    #: that does not (EK-FAC's eigenbases and eigenvalues) loads under any λ
+    _state_depends_on_regularization = True
     #: keys of the method-specific part of :meth:`fitted_state`
     _state_keys: tuple[str, ...] = ()
 
@@ -252,7 +255,10 @@ class TorchInfluenceFunctionModel(InfluenceFunctionModel[Tensor, Batches]):
                 f"The fitted state is for {int(state['n_parameters'])} parameters, but the model "
                 f"has {self.n_parameters} trainable parameters."
             )
-        if float(state["regularization"]) != self.regularization:
+        if (
+            self._state_depends_on_regularization
+            and float(state["regularization"]) != self.regularization
+        ):
             raise FittedStateError(
                 f"The fitted state was made with regularization {float(state['regularization'])}, "
                 f"this model uses {self.regularization}."

@@ -124,6 +124,9 @@ class EkfacInfluence(TorchInfluenceFunctionModel):
         torch.Size([n_test, n_train])
     """
 
+    # the eigenbases and corrected eigenvalues do not depend on λ: a state loads under any λ
+    _state_depends_on_regularization = False
+
     def __init__(
         self,
         model: nn.Module,
@@ -168,8 +171,14 @@ class EkfacInfluence(TorchInfluenceFunctionModel):
             rotated = [a @ qa for a, qa in zip(acts, self._qa)]  # n × T × n_in
             for grads in columns:
                 for i, g in enumerate(grads):
+                    gq = g @ self._qg[i]
+                    if gq.shape[1] == 1:
+                        # one position: DW = g aᵀ, so Σ_n (Q_Gᵀ DW Q_A)² = (gQ_G)²ᵀ (aQ_A)²,
+                        # without the n × out × in per-sample tensor
+                        lambdas[i] += gq[:, 0].square().T @ rotated[i][:, 0].square()
+                        continue
                     # per-sample Q_Gᵀ DW Q_A, with DW = Σ_t g_t a_tᵀ
-                    dw = torch.einsum("nto,nti->noi", g @ self._qg[i], rotated[i])
+                    dw = torch.einsum("nto,nti->noi", gq, rotated[i])
                     lambdas[i] += (dw * dw).sum(dim=0)
         self._lambda = [lam / n for lam in lambdas]
         for layer, lam in zip(layers, self._lambda):
@@ -319,6 +328,7 @@ class EkfacInfluence(TorchInfluenceFunctionModel):
             qg.append(state[f"layer{i}.QG"].to(self.dtype))
             lam.append(state[f"layer{i}.lambda"].to(self.dtype))
         self._qa, self._qg, self._lambda = qa, qg, lam
+        self._check_regularization()  # the state may come from a fit under another λ
 
 
 def _symmetric(m: Tensor) -> Tensor:
