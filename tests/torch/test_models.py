@@ -423,3 +423,23 @@ def test_nystroem_preconditioner_ignores_directions_without_positive_curvature()
     # the kept directions are scaled by smallest / eigenvalue (0.5/4, 0.5/1, 0.5/0.5); the
     # rest passes through unchanged
     torch.testing.assert_close(out[0], torch.tensor([0.125, 0.5, 1.0, 1.0], dtype=torch.float64))
+
+
+def test_self_influences_go_in_slices_within_the_memory_budget(classifier, monkeypatch):
+    """A small budget: the gradients are computed in slices of at most the budget's rows (at
+    least 64), and the values equal the diagonal of the full influence matrix."""
+    model, x, y, xt, yt, direct, _ = classifier
+    x, y = torch.cat([x, xt, x]), torch.cat([y, yt, y])  # more than two slices of 64
+    sizes = []
+    grads = direct._fn.per_sample_grads
+
+    def counted(xs, ys):
+        sizes.append(len(xs))
+        return grads(xs, ys)
+
+    monkeypatch.setattr(direct._fn, "per_sample_grads", counted)
+    monkeypatch.setattr(direct, "self_influence_budget_bytes", 1)
+    values = direct.self_influences(x, y)
+    assert max(sizes) == 64 and sum(sizes) == len(x) and len(sizes) == -(-len(x) // 64)
+    full = direct.influences(x, y, x, y)
+    torch.testing.assert_close(values, torch.diagonal(full), rtol=1e-9, atol=1e-12)

@@ -27,7 +27,7 @@ from ..errors import (
     InvalidRegularizationError,
     ShapeMismatchError,
 )
-from .functional import LossFunction, ModelFunctions, check_finite
+from .functional import LossFunction, ModelFunctions, check_finite, rows_within
 from .operator import HessianOperator, buffers_kept, product_batch_size
 from .util import native_array
 
@@ -104,6 +104,9 @@ class TorchInfluenceFunctionModel(InfluenceFunctionModel[Tensor, Batches]):
     #: whether the fitted state holds λ in its numbers (a factorization of ``H + λI``); one
     #: that does not (EK-FAC's eigenbases and eigenvalues) loads under any λ
     _state_depends_on_regularization = True
+    #: gradients held at once by :meth:`self_influences` (a solve's temporaries are a few times
+    #: that); at least 64 samples a slice
+    self_influence_budget_bytes = 64 * 2**20
     #: keys of the method-specific part of :meth:`fitted_state`
     _state_keys: tuple[str, ...] = ()
 
@@ -225,11 +228,17 @@ class TorchInfluenceFunctionModel(InfluenceFunctionModel[Tensor, Batches]):
         return self._solve(self._prepare_factors(grads))
 
     def self_influences(self, x: Tensor, y: Tensor) -> Tensor:
-        """``⟨H⁻¹∇θℓ(z_i), ∇θℓ(z_i)⟩`` for every sample: the diagonal, without the full matrix."""
+        """``⟨H⁻¹∇θℓ(z_i), ∇θℓ(z_i)⟩`` for every sample: the diagonal, without the full matrix.
+        Samples go in slices whose gradients fit :attr:`self_influence_budget_bytes`, so a large
+        input needs memory for one slice, not ``n × p`` gradients and their solve."""
         self._require_fitted()
         x, y = self._prepare(x, y, "input")
-        grads = self._fn.per_sample_grads(x, y)
-        return (self._solve(grads) * grads).sum(dim=1)
+        step = rows_within(self.n_parameters, self.dtype.itemsize, self.self_influence_budget_bytes)
+        parts = []
+        for start in range(0, x.shape[0], step):
+            grads = self._fn.per_sample_grads(x[start : start + step], y[start : start + step])
+            parts.append((self._solve(grads) * grads).sum(dim=1))
+        return torch.cat(parts)
 
     # -- fitted state ---------------------------------------------------------------------------
     def fitted_state(self) -> dict[str, Tensor]:
