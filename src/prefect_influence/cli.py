@@ -105,17 +105,18 @@ def _plan(config, args: argparse.Namespace) -> int:
 
     from .errors import LeaseHeldError
     from .pipeline.estimate import estimate_job, stored_progress
+    from .storage import InfluenceStore, storage_options
 
     notes: list[str] = []
     started = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        try:
-            survey, n_workers = _survey(config, check_lease=True)
-        except LeaseHeldError as exc:
-            notes.append(f"the run would be refused now: {exc}")
-            survey, n_workers = _survey(config, check_lease=False)
+        survey, n_workers = _survey(config, check_lease=False)
     notes += [str(w.message) for w in caught]
+    try:  # a held lease is reported, not refused: the plan is still worth seeing
+        InfluenceStore(config.output, storage_options(config)).lease.check_free(config.force)
+    except LeaseHeldError as exc:
+        notes.append(f"the run would be refused now: {exc}")
     if survey.action == "replace":
         notes.append("overwrite: the output's stored results are cleared before the run")
     checks_s = time.perf_counter() - started
