@@ -123,7 +123,9 @@ def _run(config: PipelineConfig, progress_bar: bool, logger) -> dict[str, Any]:
         grid.train_chunk,
         grid.n_parameters,
         config.output,
-        " (resuming)" if planned.resumed else "",
+        {"resume": " (resuming)", "append": " (test rows appended: computing those)"}.get(
+            planned.action, ""
+        ),
     )
     with workers_share_api():
         starting = LocalClusterStart(config)  # overlaps the fit

@@ -62,3 +62,12 @@ def read_outputs(url: str, storage_options: dict | None = None) -> dict[str, np.
         if f"summary/{key}" in group:
             out[key] = np.asarray(group[f"summary/{key}"][...])
     return out
+
+
+def write_test_head(paths: dict, n: int, root: Path) -> str:
+    """A copy of the first ``n`` rows of the test set: the test set before rows were appended."""
+    full = zarr.open_group(paths["test"], mode="r")
+    head = zarr.open_group(str(root / f"test-head-{n}.zarr"), mode="w")
+    for key in ("x", "y"):
+        head.create_array(key, data=np.asarray(full[key][:n]))
+    return str(root / f"test-head-{n}.zarr")

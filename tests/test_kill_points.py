@@ -1,6 +1,6 @@
 """SIGKILL of the flow process at 10 points (fit, factors, blocks, self-influence, summary;
-before, during and right after a write): every rerun completes, bit-identical to an
-uninterrupted run, and no block that was done is recomputed."""
+before, during and right after a write), and while appending test rows: every rerun
+completes, bit-identical to an uninterrupted run, and no block that was done is recomputed."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import killer_fs  # noqa: F401  (registers killer:// in this process too, disarm
 import numpy as np
 import pytest
 from distributed import LocalCluster
-from jobs import job_config, read_outputs, write_inputs
+from jobs import job_config, read_outputs, write_inputs, write_test_head
 from prefect.client.orchestration import get_client
 from prefect.testing.utilities import prefect_test_harness
 from test_stages import run_tasks
@@ -57,8 +57,22 @@ def env(tmp_path_factory):
 @pytest.mark.parametrize("name, pattern, at, when", KILL_POINTS, ids=[k[0] for k in KILL_POINTS])
 def test_sigkill_at_point_then_rerun(env, name, pattern, at, when):
     root, inputs, expected, api, address = env
+    _kill_then_rerun(env, name, job_config(inputs, f"killer://{root / name}"), pattern, at, when)
+
+
+def test_sigkill_while_appending_test_rows_then_rerun(env):
+    """A finished job on the first 30 test rows, then a run on all 40 killed in the middle of
+    its new blocks: the rerun finishes the append, bit-identical to the job run at once."""
+    root, inputs, expected, api, address = env
+    out = f"killer://{root / 'append'}"
+    head = write_test_head(inputs, 30, root)
+    run_tasks(job_config({**inputs, "test": head}, out))
+    _kill_then_rerun(env, "append", job_config(inputs, out), "/influences/c/", 3, "torn")
+
+
+def _kill_then_rerun(env, name, config, pattern, at, when):
+    root, inputs, expected, api, address = env
     out = root / name
-    config = job_config(inputs, f"killer://{out}")
     config_file = root / f"{name}.json"
     config_file.write_text(json.dumps(config.model_dump(mode="json")))
     proc = subprocess.run(

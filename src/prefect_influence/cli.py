@@ -119,6 +119,12 @@ def _plan(config, args: argparse.Namespace) -> int:
         notes.append(f"the run would be refused now: {exc}")
     if survey.action == "replace":
         notes.append("overwrite: the output's stored results are cleared before the run")
+    if survey.action == "append":
+        old = survey.existing.grid.n_test
+        notes.append(
+            f"append: {survey.test_rows - old} test rows follow the {old} stored ones; only "
+            "their factors and blocks are computed"
+        )
     checks_s = time.perf_counter() - started
     progress = stored_progress(survey)
     api_running = bool(os.environ.get("PREFECT_API_URL"))

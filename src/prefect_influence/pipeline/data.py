@@ -70,14 +70,17 @@ class DataSource:
                 cached = self._kept[name] = (lo, hi, np.asarray(arr[lo:hi]))
         return cached[2][start - lo : stop - lo].copy()  # callers own their rows
 
-    def fingerprint(self) -> str:
+    def fingerprint(self, stop: Optional[int] = None) -> str:
         """sha256 of shapes, dtypes and contents, read in slices (never all at once). The same
-        pass refuses non-finite values, so bad data fails before any expensive work."""
+        pass refuses non-finite values, so bad data fails before any expensive work. With
+        ``stop``, the fingerprint of the first ``stop`` rows alone: what the data set had if
+        the rows after them were appended since."""
+        stop = len(self) if stop is None else min(stop, len(self))
         h = hashlib.sha256()
         for arr in (self._x, self._y):
-            h.update(f"{tuple(arr.shape)}|{np.dtype(arr.dtype).str}|".encode())
-        for start in range(0, len(self), HASH_ROWS):
-            x, y = self.rows(start, start + HASH_ROWS)
+            h.update(f"{(stop, *arr.shape[1:])}|{np.dtype(arr.dtype).str}|".encode())
+        for start in range(0, stop, HASH_ROWS):
+            x, y = self.rows(start, min(start + HASH_ROWS, stop))
             for name, arr in (("x", x), ("y", y)):
                 if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
                     bad = start + int(

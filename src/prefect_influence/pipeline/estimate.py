@@ -60,14 +60,23 @@ def stored_progress(survey: Survey) -> dict[str, Any]:
         "blocks": grid.n_blocks,
         "self_influence": grid.shape[1],
     }
-    if survey.action != "resume":
+    if survey.action not in ("resume", "append"):
         return {"fitted": False, "summary": False, **{k: [0, n] for k, n in totals.items()}}
-    status = InfluenceStore(survey.config.output, storage_options(survey.config)).status()
+    store = InfluenceStore(survey.config.output, storage_options(survey.config))
+    status = store.status()
     names = {"factors": FACTORS, "blocks": INFLUENCES, "self_influence": SELF_INFLUENCE}
+    if survey.action == "append":  # the test chunks that keep their rows keep their records
+        kept = survey.existing.grid.n_test // grid.test_chunk
+        recorded = {
+            k: sum(1 for ix in store.recorded(names[k]) if k == "self_influence" or ix[0] < kept)
+            for k in totals
+        }
+    else:
+        recorded = {k: status[names[k]]["recorded"] for k in totals}
     return {
         "fitted": bool(status["fitted"]),
-        "summary": bool(status["summary"]),
-        **{k: [min(status[names[k]]["recorded"], n), n] for k, n in totals.items()},
+        "summary": bool(status["summary"]) and survey.action == "resume",
+        **{k: [min(recorded[k], n), n] for k, n in totals.items()},
     }
 
 
@@ -124,9 +133,13 @@ def estimate_job(
         "prefect_server": 0.0 if api_running else PREFECT_SERVER_START_S,
         "fit": 0.0 if progress["fitted"] else fit_probe * grid.n_train / m,
         "factors": per_factor * grid.n_test * left["factors"] / min(workers, grid.shape[0]),
+        # every column with a block to compute needs its train gradients again (appended
+        # test rows: all of them)
         "blocks": grid.n_train
-        * (per_grad + per_product * grid.n_test)
-        * left["blocks"]
+        * (
+            per_grad * (1.0 if survey.action == "append" else left["blocks"])
+            + per_product * grid.n_test * left["blocks"]
+        )
         / min(workers, grid.shape[1]),
         "self_influence": per_factor * grid.n_train / workers if want_self else 0.0,
         "task_overhead": TASK_OVERHEAD_S * (grid.shape[0] + grid.shape[1]) / workers,

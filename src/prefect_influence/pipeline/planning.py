@@ -1,6 +1,6 @@
 """Planning a job on an output: the grid (auto chunk sizes), the fingerprint of what determines
 the numbers, and the overwrite policy that decides whether an existing output is resumed,
-replaced or refused. Planning reads the inputs' contents once and writes only the manifest
+extended (test rows appended), replaced or refused. Planning reads the inputs' contents once and writes only the manifest
 and the empty result arrays."""
 
 from __future__ import annotations
@@ -195,6 +195,8 @@ class PlannedJob:
 
     manifest: Manifest
     resumed: bool
+    #: "new", "resume", "replace" or "append" (see :class:`Survey`)
+    action: str = "resume"
 
     @property
     def grid(self) -> Grid:
@@ -210,7 +212,8 @@ class Survey:
     grid: Grid
     fingerprint: dict[str, Any]
     existing: Optional[Manifest]
-    #: "new" (an empty output), "resume" (the same job), "replace" (``overwrite`` clears it)
+    #: "new" (an empty output), "resume" (the same job), "replace" (``overwrite`` clears it),
+    #: "append" (the same job with test rows appended: only the new rows are computed)
     action: str
     train_rows: int
     test_rows: int
@@ -263,24 +266,38 @@ def survey_job(config: PipelineConfig, n_workers: int = 1, check_lease: bool = F
         )
 
     grid = grid_of(test_chunk, train_chunk)
+    action = None
     if existing is not None:
-        # auto chunking adopts the stored chunk sizes: a resume never re-chunks (with
-        # overwrite only when the rest matches too; otherwise the output is replaced anyway)
+        # auto chunking adopts the stored chunk sizes: a resume or an append never re-chunks
+        # (with overwrite only when it is one; otherwise the output is replaced anyway)
         old = existing.fingerprint
         stored = grid_of(
             old.get("test_chunk", test_chunk) if auto["test"] else test_chunk,
             old.get("train_chunk", train_chunk) if auto["train"] else train_chunk,
         )
-        if not config.overwrite or fingerprint(job, model_fp, *data_fps, stored) == old:
+        stored_fp = fingerprint(job, model_fp, *data_fps, stored)
+        if stored_fp == old:
+            grid, action = stored, "resume"  # with or without overwrite
+        elif _appends_to(existing, stored_fp, test):
+            # with or without overwrite: replacing would compute the same bytes again
+            grid, action = stored, "append"
+        elif not config.overwrite:
             grid = stored
     fp = fingerprint(job, model_fp, *data_fps, grid)
-    if existing is not None and existing.fingerprint == fp:
-        action = "resume"  # with or without overwrite
+    if action is not None:
+        pass
     elif existing is not None and not config.overwrite:
+        differs = existing.differences(fp)
+        why = ""
+        if "test" in differs:
+            why = (
+                f" The test set ({len(test)} rows) neither equals the stored one "
+                f"({existing.grid.n_test} rows) nor starts with it: an output takes only new "
+                "test rows appended after the ones it holds."
+            )
         raise ConfigMismatchError(
             f"{config.output!r} holds results of a different configuration (differs in: "
-            f"{', '.join(existing.differences(fp))}). Use another output, or overwrite=True to "
-            "replace them."
+            f"{', '.join(differs)}).{why} Use another output, or overwrite=True to replace them."
         )
     elif existing is None and not store.is_empty() and not config.overwrite:
         raise ConfigMismatchError(
@@ -290,6 +307,17 @@ def survey_job(config: PipelineConfig, n_workers: int = 1, check_lease: bool = F
     else:
         action = "replace" if existing is not None or not store.is_empty() else "new"
     return Survey(config, grid, fp, existing, action, len(train), len(test), p)
+
+
+def _appends_to(existing: Manifest, fp: dict[str, Any], test: Any) -> bool:
+    """Whether the job ``fp`` is the stored job with test rows appended: only the test set
+    differs, it is longer, and its first rows are the stored test set."""
+    n_old = existing.grid.n_test
+    return (
+        existing.differences(fp) == ["test"]
+        and len(test) > n_old
+        and test.fingerprint(stop=n_old) == existing.fingerprint.get("test")
+    )
 
 
 def plan_job(config: PipelineConfig, n_workers: int = 1) -> PlannedJob:
@@ -303,8 +331,8 @@ def plan_job(config: PipelineConfig, n_workers: int = 1) -> PlannedJob:
     survey = survey_job(config, n_workers)
     store = InfluenceStore(config.output, storage_options(config))
     if survey.action == "resume":
-        store.create_arrays(survey.grid)
-        return PlannedJob(survey.existing, True)
+        store.create_arrays(survey.grid)  # also completes the growth of an interrupted append
+        return PlannedJob(survey.existing, True, "resume")
     if survey.action == "replace":
         store.clear()
         store = InfluenceStore(config.output, storage_options(config))
@@ -314,7 +342,10 @@ def plan_job(config: PipelineConfig, n_workers: int = 1) -> PlannedJob:
         config=config.redacted() | {"overwrite": False, "force": False},
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         package_version=__version__,
+        inherits=survey.existing.accepted_ids if survey.action == "append" else (),
     )
+    # the manifest first: a run stopped before the arrays grow resumes this manifest, and
+    # planning it again grows them
     store.write_manifest(manifest)
     store.create_arrays(survey.grid)
-    return PlannedJob(manifest, False)
+    return PlannedJob(manifest, survey.action in ("resume", "append"), survey.action)

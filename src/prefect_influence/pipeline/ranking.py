@@ -12,7 +12,7 @@ import numpy as np
 
 from ..storage import SUMMARY_ARRAYS, Grid
 
-__all__ = ["ColumnTop", "top_k", "merge_top_k"]
+__all__ = ["ColumnTop", "top_k", "merge_top_k", "kept_rows", "stack_rows"]
 
 
 class ColumnTop:
@@ -35,8 +35,24 @@ class ColumnTop:
         self.rows[i] = tuple(np.vstack([p[n] for p in parts]) for n in range(len(SUMMARY_ARRAYS)))
 
     def arrays(self) -> dict[str, np.ndarray]:
-        ordered = [self.rows[i] for i in range(self.grid.shape[0])]
+        """The rows added, in test-chunk order."""
+        ordered = [self.rows[i] for i in sorted(self.rows)]
         return {name: np.vstack([r[n] for r in ordered]) for n, name in enumerate(SUMMARY_ARRAYS)}
+
+
+def kept_rows(part: dict[str, np.ndarray], grid: Grid) -> int:
+    """How many leading test rows of a stored top-k ``part`` still hold for ``grid``: all of
+    them if it covers every test row; after test rows were appended, those of the test chunks
+    that have not changed (a partial last chunk grew, so its rows are ranked again)."""
+    rows = int(part["top_helpful"].shape[0])
+    if rows == grid.n_test:
+        return rows
+    return 0 if rows > grid.n_test else rows // grid.test_chunk * grid.test_chunk
+
+
+def stack_rows(head: dict[str, np.ndarray], tail: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Top-k arrays of the rows of ``head`` followed by those of ``tail``."""
+    return {name: np.vstack([head[name], tail[name]]) for name in SUMMARY_ARRAYS}
 
 
 def merge_top_k(

@@ -19,12 +19,12 @@ from ..base import InfluenceMode
 from ..blocks import influence_block, train_operand
 from ..config import PipelineConfig
 from ..errors import StorageError
-from ..storage import FACTORS, INFLUENCES, SELF_INFLUENCE, InfluenceStore
+from ..storage import FACTORS, INFLUENCES, SELF_INFLUENCE, Grid, InfluenceStore
 from ..torch.functional import rows_within
 from .context import job_context, planned_store, tensors
 from .data import open_source
 from .network import build_influence_model, load_network
-from .ranking import ColumnTop, merge_top_k
+from .ranking import ColumnTop, kept_rows, merge_top_k, stack_rows
 from .resources import BackgroundWriter, release_free_memory, torch_threads
 
 __all__ = ["fit_stage", "factors_stage", "column_stage", "summary_stage"]
@@ -85,17 +85,21 @@ def column_stage(
     missing = [i for i in rows if not store.chunk_done(INFLUENCES, grid, (i, j))]
     want_self = config.self_influence and not store.chunk_done(SELF_INFLUENCE, grid, (j,))
     # the column's top-k, while its blocks are in memory (whole columns only: a partial one
-    # is a retry of some blocks, and the summary reads what it lacks)
+    # is a retry of some blocks, and the summary reads what it lacks); a stored part is
+    # extended by the rows it lacks (test rows appended since)
     k = min(config.top_k, grid.n_train)
-    want_top = (
+    part, top_from = None, grid.n_test
+    if (
         config.summary
         and mode is InfluenceMode.Up
         and test_chunks is None
-        and store.read_summary_part(j, k) is None
-        and not _summary_done(store, config)
-    )
+        and not _summary_done(store, config, grid)
+    ):
+        part = store.read_summary_part(j, k)
+        top_from = 0 if part is None else kept_rows(part, grid)
+    top_rows = {i for i in rows if grid.test_ranges[i][0] >= top_from}
     counts = {"computed": len(missing), "reused": len(rows) - len(missing)}
-    if not missing and not want_self and not want_top:
+    if not missing and not want_self and not top_rows:
         return counts
     start, stop = grid.train_ranges[j]
     top = ColumnTop(grid, j, k)
@@ -103,14 +107,14 @@ def column_stage(
         if missing or want_self:
             x, y = ctx.rows("train", start, stop)
             operand = train_operand(ctx.model, x, y, mode)
-        for i in rows if want_top else missing:
+        for i in sorted(top_rows.union(missing)):
             if i not in missing:  # a stored block: read back for the column's top-k
                 top.add(i, store.read_chunk(INFLUENCES, grid, (i, j)))
                 continue
             factors = torch.from_numpy(_writable(store.read_chunk(FACTORS, grid, (i,))))
             block = _numpy(influence_block(ctx.model, factors, operand, mode))
             writer.submit(store.write_chunk, INFLUENCES, grid, (i, j), block)
-            if want_top:
+            if i in top_rows:
                 top.add(i, block)
         if want_self:
             grads = operand.grads if operand.grads is not None else ctx.model.per_sample_grads(x, y)
@@ -121,9 +125,18 @@ def column_stage(
                 (j,),
                 _numpy(_self_influences(ctx.model, grads)),
             )
-    if want_top:  # after its blocks are written: a part never describes blocks that are not
-        store.write_summary_part(j, top.arrays(), k)
+    if top_rows:  # after its blocks are written: a part never describes blocks that are not
+        store.write_summary_part(j, _with_kept_rows(part, top_from, top.arrays()), k)
     return counts
+
+
+def _with_kept_rows(
+    part: Optional[dict[str, np.ndarray]], kept: int, tail: dict[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """A column's top-k: the first ``kept`` rows of its stored part, then the rows ranked now."""
+    if part is None or kept == 0:
+        return tail
+    return stack_rows({name: values[:kept] for name, values in part.items()}, tail)
 
 
 def _self_influences(model, grads: torch.Tensor) -> torch.Tensor:
@@ -133,12 +146,17 @@ def _self_influences(model, grads: torch.Tensor) -> torch.Tensor:
     return torch.cat([(model.factors_from_grads(g) * g).sum(dim=1) for g in grads.split(step)])
 
 
-def _summary_done(store: InfluenceStore, config: PipelineConfig) -> Optional[dict[str, Any]]:
-    """The stored summary's info if it is valid and for ``config.top_k``."""
+def _summary_done(
+    store: InfluenceStore, config: PipelineConfig, grid: Grid
+) -> Optional[dict[str, Any]]:
+    """The stored summary's info if it is valid, for ``config.top_k`` and for every test row
+    (not those of the test set before rows were appended)."""
     existing = store.read_summary()
-    return (
-        existing[1] if existing is not None and existing[1].get("top_k") == config.top_k else None
-    )
+    if existing is None or existing[1].get("top_k") != config.top_k:
+        return None
+    arrays, info = existing
+    rows = {len(a) for a in arrays.values()}
+    return info if not rows or rows == {grid.n_test} else None
 
 
 def summary_stage(config: PipelineConfig) -> dict[str, Any]:
@@ -148,7 +166,7 @@ def summary_stage(config: PipelineConfig) -> dict[str, Any]:
     Exact: see :mod:`.ranking`."""
     store, manifest = planned_store(config)
     grid = manifest.grid
-    done = _summary_done(store, config)
+    done = _summary_done(store, config, grid)
     if done is not None:
         return done
     info: dict[str, Any] = {"top_k": config.top_k, "mode": grid.mode}
@@ -158,9 +176,10 @@ def summary_stage(config: PipelineConfig) -> dict[str, Any]:
         arrays = {}  # the running result, n_test × k: folded one column at a time
         for j in range(grid.shape[1]):
             part = store.read_summary_part(j, k)
-            if part is None:
+            kept = 0 if part is None else kept_rows(part, grid)
+            if kept < grid.n_test:
                 top = ColumnTop(grid, j, k)
-                for i in range(grid.shape[0]):
+                for i in range(kept // grid.test_chunk, grid.shape[0]):
                     block = store.read_done_chunk(INFLUENCES, grid, (i, j))
                     if block is None:
                         raise StorageError(
@@ -169,7 +188,7 @@ def summary_stage(config: PipelineConfig) -> dict[str, Any]:
                             f"{j}) before the summary."
                         )
                     top.add(i, block)
-                part = top.arrays()
+                part = _with_kept_rows(part, kept, top.arrays())
             arrays = merge_top_k(arrays, part, k) if arrays else part
     store.write_summary(arrays, info)
     return info

@@ -1,8 +1,10 @@
 """What an output holds, in its own words: the block grid and the manifest that names the job.
 
-The manifest is written once when a job is planned on an output, and read by every stage, the
-CLI and ``status``. Its :attr:`Manifest.id` (fingerprint plus creation time) stamps every
-completion record, so a record counts only for the manifest it was written under.
+The manifest is written when a job is planned on an output (and again when test rows are
+appended to it), and read by every stage, the CLI and ``status``. Its :attr:`Manifest.id`
+(fingerprint plus creation time) stamps every completion record, so a record counts only for
+the manifest it was written under, or for a later one that grew out of it by appending test
+rows (:attr:`Manifest.inherits`).
 """
 
 from __future__ import annotations
@@ -78,6 +80,9 @@ class Manifest:
     created: Optional[str] = None
     package_version: Optional[str] = None
     schema_version: int = SCHEMA_VERSION
+    #: ids of the earlier manifests this one extends with appended test rows, oldest first:
+    #: their records stay valid (a chunk whose rows changed fails its checksum instead)
+    inherits: tuple[str, ...] = ()
 
     @property
     def id(self) -> str:
@@ -85,6 +90,11 @@ class Manifest:
         was written (a job planned again on a cleared output gets a new id)."""
         stamp = json.dumps([self.fingerprint, self.created], sort_keys=True)
         return hashlib.sha256(stamp.encode()).hexdigest()[:16]
+
+    @property
+    def accepted_ids(self) -> tuple[str, ...]:
+        """The manifest ids whose records count for this manifest: its own and those it extends."""
+        return (*self.inherits, self.id)
 
     def differences(self, fingerprint: dict[str, Any]) -> list[str]:
         """The fingerprint entries (``model``, ``train``, ``method``...) in which ``fingerprint``
@@ -100,6 +110,7 @@ class Manifest:
             "grid": self.grid.to_json(),
             "config": self.config,
             "created": self.created,
+            "inherits": list(self.inherits),
         }
 
     @classmethod
@@ -112,6 +123,7 @@ class Manifest:
                 created=data.get("created"),
                 package_version=data.get("package_version"),
                 schema_version=int(data.get("schema_version", SCHEMA_VERSION)),
+                inherits=tuple(str(i) for i in data.get("inherits") or ()),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise StorageError(f"{where} is not a prefect-influence manifest: {exc!r}") from exc

@@ -81,6 +81,7 @@ class InfluenceStore:
         self._group = None
         self._plain: dict[str, Optional[PlainChunks]] = {}
         self._manifest_id: Optional[str] = None
+        self._accepted: tuple[str, ...] = ()
         self._manifest_id_known = False
 
     @property
@@ -92,19 +93,24 @@ class InfluenceStore:
     def bind(self, manifest: Manifest) -> None:
         """Write and accept records of ``manifest`` only (default: the manifest found when a
         record is first written or checked)."""
-        self._manifest_id, self._manifest_id_known = manifest.id, True
+        self._manifest_id, self._accepted = manifest.id, manifest.accepted_ids
+        self._manifest_id_known = True
 
     @property
     def manifest_id(self) -> Optional[str]:
         if not self._manifest_id_known:
             manifest = self.read_manifest()
-            self._manifest_id = manifest.id if manifest else None
+            if manifest is None:
+                self._manifest_id, self._accepted = None, ()
+            else:
+                self._manifest_id, self._accepted = manifest.id, manifest.accepted_ids
             self._manifest_id_known = True
         return self._manifest_id
 
     def _of_this_manifest(self, record: dict[str, Any]) -> bool:
         # records written before manifests were stamped on them have no id: accepted
-        return record.get("plan") in (None, self.manifest_id)
+        plan = record.get("plan")
+        return plan is None or plan == self.manifest_id or plan in self._accepted
 
     def _stamped(self, record: dict[str, Any]) -> dict[str, Any]:
         return record if self.manifest_id is None else {**record, "plan": self.manifest_id}
@@ -184,7 +190,8 @@ class InfluenceStore:
         return self._group
 
     def create_arrays(self, grid: Grid) -> None:
-        """Create the result arrays if missing (existing ones are kept: resume)."""
+        """Create the result arrays if missing (existing ones are kept: resume); arrays of
+        fewer test rows with the same chunks grow to the grid's (appended test rows)."""
         dtype = np.dtype(grid.dtype)
         specs = {
             FACTORS: (
@@ -202,6 +209,10 @@ class InfluenceStore:
         for name, (shape, chunks, dt) in specs.items():
             arr = self._array_or_none(name)
             if arr is not None:
+                if _grows_along_rows(name, tuple(arr.shape), shape, arr.chunks, chunks):
+                    arr.resize(shape)
+                    self._plain.pop(name, None)
+                    continue
                 if tuple(arr.shape) != tuple(shape) or tuple(arr.chunks) != tuple(chunks):
                     raise StorageError(
                         f"{self.url}/{name} has shape {arr.shape} and chunks {arr.chunks}, expected "
@@ -398,3 +409,14 @@ class InfluenceStore:
         out["fitted"] = self._read_json("records/fitted.json") is not None
         out["summary"] = self._read_json("records/summary.json") is not None
         return out
+
+
+def _grows_along_rows(name: str, old: tuple, new: tuple, old_chunks, new_chunks) -> bool:
+    """Whether an array indexed by test row only needs more rows to fit ``new``."""
+    return (
+        name in (FACTORS, INFLUENCES)
+        and tuple(old_chunks) == tuple(new_chunks)
+        and len(old) == len(new)
+        and old[1:] == tuple(new[1:])
+        and old[0] < new[0]
+    )
