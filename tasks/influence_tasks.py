@@ -15,7 +15,7 @@ from prefect.logging import get_run_logger
 from prefect.tasks import exponential_backoff
 
 from prefect_influence import pipeline
-from prefect_influence.config import PipelineConfig
+from prefect_influence.config import PipelineConfig, QuerySpec
 from prefect_influence.errors import ConfigMismatchError, InfluenceInputError, NotFittedError
 from prefect_influence.storage import set_secret_loader
 
@@ -24,6 +24,7 @@ __all__ = [
     "compute_factors",
     "influences_from_factors",
     "write_summary",
+    "query_influences",
     "retry_transient",
     "load_secret",
 ]
@@ -113,3 +114,27 @@ def influences_from_factors(
 def write_summary(config: PipelineConfig) -> dict[str, Any]:
     """Top-k most helpful and most harmful training indices per test point, streamed."""
     return pipeline.summary_stage(config)
+
+
+@task(name="query-influences", **_RETRY)
+def query_influences(query: QuerySpec):
+    """The top-k training points of the query points, from the output's fitted model and
+    stored train features (see :func:`prefect_influence.pipeline.query_output`)."""
+    result = pipeline.query_output(
+        query.output,
+        query.test,
+        top_k=query.top_k,
+        storage_options=query.storage_options or None,
+        full_rows=query.rows_output is not None,
+        use_features=query.use_features,
+        refine=query.refine,
+        storage_secret=query.storage_secret,
+    )
+    _logger().info(
+        "%d query point(s) against %d training points (%s) in %.2f s",
+        len(result.arrays["top_helpful"]),
+        result.n_train,
+        result.features,
+        result.seconds,
+    )
+    return result

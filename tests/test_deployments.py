@@ -2,8 +2,8 @@
 
 Without a server: every parameter of the run form has a title and a description, and serving
 builds the deployments prefect.yaml describes. With one server for the module (temporary
-PREFECT_HOME, loopback, analytics off): ``prefect deploy`` of both deployments onto a process
-work pool, a worker, a run started from the CLI (zarr outputs and artifacts checked through the
+PREFECT_HOME, loopback, analytics off): ``prefect deploy`` of the deployments onto a process
+work pool, a query run, a worker, a run started from the CLI (zarr outputs and artifacts checked through the
 API), a run SIGKILLed mid-way and retried with ``prefect flow-run retry`` (resumes, equal to the
 uninterrupted run), the parameter schema and its enforcement, the UI's run form in headless
 Chromium, and ``prefect-influence serve``. Every process started here runs in a session of its
@@ -46,6 +46,15 @@ PREFECT_FILE = REPO / "deployments" / "prefect.yaml"
 BIN = Path(sys.executable).parent
 FLOW = "influence-pipeline"
 MODULE_ENTRYPOINT = "prefect_influence.flows.influence_pipeline.influence_pipeline"
+#: each deployment's flow, and the module path serving imports it from
+FLOWS = {
+    "influence-adhoc": (FLOW, MODULE_ENTRYPOINT),
+    "influence-nightly": (FLOW, MODULE_ENTRYPOINT),
+    "influence-query": (
+        "influence-query",
+        "prefect_influence.flows.influence_query.influence_query",
+    ),
+}
 #: 2 × 12 blocks, one Dask worker: columns finish one after another, so a kill lands mid-way
 JOB = {"train_chunk_size": 20, "n_workers": 1}
 N_BLOCKS = 24
@@ -72,9 +81,10 @@ def test_every_parameter_has_title_and_description():
 
 def test_prefect_yaml_deployments():
     specs = _specs()
-    assert set(specs) == {"influence-adhoc", "influence-nightly"}
-    for spec in specs.values():
-        assert spec["entrypoint"] == "flows/influence_pipeline.py:influence_pipeline"
+    assert set(specs) == set(FLOWS)
+    for name, spec in specs.items():
+        module, function = FLOWS[name][1].rsplit(".", 2)[1:]
+        assert spec["entrypoint"] == f"flows/{module}.py:{function}"
         assert spec["enforce_parameter_schema"] is True
         assert spec["work_pool"]["name"] == "influence-process"
         assert spec["tags"] and spec["description"]
@@ -88,12 +98,17 @@ def test_prefect_yaml_deployments():
     # the entrypoint workers load is the flow serving imports
     from prefect.flows import load_flow_from_entrypoint
 
-    from prefect_influence.flows import influence_pipeline
+    from prefect_influence.flows import influence_pipeline, influence_query
 
-    with contextlib.chdir(REPO):
-        loaded = load_flow_from_entrypoint(specs["influence-adhoc"]["entrypoint"])
-    assert loaded.name == influence_pipeline.name == FLOW
-    assert loaded.fn.__code__.co_filename == influence_pipeline.fn.__code__.co_filename
+    assert not specs["influence-query"].get("schedules")
+    for name, flow in (
+        ("influence-adhoc", influence_pipeline),
+        ("influence-query", influence_query),
+    ):
+        with contextlib.chdir(REPO):
+            loaded = load_flow_from_entrypoint(specs[name]["entrypoint"])
+        assert loaded.name == flow.name == FLOWS[name][0]
+        assert loaded.fn.__code__.co_filename == flow.fn.__code__.co_filename
 
 
 def test_serving_builds_what_prefect_yaml_describes():
@@ -102,7 +117,7 @@ def test_serving_builds_what_prefect_yaml_describes():
     assert set(built) == set(specs)
     for name, spec in specs.items():
         d = built[name]
-        assert d.entrypoint == MODULE_ENTRYPOINT  # runs from any working directory
+        assert d.entrypoint == FLOWS[name][1]  # runs from any working directory
         assert (d.description, d.tags, d.parameters) == (
             spec["description"],
             spec["tags"],
@@ -286,7 +301,7 @@ class Prefect:
         return response.json()
 
     def deployment(self, name: str) -> dict:
-        return self.get(f"/deployments/name/{FLOW}/{name}")
+        return self.get(f"/deployments/name/{FLOWS[name][0]}/{name}")
 
     def flow_run(self, run_id: str) -> dict:
         return self.get(f"/flow_runs/{run_id}")
@@ -328,9 +343,12 @@ class Prefect:
 
     def create_run(self, deployment: str, config: PipelineConfig) -> str:
         """A flow run of the deployment through the REST API, as the UI creates one."""
+        return self.create_run_with(deployment, {"config": config.model_dump(mode="json")})
+
+    def create_run_with(self, deployment: str, parameters: dict) -> str:
         run = self.post(
             f"/deployments/{self.deployment(deployment)['id']}/create_flow_run",
-            {"parameters": {"config": config.model_dump(mode="json")}},
+            {"parameters": parameters},
         )
         return run["id"]
 
@@ -403,7 +421,8 @@ def worker(prefect):
             "deploy", "--all", "--prefect-file", str(PREFECT_FILE.relative_to(REPO))
         )
         for name in _specs():
-            assert prefect.request("GET", f"/deployments/name/{FLOW}/{name}").status_code == 200, (
+            flow = FLOWS[name][0]
+            assert prefect.request("GET", f"/deployments/name/{flow}/{name}").status_code == 200, (
                 deployed.stdout
             )
         yield proc, log
@@ -531,6 +550,32 @@ def test_run_from_cli_completes_with_outputs_and_artifacts(prefect, worker, runs
     )
     progress = [a for r in grid_runs for a in prefect.artifacts(r["id"]) if a["type"] == "progress"]
     assert progress and max(float(a["data"]) for a in progress) == 100.0
+
+
+def test_query_deployment_ranks_like_the_finished_grid(prefect, worker, runs, inputs):
+    """A run of influence-query, as the UI's form creates one, on the finished reference
+    output: the job's own test points get the grid's top-k back, shown as a table artifact
+    and (8 × 8 inputs) a picture; a top_k of 0 is refused before a run is created."""
+    prefect.wait_state(runs.reference, {"COMPLETED"}, timeout=400, worker=worker)
+    output = runs.reference_config.output
+    query = {"output": output, "test": inputs["test"], "top_k": 3}
+    run_id = prefect.create_run_with("influence-query", {"query": query})
+    prefect.wait_state(run_id, {"COMPLETED"}, timeout=300, worker=worker)
+    result = prefect.run_result(run_id)
+    grid = read_outputs(output)
+    assert result["features"] == "gradients" and result["n_query"] == 40
+    got = np.array([[e["train_index"] for e in point["helpful"]] for point in result["top"]])
+    np.testing.assert_array_equal(got, grid["top_helpful"][:, :3])
+    by_key = {a["key"]: a for a in prefect.artifacts(run_id) if a["key"]}
+    assert {"influence-query", "influence-query-picture"} <= set(by_key)
+    assert "data:image/png;base64," in by_key["influence-query-picture"]["data"]
+    deployment = prefect.deployment("influence-query")
+    response = prefect.request(
+        "POST",
+        f"/deployments/{deployment['id']}/create_flow_run",
+        {"parameters": {"query": {**query, "top_k": 0}}},
+    )
+    assert response.status_code in (409, 422), response.text
 
 
 def test_killed_run_crashes(prefect, runs):
@@ -684,7 +729,7 @@ def test_serve_runs_both_deployments_from_one_process(prefect, worker, runs):
         now = _wait("prefect-influence serve registering", served, timeout=180, proc=proc, log=log)
         for name, before in registered.items():
             d = now[name]
-            assert d["entrypoint"] == MODULE_ENTRYPOINT
+            assert d["entrypoint"] == FLOWS[name][1]
             for key in (
                 "description",
                 "tags",

@@ -68,6 +68,24 @@ def test_flow_publishes_artifacts(uninterrupted):
     assert progress and max(float(a.data) for a in progress) == 100.0
 
 
+def test_query_flow_returns_the_grid_top_k_with_artifacts(uninterrupted, inputs, tmp_path):
+    from prefect_influence.config import QuerySpec
+    from prefect_influence.flows import influence_query
+
+    config, _, grid = uninterrupted
+    rows = tmp_path / "rows.npy"
+    query = QuerySpec(output=config.output, test=inputs["test"], top_k=4, rows_output=str(rows))
+    result = influence_query(query)
+    got = np.array([[e["train_index"] for e in point["helpful"]] for point in result["top"]])
+    np.testing.assert_array_equal(got, grid["top_helpful"][:, :4])
+    assert np.load(rows).shape == grid["influences"].shape
+    with get_client(sync_client=True) as client:
+        by_key = {a.key: a for a in client.read_artifacts() if a.key}
+    table = by_key["influence-query"].data
+    assert "helpful_train_index" in str(table)
+    assert "data:image/png;base64," in by_key["influence-query-picture"].data
+
+
 def test_rerun_reuses_every_block(uninterrupted):
     config, _, before = uninterrupted
     result = influence_pipeline(config)

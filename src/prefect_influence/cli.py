@@ -4,8 +4,9 @@ An error a person can fix is printed as one line (``prefect-influence: error: ..
 status 2 (bad input) or 1 (a failed run); a bug keeps its traceback, and ``--debug`` shows
 every one. A run checks everything it can before the Prefect server and the Dask cluster start.
 
-Commands: ``run CONFIG.yaml`` (``--dry-run``), ``plan CONFIG.yaml``, ``demo``, ``status OUTPUT_URL``, ``top-k OUTPUT_URL --test-index I``,
-``serve`` (both deployments from one process).
+Commands: ``run CONFIG.yaml`` (``--dry-run``), ``plan CONFIG.yaml``, ``demo``,
+``status OUTPUT_URL``, ``top-k OUTPUT_URL --test-index I``, ``query OUTPUT_URL --test DATA``,
+``serve`` (the deployments from one process).
 """
 
 from __future__ import annotations
@@ -263,6 +264,46 @@ def cmd_top_k(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_query(args: argparse.Namespace) -> int:
+    from .pipeline.query import draw_query, query_output
+
+    options = _options(args) if args.storage_options else None
+    result = query_output(
+        args.output,
+        args.test,
+        top_k=args.top_k,
+        storage_options=options,
+        full_rows=bool(args.rows_out),
+        use_features=not args.no_features,
+        refine=not args.no_refine,
+    )
+    if args.rows_out:
+        import numpy as np
+
+        np.save(args.rows_out, result.rows)
+    picture = None
+    if args.picture and draw_query(args.output, args.test, result, args.picture, options):
+        picture = args.picture
+    if args.json:
+        print(json.dumps({**result.to_json(), "picture": picture}, indent=1))
+        return 0
+    how = {"gradients": "gradients computed now", "exact": "stored exact features"}.get(
+        result.features, "stored projected features, candidates scored exactly"
+    )
+    print(
+        f"{len(result.arrays['top_helpful'])} query point(s) against {result.n_train:,} training "
+        f"points ({how}{'' if result.exact else ', estimates'}) in {result.seconds:.2f} s"
+    )
+    for q, entry in enumerate(result.to_json()["top"]):
+        print(f"query {q}")
+        for kind in ("helpful", "harmful"):
+            ranked = ", ".join(f"{e['train_index']} ({e['influence']:.4g})" for e in entry[kind])
+            print(f"  most {kind}: {ranked}")
+    if picture:
+        print(f"picture: {picture}")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from .serving import serve_deployments
 
@@ -320,8 +361,27 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             p.add_argument("--test-index", type=int, required=True)
         p.set_defaults(func=func)
+    query = sub.add_parser(
+        "query",
+        help="most helpful/harmful training points of new test points, from an output's "
+        "fitted model (the stored grid is not touched)",
+    )
+    query.add_argument("output", help="output URL of a run (fitted at least)")
+    query.add_argument("--test", required=True, help="the query points: any data location")
+    query.add_argument("--top-k", type=int, default=10, help="training points per direction")
+    query.add_argument("--json", action="store_true", help="the result as JSON")
+    query.add_argument("--rows-out", help="also save every influence (n_query × n_train) as .npy")
+    query.add_argument("--picture", help="save a picture (.png) when the samples are images")
+    query.add_argument("--no-features", action="store_true", help="ignore stored train features")
+    query.add_argument(
+        "--no-refine",
+        action="store_true",
+        help="with projected features, return their estimates without exact scoring",
+    )
+    query.add_argument("--storage-options", help="fsspec options as JSON")
+    query.set_defaults(func=cmd_query)
     serve = sub.add_parser(
-        "serve", help="serve the influence-adhoc and influence-nightly deployments"
+        "serve", help="serve the deployments of deployments/prefect.yaml"
     )
     serve.add_argument(
         "--prefect-file",

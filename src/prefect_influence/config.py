@@ -21,6 +21,7 @@ __all__ = [
     "DType",
     "DeviceName",
     "PreconditionerName",
+    "TrainFeatures",
     "ModelSpec",
     "DataSpec",
     "MethodSpec",
@@ -28,6 +29,7 @@ __all__ = [
     "OutputSpec",
     "RunOptions",
     "PipelineConfig",
+    "QuerySpec",
     "BUILTIN",
 ]
 
@@ -59,6 +61,17 @@ class DType(str, Enum):
 class DeviceName(str, Enum):
     cpu = "cpu"
     cuda = "cuda"
+
+
+class TrainFeatures(str, Enum):
+    none = "none"
+    exact = "exact"
+    projected = "projected"
+
+
+#: default dimension of projected train features (see docs/pipeline.md#queries for the
+#: measured error as a function of the dimension)
+DEFAULT_PROJECTION_DIM = 1024
 
 
 class PreconditionerName(str, Enum):
@@ -248,6 +261,20 @@ class OutputSpec(_Section):
         description="Also compute every training point's self-influence.",
     )
 
+    train_features: TrainFeatures = Field(
+        TrainFeatures.none,
+        title="Stored train features",
+        description="Also store, per train chunk, what a query needs from the training side: "
+        "its per-sample gradients (exact, n_train × p) or a seeded random projection of them "
+        "(projected, n_train × projection_dim); queries then skip the gradient pass.",
+    )
+    projection_dim: int = Field(
+        DEFAULT_PROJECTION_DIM,
+        ge=1,
+        title="Projection dimension",
+        description="Dimension of projected train features.",
+    )
+
     @field_validator("output", mode="before")  # before the schema's pattern: clearer messages
     @classmethod
     def _output_location(cls, value: Any) -> Any:
@@ -314,3 +341,52 @@ def redact(options: dict[str, Any]) -> dict[str, Any]:
         else:
             out[k] = v
     return out
+
+
+class QuerySpec(_Section):
+    """A query: a few new test points scored against the training set of a stored job, with
+    its fitted influence model (the run form of the ``influence-query`` deployment)."""
+
+    output: str = Field(
+        "influence-output/run",
+        title="Output URL",
+        description="Output of a job (fitted at least) whose model and training set to use.",
+    )
+    test: str = Field(
+        BUILTIN,
+        title="Query points",
+        description="Data location of the points to score, as a job's test data (zarr group, "
+        "x.npy/y.npy directory, .npz, 'module:function', builtin:digits).",
+    )
+    top_k: int = Field(
+        10, ge=1, title="Top k", description="Most helpful/harmful training points per point."
+    )
+    rows_output: Optional[str] = Field(
+        None,
+        title="Full rows URL",
+        description="Also write every influence (n_query × n_train) as a .npy file here.",
+    )
+    use_features: bool = Field(
+        True,
+        title="Use stored features",
+        description="Use the output's stored train features when it has them (else compute "
+        "per-sample gradients of the training set).",
+    )
+    refine: bool = Field(
+        True,
+        title="Exact scores",
+        description="With projected features, score the best candidates exactly (their "
+        "gradients); off: return the projection's estimates.",
+    )
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict,
+        title="Storage options",
+        description="fsspec options for every URL; empty: those the job was run with (without "
+        "masked credentials).",
+    )
+    storage_secret: Optional[str] = Field(
+        None,
+        title="Storage secret block",
+        description="Name of a Prefect Secret block merged into the storage options (default: "
+        "the job's).",
+    )

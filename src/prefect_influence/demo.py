@@ -57,34 +57,16 @@ def run_demo(output: str, run_flow: Callable[[PipelineConfig], dict]) -> dict:
 
 
 def _draw(example, arrays: dict, path: str, n_test: int = 4, k: int = 4) -> str:
-    import matplotlib
+    from .pictures import draw_top_influences
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(n_test, 1 + 2 * k, figsize=(1.3 * (1 + 2 * k), 1.5 * n_test))
-    for r in range(n_test):
-        row = axes[r]
-        _show(row[0], example.x_test[r], f"test {r}\nlabel {example.y_test[r]}", "black")
-        for c in range(k):
-            h = int(arrays["top_helpful"][r, c])
-            _show(row[1 + c], example.x_train[h], f"+ #{h}\nlabel {example.y_train[h]}", "green")
-            b = int(arrays["top_harmful"][r, c])
-            flip = " (flipped)" if example.flipped[b] else ""
-            _show(
-                row[1 + k + c],
-                example.x_train[b],
-                f"− #{b}\nlabel {example.y_train[b]}{flip}",
-                "red",
-            )
-    fig.suptitle("Test images, their most helpful (+) and most harmful (−) training images")
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    draw_top_influences(
+        example.x_test,
+        example.y_test,
+        lambda i: (example.x_train[i], example.y_train[i]),
+        arrays,
+        path,
+        n_test,
+        k,
+        flipped=example.flipped,
+    )
     return path
-
-
-def _show(ax, image: np.ndarray, title: str, color: str) -> None:
-    ax.imshow(image.reshape(8, 8), cmap="gray_r")
-    ax.set_title(title, fontsize=7, color=color)
-    ax.axis("off")

@@ -16,7 +16,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional, Union
 
-__all__ = ["PREFECT_FILE", "load_deployment_specs", "build_deployments", "serve_deployments"]
+__all__ = [
+    "PREFECT_FILE",
+    "load_deployment_specs",
+    "flow_of",
+    "build_deployments",
+    "serve_deployments",
+]
 
 #: deployments/prefect.yaml of the checkout this package runs from
 PREFECT_FILE = Path(__file__).resolve().parents[2] / "deployments" / "prefect.yaml"
@@ -90,17 +96,31 @@ def _schedule(item: dict[str, Any]):
     raise ValueError(f"schedule {item!r}: expected one of cron, interval, rrule")
 
 
-def build_deployments(prefect_file: Union[str, Path, None] = None) -> list:
-    """One :class:`~prefect.deployments.runner.RunnerDeployment` of ``influence_pipeline`` per
-    entry of ``prefect_file``, found by module path so it runs from any working directory."""
-    from prefect.types.entrypoint import EntrypointType
+def flow_of(entrypoint: str):
+    """The flow a ``flows/<module>.py:<function>`` entrypoint names, imported from the
+    installed package (``prefect_influence.flows.<module>``), so it runs from any directory."""
+    import importlib
 
-    from .flows import influence_pipeline
+    path, _, name = entrypoint.partition(":")
+    folder, _, file = path.rpartition("/")
+    if folder != "flows" or not file.endswith(".py") or not name:
+        raise ValueError(
+            f"entrypoint {entrypoint!r}: serving runs flows of this package, "
+            "'flows/<module>.py:<function>'"
+        )
+    module = importlib.import_module(f"prefect_influence.flows.{file[:-3]}")
+    return getattr(module, name)
+
+
+def build_deployments(prefect_file: Union[str, Path, None] = None) -> list:
+    """One :class:`~prefect.deployments.runner.RunnerDeployment` per entry of
+    ``prefect_file``, its flow found by module path so it runs from any working directory."""
+    from prefect.types.entrypoint import EntrypointType
 
     deployments = []
     for spec in load_deployment_specs(prefect_file):
         deployments.append(
-            influence_pipeline.to_deployment(
+            flow_of(spec["entrypoint"]).to_deployment(
                 name=spec["name"],
                 description=spec.get("description"),
                 tags=spec.get("tags") or [],

@@ -6,6 +6,8 @@
 * :mod:`.stages` — fit, factors, one column of blocks, summary: what the Prefect tasks run.
 * :mod:`.ranking` — top-k per test point; :mod:`.resources` — threads, memory, writes.
 * :mod:`.estimate` — a job's time and memory, from a short probe.
+* :mod:`.features` — stored train features; :mod:`.query` — a few new test points against
+  an output's fitted model: :func:`query_output`.
 
 Names load on first use, so checking a job file starts without importing torch.
 """
@@ -21,14 +23,18 @@ _NAMES = {
     "factors_stage": "stages",
     "column_stage": "stages",
     "summary_stage": "stages",
+    "query_output": "query",
+    "QueryResult": "query",
 }
 _MODULES = (
     "context",
     "data",
     "estimate",
+    "features",
     "inputs",
     "network",
     "planning",
+    "query",
     "ranking",
     "resources",
     "stages",

@@ -240,6 +240,12 @@ def survey_job(config: PipelineConfig, n_workers: int = 1, check_lease: bool = F
     for source in (train, test):
         check_model_fits_data(network, config.model.loss, source, torch_dtype(config.dtype))
     build_influence_model(config, network)  # validates the method's options (rank, layers...)
+    if config.train_features.value != "none" and config.mode.value != "up":
+        raise ConfigurationError(
+            f"train_features {config.train_features.value!r} are per-sample gradients, which "
+            f"only Up-mode influences use; mode is {config.mode.value!r}. Set train_features "
+            "to 'none' or mode to 'up'."
+        )
     check_output_apart_from_inputs(config)
     p = sum(q.numel() for q in network.parameters() if q.requires_grad)
     store = InfluenceStore(config.output, options)
@@ -309,6 +315,14 @@ def survey_job(config: PipelineConfig, n_workers: int = 1, check_lease: bool = F
     return Survey(config, grid, fp, existing, action, len(train), len(test), p)
 
 
+def _create_features_array(config: PipelineConfig, store: InfluenceStore, grid: Grid) -> None:
+    from .features import features_description
+
+    description = features_description(config, grid)
+    if description is not None:
+        store.create_features_array(grid, description)
+
+
 def _appends_to(existing: Manifest, fp: dict[str, Any], test: Any) -> bool:
     """Whether the job ``fp`` is the stored job with test rows appended: only the test set
     differs, it is longer, and its first rows are the stored test set."""
@@ -332,6 +346,7 @@ def plan_job(config: PipelineConfig, n_workers: int = 1) -> PlannedJob:
     store = InfluenceStore(config.output, storage_options(config))
     if survey.action == "resume":
         store.create_arrays(survey.grid)  # also completes the growth of an interrupted append
+        _create_features_array(config, store, survey.grid)
         return PlannedJob(survey.existing, True, "resume")
     if survey.action == "replace":
         store.clear()
@@ -348,4 +363,5 @@ def plan_job(config: PipelineConfig, n_workers: int = 1) -> PlannedJob:
     # planning it again grows them
     store.write_manifest(manifest)
     store.create_arrays(survey.grid)
+    _create_features_array(config, store, survey.grid)
     return PlannedJob(manifest, survey.action in ("resume", "append"), survey.action)

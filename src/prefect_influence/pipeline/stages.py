@@ -19,10 +19,11 @@ from ..base import InfluenceMode
 from ..blocks import influence_block, train_operand
 from ..config import PipelineConfig
 from ..errors import StorageError
-from ..storage import FACTORS, INFLUENCES, SELF_INFLUENCE, Grid, InfluenceStore
+from ..storage import FACTORS, INFLUENCES, SELF_INFLUENCE, TRAIN_FEATURES, Grid, InfluenceStore
 from ..torch.functional import rows_within
 from .context import job_context, planned_store, tensors
 from .data import open_source
+from .features import features_description, features_of
 from .network import build_influence_model, load_network
 from .ranking import ColumnTop, kept_rows, merge_top_k, stack_rows
 from .resources import BackgroundWriter, release_free_memory, torch_threads
@@ -77,7 +78,7 @@ def column_stage(
     config: PipelineConfig, j: int, test_chunks: Optional[list[int]] = None
 ) -> dict[str, int]:
     """Blocks ``(i, j)`` for the given test chunks (default all) and, if asked, the
-    self-influence of train chunk ``j``. The train chunk's gradients are computed once, only if
+    self-influence and the stored features of train chunk ``j``. The train chunk's gradients are computed once, only if
     something is missing. Returns counts of computed and reused blocks."""
     ctx = job_context(config)
     grid, store, mode = ctx.grid, ctx.store, InfluenceMode.parse(config.mode)
@@ -98,15 +99,24 @@ def column_stage(
         part = store.read_summary_part(j, k)
         top_from = 0 if part is None else kept_rows(part, grid)
     top_rows = {i for i in rows if grid.test_ranges[i][0] >= top_from}
+    features = features_description(config, grid)
+    want_features = (
+        features is not None
+        and store.features_description() == features
+        and not store.chunk_done(TRAIN_FEATURES, grid, (j,))
+    )
     counts = {"computed": len(missing), "reused": len(rows) - len(missing)}
-    if not missing and not want_self and not top_rows:
+    if not missing and not want_self and not top_rows and not want_features:
         return counts
     start, stop = grid.train_ranges[j]
     top = ColumnTop(grid, j, k)
     with torch_threads(1), BackgroundWriter() as writer:
-        if missing or want_self:
+        if missing or want_self or want_features:
             x, y = ctx.rows("train", start, stop)
             operand = train_operand(ctx.model, x, y, mode)
+        if want_features:
+            values = _numpy(features_of(features, operand.grads))
+            writer.submit(store.write_chunk, TRAIN_FEATURES, grid, (j,), values)
         for i in sorted(top_rows.union(missing)):
             if i not in missing:  # a stored block: read back for the column's top-k
                 top.add(i, store.read_chunk(INFLUENCES, grid, (i, j)))

@@ -16,6 +16,7 @@ from .store import (
     INFLUENCES,
     SELF_INFLUENCE,
     SUMMARY_ARRAYS,
+    TRAIN_FEATURES,
     InfluenceStore,
     checksum,
 )
@@ -29,6 +30,7 @@ __all__ = [
     "FACTORS",
     "INFLUENCES",
     "SELF_INFLUENCE",
+    "TRAIN_FEATURES",
     "SUMMARY_ARRAYS",
     "checksum",
     "storage_options",

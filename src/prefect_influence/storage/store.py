@@ -8,6 +8,9 @@ Under the output URL (any fsspec URL: local directory, ``file://``, ``memory://`
     influences                        zarr array n_test × n_train [× input shape],
                                       chunks (test_chunk, train_chunk [, input shape])
     self_influence                    zarr array n_train, chunks (train_chunk,)
+    train_features                    optional zarr array n_train × width, chunks
+                                      (train_chunk, width): per-sample gradients (width p) or
+                                      their projection; its attributes say which
     summary/top_helpful, ...          zarr arrays n_test × k (indices and values)
     summary_parts/<j>/top_helpful, …  the same over train chunk j only (written by its column)
     records/<array>/<i>[.<j>].json    completion record of one chunk: sha256, shape, dtype,
@@ -49,11 +52,13 @@ __all__ = [
     "FACTORS",
     "INFLUENCES",
     "SELF_INFLUENCE",
+    "TRAIN_FEATURES",
     "SUMMARY_ARRAYS",
 ]
 
 MANIFEST = "manifest.json"
 FACTORS, INFLUENCES, SELF_INFLUENCE = "factors", "influences", "self_influence"
+TRAIN_FEATURES = "train_features"
 #: the summary's arrays: per test point, the top-k training indices and their values
 SUMMARY_ARRAYS = ("top_helpful", "top_helpful_values", "top_harmful", "top_harmful_values")
 
@@ -224,6 +229,38 @@ class InfluenceStore:
                 name, shape=shape, chunks=chunks, dtype=dt, fill_value=np.nan, compressors=None
             )
 
+    def create_features_array(self, grid: Grid, description: dict[str, Any]) -> None:
+        """The array of stored train features described by ``description`` (``kind``,
+        ``width`` and what else determines them): kept if it is there with the same
+        description, else made anew (features of another kind or width are dropped)."""
+        arr = self._array_or_none(TRAIN_FEATURES)
+        if arr is not None and self.features_description() == description:
+            return
+        if arr is not None or self.recorded(TRAIN_FEATURES):
+            self._remove_array(TRAIN_FEATURES)
+        width = int(description["width"])
+        created = self.group.create_array(
+            TRAIN_FEATURES,
+            shape=(grid.n_train, width),
+            chunks=(grid.train_chunk, width),
+            dtype=np.dtype(grid.dtype),
+            fill_value=np.nan,
+            compressors=None,
+        )
+        created.attrs.update({"features": description})
+
+    def features_description(self) -> Optional[dict[str, Any]]:
+        """What the stored train features are (``kind``, ``width``...), ``None`` if none."""
+        arr = self._array_or_none(TRAIN_FEATURES)
+        return None if arr is None else dict(arr.attrs.get("features") or {}) or None
+
+    def _remove_array(self, name: str) -> None:
+        for path in (self._path(name), self._path("records", name)):
+            if self.fs.exists(path):
+                self.fs.rm(path, recursive=True)
+        self._group = None
+        self._plain.pop(name, None)
+
     def _array_or_none(self, name: str):
         try:
             return self.group[name]
@@ -238,7 +275,7 @@ class InfluenceStore:
         if name == FACTORS:
             (i,) = index
             return (slice(*grid.test_ranges[i]),)
-        if name == SELF_INFLUENCE:
+        if name in (SELF_INFLUENCE, TRAIN_FEATURES):
             (j,) = index
             return (slice(*grid.train_ranges[j]),)
         i, j = index
@@ -406,6 +443,10 @@ class InfluenceStore:
                 entry["corrupt"] = [list(ix) for ix in corrupt]
                 entry["done"] = len(recorded) - len(corrupt)
             out[name] = entry
+        features = self.features_description()
+        if features is not None:
+            recorded = self.recorded(TRAIN_FEATURES)
+            out[TRAIN_FEATURES] = {**features, "total": grid.shape[1], "recorded": len(recorded)}
         out["fitted"] = self._read_json("records/fitted.json") is not None
         out["summary"] = self._read_json("records/summary.json") is not None
         return out
