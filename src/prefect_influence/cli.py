@@ -380,9 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     query.add_argument("--storage-options", help="fsspec options as JSON")
     query.set_defaults(func=cmd_query)
-    serve = sub.add_parser(
-        "serve", help="serve the deployments of deployments/prefect.yaml"
-    )
+    serve = sub.add_parser("serve", help="serve the deployments of deployments/prefect.yaml")
     serve.add_argument(
         "--prefect-file",
         default=None,
