@@ -176,3 +176,20 @@ def test_plan_says_append_and_counts_what_is_kept(inputs, tmp_path):
     assert plan["stored"]["blocks"] == [6, 12] and plan["stored"]["factors"] == [1, 2]
     assert any("10 test rows follow the 30 stored ones" in w for w in plan["warnings"])
     assert tree_digest(out) == before  # planning an append writes nothing
+
+
+def test_an_append_reads_stored_gradients_instead_of_computing_them(
+    inputs, from_scratch, tmp_path, monkeypatch
+):
+    out = str(tmp_path / "out")
+    run_tasks(_with_test(inputs, "head-30", out, train_features="exact"))
+    from prefect_influence.pipeline import stages
+
+    def no_gradient_pass(*args, **kwargs):
+        raise AssertionError("the train chunk's gradients were computed again")
+
+    monkeypatch.setattr(stages, "train_operand", no_gradient_pass)
+    counts = run_tasks(_with_test(inputs, "test", out, train_features="exact"))
+    assert counts == {"computed": 6, "reused": 6}
+    got = read_outputs(out)
+    assert_same_bytes(got, from_scratch)

@@ -100,8 +100,9 @@ def auto_chunk_sizes(
     at ``WORKER_FLOPS`` so Prefect's overhead stays ≤ 10%; beyond that, chunks shrink to give
     each worker about four columns, and a chunk's gradients stay under 256 MiB. Test chunks
     keep a block within 32 MiB, split evenly: a column with several blocks writes one while it
-    computes the next. There are at least as many test chunks as workers (when there are
-    enough test rows): the factor solves, which every column waits for, then run on all
+    computes the next; when a slightly larger number of chunks divides the test rows exactly,
+    that number is taken (no partial last chunk for appended rows to grow). There are at least
+    as many test chunks as workers (when there are enough test rows): the factor solves, which every column waits for, then run on all
     workers at once, and every worker pays its first-task start-up there instead of one after
     the other. Train chunks of more than ``ALIGN_TRAIN_ROWS`` rows are
     a multiple of it (rounded up while that keeps the gradient cap, else down).
@@ -120,7 +121,12 @@ def auto_chunk_sizes(
         )
     per_worker = max(math.ceil(n_test / max(n_workers, 1)), min(n_test, MIN_SPLIT_TEST_ROWS))
     test_chunk = max(1, min(per_worker, MAX_BLOCK_BYTES // (train_chunk * itemsize), 4096))
-    test_chunk = math.ceil(n_test / math.ceil(n_test / test_chunk))  # even rows, same count
+    n_chunks = math.ceil(n_test / test_chunk)
+    # a chunk count up to half larger (or two more) that divides the rows exactly leaves no partial
+    # last chunk, which test rows appended later would make grow (and be computed again)
+    exact = [c for c in range(n_chunks, n_chunks + max(2, n_chunks // 2) + 1) if n_test % c == 0]
+    n_chunks = exact[0] if exact else n_chunks
+    test_chunk = math.ceil(n_test / n_chunks)  # even rows
     return train_chunk, test_chunk
 
 

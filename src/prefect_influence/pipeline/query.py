@@ -35,6 +35,9 @@ __all__ = ["QueryResult", "query_output", "CANDIDATES_PER_K", "MIN_CANDIDATES"]
 #: candidates per test point and direction that projected scores choose for exact scoring
 CANDIDATES_PER_K = 10
 MIN_CANDIDATES = 100
+#: threads reading and checksumming stored features ahead of the products (both release the
+#: GIL; the checksum is the larger cost)
+READERS = 2
 
 
 @dataclass(frozen=True)
@@ -178,6 +181,15 @@ def query_output(
     )
 
 
+def _read_only_tensor(values: np.ndarray) -> torch.Tensor:
+    """A tensor over the bytes read (no copy): only multiplied, never written."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*not writable.*")
+        return torch.from_numpy(values)
+
+
 def _job_of(
     output: str, options: Optional[dict[str, Any]], secret: Optional[str] = None
 ) -> tuple[PipelineConfig, InfluenceStore]:
@@ -221,20 +233,22 @@ class _Scorer:
         )
 
     def columns(self):
-        """``(j, scores of train chunk j)`` for every train chunk, reading the next chunk of
-        features while this one is scored."""
-        grid = self.grid
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefect-influence-read") as pool:
-            pending = pool.submit(self._features, 0)
-            for j in range(grid.shape[1]):
-                stored = pending.result()
-                if j + 1 < grid.shape[1]:
-                    pending = pool.submit(self._features, j + 1)
+        """``(j, scores of train chunk j)`` for every train chunk, reading (and checksumming)
+        the next chunks of features on two threads while this one is scored."""
+        n = self.grid.shape[1]
+        with ThreadPoolExecutor(
+            max_workers=READERS, thread_name_prefix="prefect-influence-read"
+        ) as pool:
+            pending = [pool.submit(self._features, j) for j in range(min(READERS, n))]
+            for j in range(n):
+                stored = pending.pop(0).result()
+                if j + READERS < n:
+                    pending.append(pool.submit(self._features, j + READERS))
                 if stored is not None:
-                    feats = torch.from_numpy(stored)
+                    feats = _read_only_tensor(stored)
                     operand = self.projected_factors.to(feats.dtype)
                 else:  # no stored features for this chunk: its gradients (exact scores)
-                    feats = self._gradients(*grid.train_ranges[j])
+                    feats = self._gradients(*self.grid.train_ranges[j])
                     operand = self.factors.to(feats.dtype)
                     if self.kind == "projected":
                         feats, operand = (
@@ -246,8 +260,7 @@ class _Scorer:
     def _features(self, j: int) -> Optional[np.ndarray]:
         if self.description is None:
             return None
-        values = self.store.read_done_chunk(TRAIN_FEATURES, self.grid, (j,))
-        return None if values is None else np.array(values)  # writable for torch
+        return self.store.read_done_chunk(TRAIN_FEATURES, self.grid, (j,))
 
     def _gradients(self, start: int, stop: int) -> torch.Tensor:
         x, y = tensors(self.train.rows(start, stop))

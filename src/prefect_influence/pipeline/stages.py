@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..base import InfluenceMode
-from ..blocks import influence_block, train_operand
+from ..blocks import TrainOperand, influence_block, train_operand
 from ..config import PipelineConfig
 from ..errors import StorageError
 from ..storage import FACTORS, INFLUENCES, SELF_INFLUENCE, TRAIN_FEATURES, Grid, InfluenceStore
@@ -112,8 +112,10 @@ def column_stage(
     top = ColumnTop(grid, j, k)
     with torch_threads(1), BackgroundWriter() as writer:
         if missing or want_self or want_features:
-            x, y = ctx.rows("train", start, stop)
-            operand = train_operand(ctx.model, x, y, mode)
+            operand = None if want_features else _stored_gradients(ctx, features, j)
+            if operand is None:
+                x, y = ctx.rows("train", start, stop)
+                operand = train_operand(ctx.model, x, y, mode)
         if want_features:
             values = _numpy(features_of(features, operand.grads))
             writer.submit(store.write_chunk, TRAIN_FEATURES, grid, (j,), values)
@@ -138,6 +140,17 @@ def column_stage(
     if top_rows:  # after its blocks are written: a part never describes blocks that are not
         store.write_summary_part(j, _with_kept_rows(part, top_from, top.arrays()), k)
     return counts
+
+
+def _stored_gradients(ctx, features: Optional[dict[str, Any]], j: int) -> Optional[TrainOperand]:
+    """Train chunk ``j``'s per-sample gradients as stored exact features (the bytes the
+    gradient pass would compute: one torch thread), so appended test rows skip that pass."""
+    if features is None or features["kind"] != "exact":
+        return None
+    stored = ctx.store.read_done_chunk(TRAIN_FEATURES, ctx.grid, (j,))
+    if stored is None:
+        return None
+    return TrainOperand(grads=torch.from_numpy(_writable(stored)).to(ctx.model.device))
 
 
 def _with_kept_rows(
