@@ -27,6 +27,7 @@ from prefect_influence.flows.cluster import (
     workers_share_api,
 )
 from prefect_influence.flows.reports import Progress, publish, run_result
+from prefect_influence.flows.reruns import announce_rerun, automatic_reruns, max_reruns
 from prefect_influence.pipeline import plan_job
 from prefect_influence.storage import InfluenceStore, storage_options
 from prefect_influence.tasks import (
@@ -91,17 +92,63 @@ def influence_pipeline(
     ``progress_bar`` draws the grid's progress on the terminal that runs the flow."""
     logger = get_run_logger()
     logger.info("configuration: %s", json.dumps(config.redacted()))
+    attempt = _Attempt(config)
     try:
+        reruns = automatic_reruns()
+        if reruns:
+            announce_rerun(reruns, max_reruns(), logger)  # raises beyond the limit
         store = InfluenceStore(config.output, storage_options(config))
         with store.lease.hold(force=config.force, owner=_flow_run_id()):
-            result = _run(config, progress_bar, logger)
+            result = _run(config, progress_bar, logger, attempt.started(store, reruns))
     except Exception as exc:
         told = explain(exc, started=True)  # the run's log says what the command line says
         for line in told.lines() if told else ():
             logger.error(line)
+        attempt.ended(f"failed: {told.lines()[0] if told else type(exc).__name__}")
         raise
+    attempt.ended("completed", result)
     logger.info("done: %s", json.dumps(result))
     return result
+
+
+class _Attempt:
+    """This attempt of the flow run in the output's run log (``prefect-influence status``):
+    when it started, whether it is an automatic rerun, how it ended. A crashed attempt keeps
+    "started" alone."""
+
+    def __init__(self, config: PipelineConfig):
+        from prefect.context import FlowRunContext
+
+        ctx = FlowRunContext.get()
+        self.run_id = _flow_run_id() or "local"
+        self.number = int(ctx.flow_run.run_count or 1) if ctx and ctx.flow_run else 1
+        self.store: Optional[InfluenceStore] = None
+
+    def started(self, store: InfluenceStore, reruns: int):
+        """A callback for after planning (the output is this job's by then)."""
+
+        def log() -> None:
+            self.store = store
+            store.log_attempt(
+                self.run_id, {"attempt": self.number, "started": _now(), "automatic_rerun": reruns}
+            )
+
+        return log
+
+    def ended(self, outcome: str, result: Optional[dict] = None) -> None:
+        if self.store is None:
+            return
+        entry = {"attempt": self.number, "ended": _now(), "outcome": outcome}
+        if result:
+            entry["blocks"] = [result["blocks_computed"], result["blocks_reused"]]
+        try:
+            self.store.log_attempt(self.run_id, entry)
+        except Exception:  # the log is a report: it never fails a run
+            pass
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 def _flow_run_id() -> Optional[str]:
@@ -112,24 +159,17 @@ def _flow_run_id() -> Optional[str]:
     return str(ctx.flow_run.id) if ctx and ctx.flow_run else None
 
 
-def _run(config: PipelineConfig, progress_bar: bool, logger) -> dict[str, Any]:
+def _run(
+    config: PipelineConfig, progress_bar: bool, logger, planned_callback=None
+) -> dict[str, Any]:
     start = time.perf_counter()
-    planned = plan_job(config, n_workers=planned_workers(config))
-    grid = planned.grid
-    logger.info(
-        "grid %d × %d blocks (test chunk %d, train chunk %d, p = %d) at %s%s",
-        *grid.shape,
-        grid.test_chunk,
-        grid.train_chunk,
-        grid.n_parameters,
-        config.output,
-        {"resume": " (resuming)", "append": " (test rows appended: computing those)"}.get(
-            planned.action, ""
-        ),
-    )
     with workers_share_api():
-        starting = LocalClusterStart(config)  # overlaps the fit
+        starting = LocalClusterStart(config)  # overlaps planning and the fit
         try:
+            planned = plan_job(config, n_workers=planned_workers(config))
+            _log_plan(logger, config, planned)
+            if planned_callback is not None:
+                planned_callback()
             fit_reused = fit_model(config)
             t_fit = time.perf_counter()
             runner = make_task_runner(config, starting.cluster())
@@ -143,6 +183,21 @@ def _run(config: PipelineConfig, progress_bar: bool, logger) -> dict[str, Any]:
     starting.close_in_background()
     info = write_summary(config) if config.summary else {"summary": False}
     end = time.perf_counter()
-    result = run_result(config, grid, fit_reused, counts, start, t_fit, t_grid, end)
-    publish(config, grid, result, info)
+    result = run_result(config, planned.grid, fit_reused, counts, start, t_fit, t_grid, end)
+    publish(config, planned.grid, result, info)
     return result
+
+
+def _log_plan(logger, config: PipelineConfig, planned) -> None:
+    grid = planned.grid
+    logger.info(
+        "grid %d × %d blocks (test chunk %d, train chunk %d, p = %d) at %s%s",
+        *grid.shape,
+        grid.test_chunk,
+        grid.train_chunk,
+        grid.n_parameters,
+        config.output,
+        {"resume": " (resuming)", "append": " (test rows appended: computing those)"}.get(
+            planned.action, ""
+        ),
+    )

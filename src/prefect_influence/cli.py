@@ -6,7 +6,8 @@ every one. A run checks everything it can before the Prefect server and the Dask
 
 Commands: ``run CONFIG.yaml`` (``--dry-run``), ``plan CONFIG.yaml``, ``demo``,
 ``status OUTPUT_URL``, ``top-k OUTPUT_URL --test-index I``, ``query OUTPUT_URL --test DATA``,
-``serve`` (the deployments from one process).
+``serve`` (the deployments from one process), ``setup-automations`` (crash detection and
+automatic reruns on a Prefect server).
 """
 
 from __future__ import annotations
@@ -240,7 +241,37 @@ def cmd_status(args: argparse.Namespace) -> int:
             )
         print(line)
     print(f"summary:  {'yes' if status['summary'] else 'no'}")
+    store = InfluenceStore(args.output, _options(args))
+    lease = store.lease.read()
+    if lease:
+        left = lease.get("expires", 0) - time.time()
+        state = f"expires in {left:.0f} s" if left > 0 else "expired: its run is gone"
+        print(f"lease:    held by {lease.get('owner')} on {lease.get('host')} ({state})")
+    for line in _run_log_lines(store.run_log()[-5:], lease):
+        print(line)
     return 0
+
+
+def _run_log_lines(runs: list[dict], lease: Optional[dict]) -> list[str]:
+    """The output's last runs, an attempt a line: automatic reruns, crashes, outcomes."""
+    lines = []
+    holder = lease.get("owner") if lease and lease.get("expires", 0) > time.time() else None
+    for run in runs:
+        attempts = run["attempts"]
+        for a in attempts:
+            what = f"attempt {a.get('attempt')}"
+            if a.get("automatic_rerun"):
+                what += f" (automatic rerun {a['automatic_rerun']} after a crash)"
+            if "outcome" in a:
+                end = f"{a['outcome']} at {a.get('ended')}"
+                if "blocks" in a:
+                    end += f" ({a['blocks'][0]} blocks computed, {a['blocks'][1]} reused)"
+            elif a is attempts[-1] and run["flow_run"] == holder:
+                end = "running"
+            else:
+                end = "never finished: crashed"
+            lines.append(f"run {run['flow_run']}: {what} started {a.get('started')}, {end}")
+    return lines
 
 
 def cmd_top_k(args: argparse.Namespace) -> int:
@@ -305,9 +336,29 @@ def cmd_query(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .serving import serve_deployments
+    from .serving import deployment_env, serve_deployments
 
+    # before Prefect reads its settings: the served runs' heartbeats and rerun limit, as the
+    # deployments' job variables give them to a worker's runs
+    for key, value in deployment_env(args.prefect_file).items():
+        os.environ.setdefault(key, value)
     serve_deployments(args.prefect_file)
+    return 0
+
+
+def cmd_setup_automations(args: argparse.Namespace) -> int:
+    from .automations import setup_automations
+
+    if not os.environ.get("PREFECT_API_URL"):
+        from .errors import JobRefusedError
+
+        raise JobRefusedError(
+            "setup-automations needs the Prefect server the deployments run on: set "
+            "PREFECT_API_URL (e.g. http://127.0.0.1:4200/api)."
+        )
+    done = setup_automations(timeout_s=args.timeout, enabled=not args.disable)
+    for name, what in done.items():
+        print(f"{what:<9} {name}")
     return 0
 
 
@@ -380,6 +431,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     query.add_argument("--storage-options", help="fsspec options as JSON")
     query.set_defaults(func=cmd_query)
+    setup = sub.add_parser(
+        "setup-automations",
+        help="create or update the automations that mark runs whose heartbeats stopped as "
+        "crashed and schedule crashed runs again (on the server of PREFECT_API_URL)",
+    )
+    setup.add_argument(
+        "--timeout",
+        type=float,
+        default=90.0,
+        help="seconds without a heartbeat before a run is marked crashed (> 30; default 90)",
+    )
+    setup.add_argument(
+        "--disable", action="store_true", help="keep the automations, but switched off"
+    )
+    setup.set_defaults(func=cmd_setup_automations)
     serve = sub.add_parser("serve", help="serve the deployments of deployments/prefect.yaml")
     serve.add_argument(
         "--prefect-file",

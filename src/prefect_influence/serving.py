@@ -20,6 +20,7 @@ __all__ = [
     "PREFECT_FILE",
     "load_deployment_specs",
     "flow_of",
+    "deployment_env",
     "build_deployments",
     "serve_deployments",
 ]
@@ -76,6 +77,18 @@ def load_deployment_specs(prefect_file: Union[str, Path, None] = None) -> list[d
                 "prefect_influence.serving does not translate; extend serving.py or remove them."
             )
     return specs
+
+
+def deployment_env(prefect_file: Union[str, Path, None] = None) -> dict[str, str]:
+    """The environment the deployments' job variables give their runs (``work_pool:
+    job_variables: env``), merged over every deployment (the first one's value wins): what
+    a worker sets for each run, and ``serve`` for its own process and so for its runs."""
+    env: dict[str, str] = {}
+    for spec in load_deployment_specs(prefect_file):
+        variables = (spec.get("work_pool") or {}).get("job_variables") or {}
+        for key, value in (variables.get("env") or {}).items():
+            env.setdefault(str(key), str(value))
+    return env
 
 
 def _schedule(item: dict[str, Any]):

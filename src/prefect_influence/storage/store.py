@@ -17,6 +17,8 @@ Under the output URL (any fsspec URL: local directory, ``file://``, ``memory://`
                                       manifest id (under the key "plan")
     records/fitted.json, records/summary.json, records/summary_parts/<j>.json
     lease.json                        which run is writing here, until when (see below)
+    runs/<flow run id>.json           the run log: each attempt of a flow run on this output,
+                                      when it started and ended, and how
 
 A chunk counts as done only when its record exists **and** the chunk read back hashes to the
 recorded sha256: the record is written after the data, so a crash between the two, a truncated
@@ -59,6 +61,7 @@ __all__ = [
 MANIFEST = "manifest.json"
 FACTORS, INFLUENCES, SELF_INFLUENCE = "factors", "influences", "self_influence"
 TRAIN_FEATURES = "train_features"
+RUNS = "runs"
 #: the summary's arrays: per test point, the top-k training indices and their values
 SUMMARY_ARRAYS = ("top_helpful", "top_helpful_values", "top_harmful", "top_harmful_values")
 
@@ -425,6 +428,33 @@ class InfluenceStore:
         except Exception:  # missing or undecodable array: not done
             return None
         return out, entry
+
+    # -- run log ---------------------------------------------------------------------------------
+    def log_attempt(self, run_id: str, entry: dict[str, Any]) -> None:
+        """Add or complete (same ``attempt`` number) an attempt of flow run ``run_id`` in the
+        output's run log (written by the lease holder only)."""
+        rel = f"{RUNS}/{run_id}.json"
+        data = self._read_json(rel) or {"flow_run": run_id, "attempts": []}
+        attempts = {int(a.get("attempt", 0)): a for a in data.get("attempts", [])}
+        number = int(entry.get("attempt", 0))
+        attempts[number] = {**attempts.get(number, {}), **entry}
+        data["attempts"] = [attempts[n] for n in sorted(attempts)]
+        self._write_json(rel, data)
+
+    def run_log(self) -> list[dict[str, Any]]:
+        """Every flow run's attempts on this output, oldest run first."""
+        folder = self._path(RUNS)
+        self.fs.invalidate_cache(folder)
+        try:
+            files = self.fs.ls(folder, detail=False)
+        except FileNotFoundError:
+            return []
+        runs = []
+        for f in files:
+            data = read_json(self.fs, f)
+            if data and data.get("attempts"):
+                runs.append(data)
+        return sorted(runs, key=lambda r: r["attempts"][0].get("started", ""))
 
     # -- status ----------------------------------------------------------------------------------
     def status(self, verify: bool = False) -> dict[str, Any]:
