@@ -39,7 +39,7 @@ BENCHMARKS = {
     "memory": (["--quick"], ["--quick"], 3),
     "scaling": ([], ["--quick"], 5),
     "cli_errors": ([], ["--quick"], 2),
-    "incremental": ([], ["--quick"], 6),
+    "incremental": ([], ["--quick"], 5),
 }
 #: arguments that replace the default ones with --full: the judged memory grid
 FULL = {"memory": []}
