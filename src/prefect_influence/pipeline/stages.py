@@ -100,11 +100,11 @@ def column_stage(
         top_from = 0 if part is None else kept_rows(part, grid)
     top_rows = {i for i in rows if grid.test_ranges[i][0] >= top_from}
     features = features_description(config, grid)
-    want_features = (
-        features is not None
-        and store.features_description() == features
-        and not store.chunk_done(TRAIN_FEATURES, grid, (j,))
-    )
+    stored_features = None  # this chunk's, when stored and valid: read once
+    want_features = False
+    if features is not None and store.features_description() == features:
+        stored_features = store.read_done_chunk(TRAIN_FEATURES, grid, (j,))
+        want_features = stored_features is None
     counts = {"computed": len(missing), "reused": len(rows) - len(missing)}
     if not missing and not want_self and not top_rows and not want_features:
         return counts
@@ -112,7 +112,7 @@ def column_stage(
     top = ColumnTop(grid, j, k)
     with torch_threads(1), BackgroundWriter() as writer:
         if missing or want_self or want_features:
-            operand = None if want_features else _stored_gradients(ctx, features, j)
+            operand = _stored_gradients(ctx, features, stored_features)
             if operand is None:
                 x, y = ctx.rows("train", start, stop)
                 operand = train_operand(ctx.model, x, y, mode)
@@ -142,13 +142,12 @@ def column_stage(
     return counts
 
 
-def _stored_gradients(ctx, features: Optional[dict[str, Any]], j: int) -> Optional[TrainOperand]:
-    """Train chunk ``j``'s per-sample gradients as stored exact features (the bytes the
+def _stored_gradients(
+    ctx, features: Optional[dict[str, Any]], stored: Optional[np.ndarray]
+) -> Optional[TrainOperand]:
+    """A train chunk's per-sample gradients as its stored exact features (the bytes the
     gradient pass would compute: one torch thread), so appended test rows skip that pass."""
-    if features is None or features["kind"] != "exact":
-        return None
-    stored = ctx.store.read_done_chunk(TRAIN_FEATURES, ctx.grid, (j,))
-    if stored is None:
+    if stored is None or features is None or features["kind"] != "exact":
         return None
     return TrainOperand(grads=torch.from_numpy(_writable(stored)).to(ctx.model.device))
 
