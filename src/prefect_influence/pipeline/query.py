@@ -21,14 +21,13 @@ import torch
 
 from ..config import PipelineConfig
 from ..errors import ConfigMismatchError, ConfigurationError, NotFittedError, ShapeMismatchError
-from ..storage import SUMMARY_ARRAYS, TRAIN_FEATURES, InfluenceStore, storage_options
+from ..storage import TRAIN_FEATURES, InfluenceStore, storage_options
 from .context import tensors
 from .data import DataSource, open_source
 from .features import features_of
 from .inputs import torch_dtype
 from .network import build_influence_model, check_model_fits_data, load_network
-from .ranking import merge_top_k
-from .ranking import top_k as best_of
+from .ranking import merge_top_k, top_both
 
 __all__ = ["QueryResult", "query_output", "CANDIDATES_PER_K", "MIN_CANDIDATES"]
 
@@ -162,12 +161,7 @@ def query_output(
     for j, scores in scorer.columns():
         s0, s1 = grid.train_ranges[j]
         idx = np.broadcast_to(np.arange(s0, s1), scores.shape)
-        part = dict(
-            zip(
-                SUMMARY_ARRAYS,
-                (*best_of(idx, scores, candidates, True), *best_of(idx, scores, candidates, False)),
-            )
-        )
+        part = top_both(idx, scores, candidates)
         running = merge_top_k(running, part, candidates) if running else part
         if rows is not None:
             rows.append(scores)
@@ -294,9 +288,7 @@ class _Scorer:
         grads = self.model.per_sample_grads(x, y)
         scores = (self.factors.to(grads.dtype) @ grads.T).numpy()
         idx = np.broadcast_to(chosen, scores.shape)
-        return dict(
-            zip(SUMMARY_ARRAYS, (*best_of(idx, scores, k, True), *best_of(idx, scores, k, False)))
-        )
+        return top_both(idx, scores, k)
 
 
 def draw_query(

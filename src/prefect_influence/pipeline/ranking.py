@@ -12,7 +12,7 @@ import numpy as np
 
 from ..storage import SUMMARY_ARRAYS, Grid
 
-__all__ = ["ColumnTop", "top_k", "merge_top_k", "kept_rows", "stack_rows"]
+__all__ = ["ColumnTop", "top_k", "merge_top_k", "kept_rows", "stack_rows", "top_both"]
 
 
 class ColumnTop:
@@ -31,7 +31,7 @@ class ColumnTop:
         for r in range(0, block.shape[0], step):
             rows = block[r : r + step]
             idx = np.broadcast_to(np.arange(s0, s1), rows.shape)
-            parts.append((*top_k(idx, rows, self.k, True), *top_k(idx, rows, self.k, False)))
+            parts.append(tuple(top_both(idx, rows, self.k).values()))
         self.rows[i] = tuple(np.vstack([p[n] for p in parts]) for n in range(len(SUMMARY_ARRAYS)))
 
     def arrays(self) -> dict[str, np.ndarray]:
@@ -53,6 +53,12 @@ def kept_rows(part: dict[str, np.ndarray], grid: Grid) -> int:
 def stack_rows(head: dict[str, np.ndarray], tail: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Top-k arrays of the rows of ``head`` followed by those of ``tail``."""
     return {name: np.vstack([head[name], tail[name]]) for name in SUMMARY_ARRAYS}
+
+
+def top_both(idx: np.ndarray, val: np.ndarray, k: int) -> dict[str, np.ndarray]:
+    """Per row, the k largest and the k smallest values with their indices: the summary's
+    arrays (:data:`~prefect_influence.storage.SUMMARY_ARRAYS`)."""
+    return dict(zip(SUMMARY_ARRAYS, (*top_k(idx, val, k, True), *top_k(idx, val, k, False))))
 
 
 def merge_top_k(
