@@ -2,6 +2,8 @@
 the inverse Hessian of a trained ``nn.Module``'s mean training loss."""
 
 from .base import TorchInfluenceFunctionModel
+from .curvature import BlockMode, SecondOrderMode
+from .datainf import InverseHarmonicMeanInfluence
 from .direct import DirectInfluence
 from .ekfac import EkfacInfluence
 from .iterative import CgInfluence, LissaInfluence
@@ -12,6 +14,9 @@ __all__ = [
     "TorchInfluenceFunctionModel",
     "DirectInfluence",
     "EkfacInfluence",
+    "InverseHarmonicMeanInfluence",
+    "BlockMode",
+    "SecondOrderMode",
     "CgInfluence",
     "LissaInfluence",
     "ArnoldiInfluence",

@@ -8,10 +8,12 @@ A concrete method only implements ``_fit(data)`` (build its inverse-Hessian appr
 from __future__ import annotations
 
 import collections.abc
+import copy
 import math
 import warnings
 from abc import abstractmethod
-from typing import Any, Iterable, Iterator, Optional
+from collections import OrderedDict
+from typing import Any, Iterable, Iterator, Mapping, Optional, Union
 
 import numpy as np
 import torch
@@ -24,8 +26,14 @@ from ..errors import (
     InfluenceInputError,
     InputRankError,
     InvalidParameterError,
-    InvalidRegularizationError,
     ShapeMismatchError,
+)
+from .curvature import (
+    BlockMode,
+    BlockStructure,
+    SecondOrderMode,
+    block_regularizations,
+    parameter_blocks,
 )
 from .functional import LossFunction, ModelFunctions, check_finite, rows_within
 from .operator import HessianOperator, buffers_kept, product_batch_size
@@ -109,40 +117,62 @@ class TorchInfluenceFunctionModel(InfluenceFunctionModel[Tensor, Batches]):
     self_influence_budget_bytes = 64 * 2**20
     #: keys of the method-specific part of :meth:`fitted_state`
     _state_keys: tuple[str, ...] = ()
+    #: whether a ``block_structure`` other than one block may be given
+    _supports_blocks = True
+    #: the ``second_order_mode`` values the method takes
+    _second_order_modes: tuple[SecondOrderMode, ...] = tuple(SecondOrderMode)
 
     def __init__(
         self,
         model: nn.Module,
         loss: LossFunction,
-        regularization: Optional[float] = None,
+        regularization: Union[None, float, Mapping[str, Optional[float]]] = None,
         *,
-        hessian_regularization: Optional[float] = None,
+        hessian_regularization: Union[None, float, Mapping[str, Optional[float]]] = None,
+        block_structure: BlockStructure = BlockMode.FULL,
+        second_order_mode: Union[SecondOrderMode, str] = SecondOrderMode.HESSIAN,
     ):
         if regularization is not None and hessian_regularization is not None:
             raise InvalidParameterError(
                 "Pass either regularization or its alias hessian_regularization, not both."
             )
         if regularization is None:
-            regularization = 0.0 if hessian_regularization is None else hessian_regularization
+            regularization = hessian_regularization
         if not isinstance(model, nn.Module):
             raise InfluenceInputError(
                 f"model must be a torch.nn.Module, got {type(model).__name__}."
             )
         if not callable(loss):
             raise InfluenceInputError(f"loss must be callable, got {type(loss).__name__}.")
-        reg = float(regularization)
-        if not math.isfinite(reg) or reg < 0:
-            raise InvalidRegularizationError(
-                f"regularization must be a finite number ≥ 0, got {regularization!r}."
+        self.second_order_mode = SecondOrderMode.parse(second_order_mode)
+        if self.second_order_mode not in self._second_order_modes:
+            raise InvalidParameterError(
+                f"{type(self).__name__} does not take second_order_mode="
+                f"{self.second_order_mode.name}."
             )
-        if self._needs_positive_regularization and reg == 0:
-            raise InvalidRegularizationError(
-                f"{type(self).__name__} needs regularization > 0 (it divides by it); got 0."
+        blocks = parameter_blocks(model, block_structure)
+        if len(blocks) > 1 and not self._supports_blocks:
+            raise InvalidParameterError(
+                f"{type(self).__name__} approximates the Hessian layer by layer already and "
+                "takes no block_structure."
             )
+        regs = block_regularizations(
+            regularization,
+            blocks,
+            required=type(self).__name__ if self._needs_positive_regularization else None,
+        )
+        self.block_structure = block_structure
+        #: block name → names of its parameters (one block ``""`` of all of them unless a
+        #: block structure splits them)
+        self.parameter_blocks = blocks
+        #: block name → the block's ``λ``
+        self.block_regularization = regs
         self.model = model
         self.loss = loss
-        self.regularization = reg
-        self._fn = ModelFunctions(model, loss)
+        self.regularization = next(iter(regs.values())) if len(regs) == 1 else dict(regs)
+        names = [name for block in blocks.values() for name in block]
+        self._fn = ModelFunctions(model, loss, names, self.second_order_mode.value)
+        self._blocks: Optional[dict[str, "TorchInfluenceFunctionModel"]] = None
         self._fitted = False
         self._x_shape: Optional[tuple[int, ...]] = None
         self._y_shape: Optional[tuple[int, ...]] = None
@@ -183,9 +213,60 @@ class TorchInfluenceFunctionModel(InfluenceFunctionModel[Tensor, Batches]):
         with buffers_kept(self.model):
             training = TrainingData(self, data)
             with torch.no_grad():
-                self._fit(training)
+                if self._is_blocked:
+                    self._blocks = self._block_models()
+                    for block in self._blocks.values():
+                        block._fit(training)
+                else:
+                    self._fit(training)
         self._fitted = True
         return self
+
+    @property
+    def _is_blocked(self) -> bool:
+        return len(self.parameter_blocks) > 1
+
+    def _block_models(self) -> dict[str, "TorchInfluenceFunctionModel"]:
+        """One model per block: this method's settings over the block's parameters only, with
+        the block's ``λ`` (a deep copy that shares the network and the loss)."""
+        self._blocks = None
+        models = {}
+        for name, names in self.parameter_blocks.items():
+            memo = {id(self.model): self.model, id(self.loss): self.loss, id(self._fn): None}
+            block = copy.deepcopy(self, memo)
+            block._fn = self._fn.restricted(names)
+            block.parameter_blocks = OrderedDict([(name, names)])
+            block.block_regularization = {name: self.block_regularization[name]}
+            block.regularization = self.block_regularization[name]
+            block._x_shape, block._y_shape = self._x_shape, self._y_shape
+            block._on_restricted()
+            models[name] = block
+        return models
+
+    def _on_restricted(self) -> None:
+        """Called on a block's model after its parameters were narrowed to the block's, for
+        settings derived from the number of parameters."""
+
+    def _block_slices(self) -> dict[str, Tensor]:
+        """Block name → positions of its parameters in the flat parameter vector."""
+        offsets, start = {}, 0
+        for name, numel in zip(self._fn.names, self._fn.numels):
+            offsets[name] = (start, start + numel)
+            start += numel
+        return {
+            block: torch.cat([torch.arange(*offsets[n]) for n in names]).to(self.device)
+            for block, names in self.parameter_blocks.items()
+        }
+
+    def _apply(self, rhs: Tensor) -> Tensor:
+        """The fitted inverse applied to every row of ``rhs``, block by block if there are
+        blocks."""
+        if not self._is_blocked:
+            return self._solve(rhs)
+        out = torch.empty_like(rhs)
+        for index, block in zip(self._block_slices().values(), self._blocks.values()):
+            out[:, index] = block._solve(rhs[:, index])
+        return out
 
     @abstractmethod
     def _fit(self, data: TrainingData) -> None:
@@ -200,7 +281,7 @@ class TorchInfluenceFunctionModel(InfluenceFunctionModel[Tensor, Batches]):
         self._require_fitted()
         x, y = self._prepare(x, y, "input")
         grads = self._fn.per_sample_grads(x, y)
-        return self._solve(grads)
+        return self._apply(grads)
 
     def influences_from_factors(
         self,
@@ -225,7 +306,7 @@ class TorchInfluenceFunctionModel(InfluenceFunctionModel[Tensor, Batches]):
     def factors_from_grads(self, grads: Tensor) -> Tensor:
         """``H⁻¹ g`` for every row ``g`` of precomputed per-sample gradients (``k × p``)."""
         self._require_fitted()
-        return self._solve(self._prepare_factors(grads))
+        return self._apply(self._prepare_factors(grads))
 
     def self_influences(self, x: Tensor, y: Tensor) -> Tensor:
         """``⟨H⁻¹∇θℓ(z_i), ∇θℓ(z_i)⟩`` for every sample: the diagonal, without the full matrix.
@@ -237,48 +318,141 @@ class TorchInfluenceFunctionModel(InfluenceFunctionModel[Tensor, Batches]):
         parts = []
         for start in range(0, x.shape[0], step):
             grads = self._fn.per_sample_grads(x[start : start + step], y[start : start + step])
-            parts.append((self._solve(grads) * grads).sum(dim=1))
+            parts.append((self._apply(grads) * grads).sum(dim=1))
         return torch.cat(parts)
+
+    # -- by block -------------------------------------------------------------------------------
+    def influence_factors_by_block(self, x: Tensor, y: Tensor) -> "OrderedDict[str, Tensor]":
+        """The factors split by block: block name → ``k × p_block`` (one block ``""`` unless a
+        block structure was given)."""
+        return self._split(self.influence_factors(x, y))
+
+    def influences_from_factors_by_block(
+        self,
+        z_test_factors: Mapping[str, Tensor],
+        x: Tensor,
+        y: Tensor,
+        mode: InfluenceMode = InfluenceMode.Up,
+    ) -> "OrderedDict[str, Tensor]":
+        """Each block's contribution to :meth:`influences_from_factors`, by block name; they
+        sum to it. ``z_test_factors`` maps every block name to its part of the factors."""
+        self._require_fitted()
+        mode = InfluenceMode.parse(mode)
+        if not isinstance(z_test_factors, Mapping):
+            raise InfluenceInputError(
+                "z_test_factors must map block names to factors, as influence_factors_by_block "
+                f"returns them; got {type(z_test_factors).__name__}."
+            )
+        absent = [b for b in self.parameter_blocks if b not in z_test_factors]
+        if absent:
+            raise InfluenceInputError(
+                f"z_test_factors lacks the blocks {absent}; it has {list(z_test_factors)}."
+            )
+        x, y = self._prepare(x, y, "training input")
+        grads = self._fn.per_sample_grads(x, y) if mode is InfluenceMode.Up else None
+        result: "OrderedDict[str, Tensor]" = OrderedDict()
+        for (block, index), names in zip(
+            self._block_slices().items(), self.parameter_blocks.values()
+        ):
+            factors = _as_tensor(z_test_factors[block], f"z_test_factors[{block!r}]")
+            check_factors_shape(tuple(factors.shape), int(index.numel()))
+            check_finite(factors, f"z_test_factors[{block!r}]")
+            factors = factors.to(device=self.device, dtype=self.dtype)
+            if grads is not None:
+                result[block] = factors @ grads[:, index].T
+            else:
+                result[block] = self._fn.restricted(names).mixed_products(factors, x, y)
+        return result
+
+    def influences_by_block(
+        self,
+        x_test: Tensor,
+        y_test: Tensor,
+        x: Optional[Tensor] = None,
+        y: Optional[Tensor] = None,
+        mode: InfluenceMode = InfluenceMode.Up,
+    ) -> "OrderedDict[str, Tensor]":
+        """Each block's contribution to :meth:`influences`, by block name; they sum to it."""
+        if (x is None) != (y is None):
+            raise InfluenceInputError("Pass both x and y, or neither (then the test data).")
+        factors = self.influence_factors_by_block(x_test, y_test)
+        if x is None:
+            x, y = x_test, y_test
+        return self.influences_from_factors_by_block(factors, x, y, mode)
+
+    def _split(self, flat: Tensor) -> "OrderedDict[str, Tensor]":
+        return OrderedDict((b, flat[:, index]) for b, index in self._block_slices().items())
+
+    # -- device ---------------------------------------------------------------------------------
+    def to(self, device: Union[str, torch.device]) -> "TorchInfluenceFunctionModel":
+        """Move the network and the fitted state to ``device``; returns ``self``."""
+        state = self.fitted_state() if self._fitted else None
+        self.model.to(device)
+        names = list(self._fn.names)
+        self._fn = ModelFunctions(self.model, self.loss, names, self._fn.second_order)
+        if state is not None:
+            self.load_fitted_state(state)
+        return self
 
     # -- fitted state ---------------------------------------------------------------------------
     def fitted_state(self) -> dict[str, Tensor]:
         self._require_fitted()
+        regs = list(self.block_regularization.values())
         state = {
             "n_parameters": torch.tensor(self.n_parameters, dtype=torch.int64),
-            "regularization": torch.tensor(self.regularization, dtype=torch.float64),
+            "regularization": torch.tensor(
+                regs if self._is_blocked else regs[0], dtype=torch.float64
+            ),
             "x_shape": torch.tensor(self._x_shape, dtype=torch.int64),
             "y_shape": torch.tensor(self._y_shape, dtype=torch.int64),
         }
-        state.update({k: v.detach().cpu().clone() for k, v in self._get_state().items()})
-        return state
+        if self._is_blocked:
+            for i, block in enumerate(self._blocks.values()):
+                state.update({f"block{i}.{k}": v for k, v in block._get_state().items()})
+        else:
+            state.update(self._get_state())
+        return {k: v.detach().cpu().clone() for k, v in state.items()}
 
     def load_fitted_state(self, state: dict[str, Any]) -> "TorchInfluenceFunctionModel":
-        needed = {"n_parameters", "regularization", "x_shape", "y_shape", *self._state_keys}
+        blocks = self._block_models() if self._is_blocked else {"": self}
+        own = [
+            f"block{i}.{k}" if self._is_blocked else k
+            for i, block in enumerate(blocks.values())
+            for k in block._state_keys
+        ]
+        needed = {"n_parameters", "regularization", "x_shape", "y_shape", *own}
         missing = sorted(needed - set(state))
         if missing:
             raise FittedStateError(
-                f"The fitted state lacks {missing}; was it exported by {type(self).__name__}?"
+                f"The fitted state lacks {missing}; was it exported by {type(self).__name__}"
+                + (f" with {len(blocks)} blocks?" if self._is_blocked else "?")
             )
         if int(state["n_parameters"]) != self.n_parameters:
             raise FittedStateError(
                 f"The fitted state is for {int(state['n_parameters'])} parameters, but the model "
                 f"has {self.n_parameters} trainable parameters."
             )
-        if (
-            self._state_depends_on_regularization
-            and float(state["regularization"]) != self.regularization
-        ):
+        stored = [float(r) for r in torch.as_tensor(state["regularization"]).reshape(-1)]
+        ours = list(self.block_regularization.values())
+        if len(stored) != len(ours):
             raise FittedStateError(
-                f"The fitted state was made with regularization {float(state['regularization'])}, "
-                f"this model uses {self.regularization}."
+                f"The fitted state has {len(stored)} blocks, this model {len(ours)}."
             )
-        self._x_shape = tuple(int(s) for s in state["x_shape"].reshape(-1).tolist())
-        self._y_shape = tuple(int(s) for s in state["y_shape"].reshape(-1).tolist())
-        own = {
-            k: state[k].to(self.device) if state[k].is_floating_point() else state[k]
-            for k in self._state_keys
-        }
-        self._set_state(own)
+        if self._state_depends_on_regularization and stored != ours:
+            raise FittedStateError(
+                f"The fitted state was made with regularization {_shown(stored)}, "
+                f"this model uses {_shown(ours)}."
+            )
+        x_shape = tuple(int(s) for s in state["x_shape"].reshape(-1).tolist())
+        y_shape = tuple(int(s) for s in state["y_shape"].reshape(-1).tolist())
+        for i, block in enumerate(blocks.values()):
+            prefix = f"block{i}." if self._is_blocked else ""
+            block._set_state(
+                {k: _to_device(state[prefix + k], self.device) for k in block._state_keys}
+            )
+            block._x_shape, block._y_shape, block._fitted = x_shape, y_shape, True
+        self._blocks = blocks if self._is_blocked else None
+        self._x_shape, self._y_shape = x_shape, y_shape
         self._fitted = True
         return self
 
@@ -366,6 +540,14 @@ class TorchInfluenceFunctionModel(InfluenceFunctionModel[Tensor, Batches]):
         x, y = data.tensors()
         batch = product_batch_size(self._fn, x, y, data.batch_size)
         return HessianOperator(self._fn, (x, y), batch, self.regularization)
+
+
+def _shown(regs: list[float]) -> Any:
+    return regs[0] if len(regs) == 1 else regs
+
+
+def _to_device(t: Tensor, device: torch.device) -> Tensor:
+    return t.to(device) if t.is_floating_point() else t
 
 
 def _as_tensor(value: Any, what: str) -> Tensor:

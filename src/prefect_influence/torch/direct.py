@@ -68,7 +68,8 @@ class DirectInfluence(TorchInfluenceFunctionModel):
         fn = self._fn
         batches = list(data)
         if self.hessian_dtype != self.dtype:
-            fn = ModelFunctions(copy.deepcopy(self.model).to(self.hessian_dtype), self.loss)
+            copied = copy.deepcopy(self.model).to(self.hessian_dtype)
+            fn = ModelFunctions(copied, self.loss, self._fn.names, self._fn.second_order)
             batches = [(_cast(x, fn.dtype), _cast(y, fn.dtype)) for x, y in batches]
         matrix = exact_hessian(fn, batches, data.n_samples)
         matrix.diagonal().add_(self.regularization)

@@ -8,17 +8,31 @@ the order of ``model.named_parameters()``.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, jacrev, vjp, vmap
+from torch.func import functional_call, grad, hessian, jacrev, jvp, vjp, vmap
 
 from ..errors import EmptyDataError, NonFiniteError
+
+# pyDVL keeps these helpers in its functional module; code written for it imports them here
+from .compat import (  # noqa: F401
+    LowRankProductRepresentation,
+    create_batch_hvp_function,
+    create_batch_loss_function,
+    create_hvp_function,
+    hvp,
+    operator_spectral_approximation,
+)
 
 __all__ = ["LossFunction", "ModelFunctions", "iterate_batches"]
 
 LossFunction = Callable[[Tensor, Tensor], Tensor]
+
+#: curvature matrices a :class:`ModelFunctions` forms products with: the Hessian, the empirical
+#: Fisher ``Σ ∇ℓᵢ∇ℓᵢᵀ`` (pyDVL's "Gauss-Newton") and the generalized Gauss-Newton ``Σ Jᵢᵀ Hᵢ Jᵢ``
+SECOND_ORDER = ("hessian", "gauss_newton", "generalized_gauss_newton")
 
 #: what the vectors of one Hessian-vector product may add (each needs about one more graph)
 PRODUCT_VECTOR_BYTES = 256 * 2**20
@@ -32,20 +46,39 @@ class ModelFunctions:
     divide by the number of samples to get means.
     """
 
-    def __init__(self, model: nn.Module, loss: LossFunction):
+    def __init__(
+        self,
+        model: nn.Module,
+        loss: LossFunction,
+        names: Optional[Sequence[str]] = None,
+        second_order: str = "hessian",
+    ):
         self.model = model
         self.loss = loss
         named = list(model.named_parameters())
-        self.names = [n for n, p in named if p.requires_grad]
-        if not self.names:
+        trainable = [n for n, p in named if p.requires_grad]
+        if not trainable:
             raise ValueError(
                 "The model has no trainable parameters (all have requires_grad=False)."
             )
-        self.shapes = [p.shape for n, p in named if p.requires_grad]
-        self.numels = [p.numel() for n, p in named if p.requires_grad]
-        first = next(p for _, p in named if p.requires_grad)
+        #: differentiated parameters: all trainable ones, or the subset of a Hessian block
+        #: (the others are held fixed, as frozen parameters are)
+        chosen = set(trainable if names is None else names)
+        self.names = [n for n in trainable if n in chosen]
+        self.is_whole = len(self.names) == len(trainable)
+        by_name = dict(named)
+        self.shapes = [by_name[n].shape for n in self.names]
+        self.numels = [by_name[n].numel() for n in self.names]
+        first = by_name[self.names[0]]
         self.dtype = first.dtype
         self.device = first.device
+        if second_order not in SECOND_ORDER:
+            raise ValueError(f"second_order must be one of {SECOND_ORDER}, got {second_order!r}.")
+        self.second_order = second_order
+
+    def restricted(self, names: Sequence[str]) -> "ModelFunctions":
+        """The same model, loss and curvature over the parameters ``names`` only."""
+        return ModelFunctions(self.model, self.loss, names, self.second_order)
 
     # -- parameters ---------------------------------------------------------------------------
     @property
@@ -53,7 +86,8 @@ class ModelFunctions:
         return int(sum(self.numels))
 
     def _fixed(self) -> dict[str, Tensor]:
-        frozen = {n: p.detach() for n, p in self.model.named_parameters() if not p.requires_grad}
+        own = set(self.names)
+        frozen = {n: p.detach() for n, p in self.model.named_parameters() if n not in own}
         frozen.update(dict(self.model.named_buffers()))
         return frozen
 
@@ -121,6 +155,10 @@ class ModelFunctions:
         function holds that graph (about :meth:`gradient_graph_bytes`); each vector
         differentiated at once needs about as much again, so ``vectors_at_once`` bounds them.
         """
+        if self.second_order == "gauss_newton":
+            return self._gauss_newton_product(x, y)
+        if self.second_order == "generalized_gauss_newton":
+            return self._generalized_gauss_newton_product(x, y, vectors_at_once)
         _, pullback = vjp(grad(lambda p: self.summed_loss(p, x, y)), self.params())
 
         def product(vectors: Tensor) -> Tensor:
@@ -128,6 +166,37 @@ class ModelFunctions:
             return vmap(one, chunk_size=vectors_at_once)(vectors)
 
         return product
+
+    def _gauss_newton_product(self, x: Tensor, y: Tensor) -> Callable[[Tensor], Tensor]:
+        """``V ↦ Σ_i ∇ℓᵢ (∇ℓᵢᵀ v)``: two matrix products with the batch's gradients."""
+        grads = self.per_sample_grads(x, y)
+        return lambda vectors: (vectors @ grads.T) @ grads
+
+    def _generalized_gauss_newton_product(
+        self, x: Tensor, y: Tensor, vectors_at_once: Optional[int]
+    ) -> Callable[[Tensor], Tensor]:
+        """``V ↦ Σ_i Jᵢᵀ Hᵢ Jᵢ v``: a forward-mode product through the model (``Jᵢ v``), the
+        loss's Hessian in the outputs (``m × m`` per sample) and a reverse-mode product back,
+        so the Jacobian is never formed."""
+        params, fixed = self.params(), self._fixed()
+
+        def outputs(p: dict[str, Tensor]) -> Tensor:
+            return functional_call(self.model, {**p, **fixed}, (x,))
+
+        out, pullback = vjp(outputs, params)
+        m = out[0].numel()
+
+        def sample_loss(o: Tensor, t: Tensor) -> Tensor:
+            return self.loss(o.reshape(out.shape[1:]).unsqueeze(0), t.unsqueeze(0))
+
+        curvature = vmap(hessian(sample_loss))(out.detach().reshape(len(x), m), y)
+
+        def one(v: Tensor) -> Tensor:
+            _, jv = jvp(outputs, (params,), (self.unflatten(v),))
+            hjv = torch.einsum("nij,nj->ni", curvature, jv.reshape(len(x), m))
+            return self.flatten(pullback(hjv.reshape(out.shape))[0])
+
+        return lambda vectors: vmap(one, chunk_size=vectors_at_once)(vectors)
 
     def gradient_graph_bytes(self, x: Tensor, y: Tensor) -> int:
         """Bytes of activations autograd keeps to differentiate the gradient of the loss over

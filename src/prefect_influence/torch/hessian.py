@@ -30,6 +30,7 @@ from .functional import PRODUCT_VECTOR_BYTES, ModelFunctions, check_finite
 
 __all__ = [
     "exact_hessian",
+    "empirical_fisher",
     "dense_hessian",
     "linear_layers_hessian",
     "linear_layers_flops",
@@ -54,7 +55,10 @@ def exact_hessian(fn: ModelFunctions, data: Batches, n: int) -> Tensor:
     """The mean Hessian of the loss over ``data`` (``n`` samples in all), in ``fn``'s dtype:
     structured for ``nn.Linear`` networks (verified), by products with the identity otherwise."""
     batches = list(data)
-    layers = linear_layout(fn, *batches[0]) if batches else None
+    if fn.second_order == "gauss_newton":
+        return empirical_fisher(fn, batches, n)
+    structured = fn.second_order == "hessian" and fn.is_whole
+    layers = linear_layout(fn, *batches[0]) if batches and structured else None
     if layers is not None:
         hessian = linear_layers_hessian(fn, batches, n, layers)
         if _agrees_with_products(fn, batches, n, hessian):
@@ -65,6 +69,17 @@ def exact_hessian(fn: ModelFunctions, data: Batches, n: int) -> Tensor:
         )
         del hessian
     return dense_hessian(fn, batches, n)
+
+
+def empirical_fisher(fn: ModelFunctions, data: Batches, n: int) -> Tensor:
+    """``(1/n) Σ ∇ℓᵢ ∇ℓᵢᵀ`` (pyDVL's Gauss-Newton matrix): one ``Gᵀ G`` product per batch."""
+    p = fn.n_parameters
+    matrix = torch.zeros(p, p, dtype=fn.dtype, device=fn.device)
+    for x, y in data:
+        grads = fn.per_sample_grads(x, y)
+        matrix.addmm_(grads.T, grads)
+    matrix /= n
+    return symmetrize_(matrix)
 
 
 # -- any model: products with the identity --------------------------------------------------------
