@@ -16,9 +16,11 @@ from distributed import Client, LocalCluster  # noqa: E402
 from problems import nonconvex_classifier  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
-from torch.utils.data import TensorDataset  # noqa: E402
+from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
+from zarr.storage import MemoryStore  # noqa: E402
 
 from prefect_influence import (  # noqa: E402
+    ArrayExistsError,
     DaskInfluenceCalculator,
     DisableClientSingleThreadCheck,
     DisableClientThreadingCheck,
@@ -35,6 +37,7 @@ from prefect_influence import (  # noqa: E402
     TorchNumpyConverter,
     UnalignedChunksError,
 )
+from prefect_influence.errors import NotFittedException  # noqa: E402
 from prefect_influence.torch import DirectInfluence  # noqa: E402
 
 # Everything is float64 and every path performs the same arithmetic as the in-memory call, only
@@ -214,6 +217,60 @@ def test_unfitted_model_raises_when_computed(problem):
     )
     with pytest.raises(NotFittedError, match="fit"):
         lazy.compute()
+    with pytest.raises(ValueError, match="fit"):  # pyDVL's NotFittedException is a ValueError
+        lazy.compute()
+    assert issubclass(NotFittedException, ValueError) and NotFittedException is NotFittedError
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_sequential_from_factors_takes_one_element_batches(problem, mode):
+    # a DataLoader over TensorDataset(factors) yields one-element lists, each holding a chunk
+    loader = DataLoader(TensorDataset(problem.factors), batch_size=4)
+    assert isinstance(next(iter(loader)), list) and len(next(iter(loader))) == 1
+    calc = SequentialInfluenceCalculator(problem.model)
+    lazy = calc.influences_from_factors(loader, problem.train_batches(), mode)
+    assert lazy.len_outer_generator == 3  # 11 test samples in batches of 4
+    values = lazy.compute(NestedTorchCatAggregator()).numpy()
+    np.testing.assert_allclose(values, problem.expected[mode], rtol=RTOL, atol=ATOL)
+    tuples = [(problem.factors[:6],), (problem.factors[6:],)]
+    values = calc.influences_from_factors(tuples, problem.train_batches(), mode).compute(
+        NestedTorchCatAggregator()
+    )
+    np.testing.assert_allclose(values, problem.expected[mode], rtol=RTOL, atol=ATOL)
+
+
+def test_sequential_from_factors_refuses_batches_of_several_elements(problem):
+    pairs = [(problem.factors, problem.factors)]
+    lazy = SequentialInfluenceCalculator(problem.model).influences_from_factors(
+        pairs, problem.train_batches()
+    )
+    with pytest.raises(InfluenceInputError, match="Batch 0 of z_test_factors is a tuple of 2"):
+        lazy.compute()
+
+
+def test_to_zarr_writes_into_a_store_object(problem):
+    calc = SequentialInfluenceCalculator(problem.model)
+    factors = calc.influence_factors(problem.test_batches())
+    store = MemoryStore()
+    stored = factors.to_zarr(store, TorchNumpyConverter(), return_stored=True)
+    np.testing.assert_allclose(stored[:], problem.factors.numpy(), rtol=RTOL, atol=ATOL)
+    np.testing.assert_array_equal(zarr.open_array(store, mode="r")[:], stored[:])
+    with pytest.raises(ArrayExistsError):  # the store holds data now
+        factors.to_zarr(store, TorchNumpyConverter())
+
+    nested = calc.influences(problem.test_batches(), problem.train_batches())
+    block_store = MemoryStore()
+    assert nested.to_zarr(block_store, TorchNumpyConverter()) is None
+    np.testing.assert_allclose(
+        zarr.open_array(block_store, mode="r")[:],
+        problem.expected[InfluenceMode.Up],
+        rtol=RTOL,
+        atol=ATOL,
+    )
+    with pytest.raises(InfluenceInputError, match="storage_options"):
+        factors.to_zarr(MemoryStore(), TorchNumpyConverter(), storage_options={"anon": True})
+    with pytest.raises(InfluenceInputError, match="got int"):
+        factors.to_zarr(3, TorchNumpyConverter())
 
 
 # -- dask, synchronous scheduler -----------------------------------------------------------------

@@ -9,9 +9,10 @@ Two ways to run one:
 
 * ``compute(aggregator)`` pulls every chunk into memory and combines them (a list by default,
   one tensor with :class:`~prefect_influence.torch.util.TorchCatAggregator`).
-* ``to_zarr(url, converter)`` writes chunk after chunk into a zarr v3 array at a local path or
-  any fsspec URL (``file://``, ``memory://``, ``s3://``...), so memory stays bounded by one chunk
-  (one block for nested sequences), whatever the size of the whole result.
+* ``to_zarr(url, converter)`` writes chunk after chunk into a zarr v3 array at a local path,
+  any fsspec URL (``file://``, ``memory://``, ``s3://``...) or a zarr store object, so memory
+  stays bounded by one chunk (one block for nested sequences), whatever the size of the whole
+  result.
 
 Example:
     >>> lazy = LazyChunkSequence(lambda: (torch.full((n, 2), n) for n in (3, 1, 2)))
@@ -26,11 +27,11 @@ from __future__ import annotations
 import logging
 import os
 from abc import ABC, abstractmethod
-from typing import Any, Callable, Generic, Iterator, Optional, TypeVar
+from typing import Any, Callable, Generic, Iterator, Optional, TypeVar, Union
 
 import numpy as np
 
-from .errors import ArrayExistsError, EmptyDataError, ShapeMismatchError
+from .errors import ArrayExistsError, EmptyDataError, InfluenceInputError, ShapeMismatchError
 from .locations import PathOrUrl, open_store
 
 __all__ = [
@@ -46,6 +47,9 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 TensorType = TypeVar("TensorType")
+
+#: where :meth:`LazyChunkSequence.to_zarr` writes: a path, an fsspec URL or a zarr store object
+PathOrStore = Union[PathOrUrl, "zarr.abc.store.Store"]  # noqa: F821
 
 
 class NumpyConverter(ABC, Generic[TensorType]):
@@ -112,7 +116,7 @@ class LazyChunkSequence(Generic[TensorType]):
 
     def to_zarr(
         self,
-        path_or_url: PathOrUrl,
+        path_or_url: PathOrStore,
         converter: NumpyConverter,
         return_stored: bool = False,
         overwrite: bool = False,
@@ -121,13 +125,16 @@ class LazyChunkSequence(Generic[TensorType]):
         """Compute chunk by chunk and append each to a zarr v3 array at ``path_or_url``.
 
         Args:
-            path_or_url: a local path, or an fsspec URL (``file://``, ``memory://``, ``s3://``...).
+            path_or_url: a local path, an fsspec URL (``file://``, ``memory://``, ``s3://``...),
+                or a zarr store object (e.g. ``zarr.storage.MemoryStore()``), written at its
+                root.
             converter: turns each chunk into a numpy array.
             return_stored: return the written ``zarr.Array`` (else ``None``).
             overwrite: replace what is stored there. Without it, a non-empty location raises
                 :class:`~prefect_influence.ArrayExistsError` before anything is computed or
                 written, and is left untouched.
-            storage_options: passed to fsspec (e.g. credentials, ``endpoint_url`` for S3).
+            storage_options: passed to fsspec (e.g. credentials, ``endpoint_url`` for S3); not
+                with a store object.
 
         Memory holds one chunk at a time. The zarr chunk shape is the first chunk's shape.
         """
@@ -166,7 +173,7 @@ class NestedLazyChunkSequence(Generic[TensorType]):
 
     def to_zarr(
         self,
-        path_or_url: PathOrUrl,
+        path_or_url: PathOrStore,
         converter: NumpyConverter,
         return_stored: bool = False,
         overwrite: bool = False,
@@ -203,9 +210,26 @@ def _store_is_empty(store) -> bool:
 class _ZarrWriter:
     """Grows one zarr v3 array as chunks or blocks arrive; created with the first data."""
 
-    def __init__(self, path_or_url: PathOrUrl, storage_options: Optional[dict], overwrite: bool):
-        self.location = os.fspath(path_or_url)
-        self.store = open_store(path_or_url, storage_options)
+    def __init__(self, path_or_url: PathOrStore, storage_options: Optional[dict], overwrite: bool):
+        from zarr.abc.store import Store
+
+        if isinstance(path_or_url, Store):
+            if storage_options:
+                raise InfluenceInputError(
+                    "storage_options configure the filesystem of a path or URL; they cannot "
+                    f"apply to the zarr store object {path_or_url}, which is already open. "
+                    "Pass the URL with storage_options, or the store alone."
+                )
+            self.location = str(path_or_url)
+            self.store = path_or_url
+        elif isinstance(path_or_url, (str, os.PathLike)):
+            self.location = os.fspath(path_or_url)
+            self.store = open_store(path_or_url, storage_options)
+        else:
+            raise InfluenceInputError(
+                "to_zarr writes to a local path, an fsspec URL or a zarr store object (e.g. "
+                f"zarr.storage.MemoryStore()); got {type(path_or_url).__name__}."
+            )
         self.overwrite = overwrite
         if not overwrite and not _store_is_empty(self.store):
             raise ArrayExistsError(

@@ -10,7 +10,7 @@ The sequential calculator lives here, the Dask one in :mod:`prefect_influence.da
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Iterable, Optional, Sized
+from typing import Any, Iterable, Iterator, Optional, Sized
 
 from .array import LazyChunkSequence, NestedLazyChunkSequence
 from .base import InfluenceFunctionModel, InfluenceMode
@@ -24,9 +24,7 @@ from .dask_calculator import (
     DisableClientSingleThreadCheck,
     DisableClientThreadingCheck,
 )
-from .errors import (
-    InvalidParameterError,
-)
+from .errors import InfluenceInputError, InvalidParameterError
 
 __all__ = [
     "SequentialInfluenceCalculator",
@@ -124,17 +122,35 @@ class SequentialInfluenceCalculator:
         train_data_iterable: Iterable[tuple[Any, Any]],
         mode: InfluenceMode = InfluenceMode.Up,
     ) -> NestedLazyChunkSequence:
-        """Influences of precomputed factor chunks (each ``n_i × p``) on every train batch."""
+        """Influences of precomputed factor chunks (each ``n_i × p``) on every train batch.
+
+        A chunk may also be a one-element list or tuple holding the factors, as a
+        ``DataLoader(TensorDataset(factors))`` yields.
+        """
         mode = InfluenceMode.parse(mode)
-        factory = partial(
-            iter_block_rows,
-            self.influence_function_model,
-            z_test_factors,
-            train_data_iterable,
-            mode,
-            self.train_cache_bytes,
-        )
-        return NestedLazyChunkSequence(factory, len_outer_generator=_length(z_test_factors))
+        model = self.influence_function_model
+
+        def rows():
+            factors = _factor_chunks(z_test_factors)
+            return iter_block_rows(
+                model, factors, train_data_iterable, mode, self.train_cache_bytes
+            )
+
+        return NestedLazyChunkSequence(rows, len_outer_generator=_length(z_test_factors))
+
+
+def _factor_chunks(batches: Iterable[Any]) -> Iterator[Any]:
+    """The factor chunks of ``batches``, each unwrapped from a one-element list or tuple."""
+    for i, batch in enumerate(batches):
+        if isinstance(batch, (list, tuple)):
+            if len(batch) != 1:
+                raise InfluenceInputError(
+                    f"Batch {i} of z_test_factors is a {type(batch).__name__} of {len(batch)} "
+                    "elements; each batch must be a factor tensor (n_i × p) or a one-element "
+                    "list or tuple holding one, as DataLoader(TensorDataset(factors)) yields."
+                )
+            batch = batch[0]
+        yield batch
 
 
 def _length(iterable: Any) -> Optional[int]:

@@ -28,6 +28,11 @@ __all__ = [
     "JobRefusedError",
     "ConfigMismatchError",
     "LeaseHeldError",
+    "NotImplementedLayerRepresentationException",
+    "UnsupportedLayerError",
+    "TorchLinalgEighException",
+    "NotFittedException",
+    "UnsupportedInfluenceModeException",
 ]
 
 
@@ -39,8 +44,11 @@ class InfluenceInputError(PrefectInfluenceError, ValueError):
     """Bad input: a value, shape or configuration that cannot be computed with."""
 
 
-class NotFittedError(PrefectInfluenceError, RuntimeError):
-    """A computing method of an influence model was called before :meth:`fit`."""
+class NotFittedError(PrefectInfluenceError, ValueError, RuntimeError):
+    """A computing method of an influence model was called before :meth:`fit`.
+
+    A :class:`ValueError`, as pyDVL's ``NotFittedException`` is, and a :class:`RuntimeError`.
+    """
 
 
 class ShapeMismatchError(InfluenceInputError):
@@ -91,6 +99,20 @@ class ConfigurationError(InfluenceInputError):
     """A configuration entry cannot be resolved (import path, checkpoint, data URL...)."""
 
 
+class NotImplementedLayerRepresentationException(InfluenceInputError):
+    """A method that works layer by layer (EK-FAC) met a trainable layer it has no
+    representation for (pyDVL's name)."""
+
+
+class UnsupportedLayerError(NotImplementedLayerRepresentationException, NotImplementedError):
+    """A trainable layer EK-FAC has no Kronecker representation for (or one it cannot use: tied
+    parameters, a layer called more than once per forward pass).
+
+    Raised by :meth:`~prefect_influence.torch.EkfacInfluence.fit` (not at construction, as in pyDVL); also a
+    :class:`NotImplementedError`, which is what earlier versions of this package raised.
+    """
+
+
 class JobRefusedError(InfluenceInputError):
     """A job refused while it was checked, before anything started: its file cannot be read, or
     the method does not support a layer of the network."""
@@ -98,6 +120,25 @@ class JobRefusedError(InfluenceInputError):
 
 class ThreadSafetyViolationError(InfluenceInputError):
     """A model that is not thread-safe would run on Dask workers with more than one thread."""
+
+
+class TorchLinalgEighException(PrefectInfluenceError, RuntimeError):
+    """``torch.linalg.eigh`` failed (some LAPACK builds do on large matrices, pytorch/pytorch
+    #92141); pyDVL's name. The original error is the ``__cause__`` and is quoted in the
+    message."""
+
+    def __init__(self, original_exception: BaseException):
+        super().__init__(
+            "torch.linalg.eigh failed; on large matrices some LAPACK builds do (pytorch/pytorch"
+            "#92141). Use a method that needs no dense eigendecomposition (e.g. CG or Arnoldi) "
+            "or a smaller block. Original error: "
+            f"{original_exception}"
+        )
+        self.original_exception = original_exception
+
+    def __reduce__(self):
+        # rebuilt from the original error, so a copy sent between processes keeps its message
+        return type(self), (self.original_exception,)
 
 
 class StorageError(PrefectInfluenceError):
@@ -114,3 +155,14 @@ class ConfigMismatchError(StorageError, ValueError):
 
 class LeaseHeldError(StorageError):
     """Another live run holds the output's lease."""
+
+
+# -- pyDVL's names ------------------------------------------------------------------------------
+# aliases, not subclasses: ``except``/``pytest.raises`` with pyDVL's name must catch what this
+# package raises
+
+#: pyDVL's name of :class:`NotFittedError`.
+NotFittedException = NotFittedError
+
+#: pyDVL's name of :class:`UnsupportedInfluenceModeError`.
+UnsupportedInfluenceModeException = UnsupportedInfluenceModeError

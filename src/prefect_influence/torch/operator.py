@@ -10,6 +10,7 @@ from typing import Callable, Iterator, Optional
 import torch
 from torch import Tensor, nn
 
+from .compat import MatrixOperator  # noqa: F401  (pyDVL's module path for it)
 from .functional import PRODUCT_VECTOR_BYTES, ModelFunctions
 
 __all__ = ["HessianOperator", "product_batch_size", "buffers_kept", "PRODUCT_GRAPH_BYTES"]

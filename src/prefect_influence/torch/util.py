@@ -1,7 +1,10 @@
-"""PyTorch glue for calculators: numpy conversion, tensor aggregators, datasets as dask arrays."""
+"""PyTorch glue for calculators: numpy conversion, tensor aggregators, datasets as dask arrays;
+and, at pyDVL's module path ``pydvl.influence.torch.util``, the block and curvature modes and
+pyDVL's helpers for parameter structures."""
 
 from __future__ import annotations
 
+import logging
 import uuid
 from typing import Any, Optional, Union
 
@@ -16,14 +19,48 @@ from ..array import (
     NumpyConverter,
     SequenceAggregator,
 )
-from ..errors import EmptyDataError, InfluenceInputError, InvalidParameterError
+from ..errors import (
+    EmptyDataError,
+    InfluenceInputError,
+    InvalidParameterError,
+    ShapeMismatchError,
+    TorchLinalgEighException,
+)
+from .compat import (
+    LossType,
+    TorchTensorContainerType,
+    align_structure,
+    align_with_model,
+    flatten_dimensions,
+    get_model_parameters,
+    reshape_vector_to_tensors,
+    safe_torch_linalg_eigh,
+    to_model_device,
+)
+from .curvature import BlockMode, ModelParameterDictBuilder, SecondOrderMode
 
 __all__ = [
     "TorchNumpyConverter",
     "TorchCatAggregator",
     "NestedTorchCatAggregator",
     "torch_dataset_to_dask_array",
+    # pyDVL's names at this module path
+    "BlockMode",
+    "SecondOrderMode",
+    "ModelParameterDictBuilder",
+    "LossType",
+    "TorchTensorContainerType",
+    "TorchLinalgEighException",
+    "align_structure",
+    "align_with_model",
+    "flatten_dimensions",
+    "get_model_parameters",
+    "reshape_vector_to_tensors",
+    "safe_torch_linalg_eigh",
+    "to_model_device",
 ]
+
+logger = logging.getLogger(__name__)
 
 
 def native_array(x: np.ndarray) -> np.ndarray:
@@ -83,6 +120,12 @@ def _sample_to_numpy(value: Any) -> np.ndarray:
     return np.asarray(value)
 
 
+def _parts(item: Any) -> tuple:
+    """The parts of one sample: a tuple or list ``(x, y, ...)`` is its elements, anything else
+    (a tensor, an array, a number) is one part."""
+    return tuple(item) if isinstance(item, (tuple, list)) else (item,)
+
+
 def _is_integer(dtype: np.dtype) -> bool:
     return np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.bool_)
 
@@ -91,13 +134,58 @@ def _is_count(value: Any) -> bool:
     return not isinstance(value, bool) and isinstance(value, (int, np.integer)) and value >= 1
 
 
-def _load_chunk(dataset, start: int, stop: int, x_dtype, y_dtype) -> tuple[np.ndarray, ...]:
-    xs, ys = [], []
+def _load_chunk(dataset, start: int, stop: int, dtypes: tuple) -> tuple[np.ndarray, ...]:
+    columns: list[list[np.ndarray]] = [[] for _ in dtypes]
     for i in range(start, stop):
-        x, y = dataset[i]
-        xs.append(_sample_to_numpy(x))
-        ys.append(_sample_to_numpy(y))
-    return np.stack(xs).astype(x_dtype, copy=False), np.stack(ys).astype(y_dtype, copy=False)
+        parts = _parts(dataset[i])
+        if len(parts) != len(dtypes):
+            raise ShapeMismatchError(
+                f"Sample {i} of the dataset has {len(parts)} part(s), sample 0 had {len(dtypes)}."
+            )
+        for column, value in zip(columns, parts):
+            column.append(_sample_to_numpy(value))
+    chunks = []
+    for k, (column, dtype) in enumerate(zip(columns, dtypes)):
+        try:
+            stacked = np.stack(column)
+        except ValueError as exc:
+            shapes = sorted({c.shape for c in column})
+            raise ShapeMismatchError(
+                f"Part {k} of samples {start}..{stop - 1} has different shapes {shapes}; every "
+                "sample's part must have one shape."
+            ) from exc
+        chunks.append(stacked.astype(dtype, copy=False))
+    return tuple(chunks)
+
+
+def _first_sample(dataset: Any) -> Any:
+    try:
+        return dataset[0]
+    except IndexError:
+        raise EmptyDataError("The dataset holds no samples.") from None
+    except (TypeError, KeyError, NotImplementedError) as exc:
+        raise InfluenceInputError(
+            f"The dataset ({type(dataset).__name__}) cannot be indexed with dataset[i] "
+            f"({type(exc).__name__}: {exc}); pass a map-style dataset (with total_size when it "
+            "has no len())."
+        ) from None
+
+
+def _count_samples(dataset: Any) -> int:
+    """The number of samples of a dataset without ``len()``: indices are read until one
+    raises ``IndexError``, as a map-style dataset does past its end."""
+    logger.warning(
+        "%s has no len(): counting its samples by reading them all once; pass total_size to "
+        "skip this.",
+        type(dataset).__name__,
+    )
+    n = 1  # dataset[0] was read already
+    while True:
+        try:
+            dataset[n]
+        except IndexError:
+            return n
+        n += 1
 
 
 def torch_dataset_to_dask_array(
@@ -105,33 +193,41 @@ def torch_dataset_to_dask_array(
     chunk_size: int,
     total_size: Optional[int] = None,
     resulting_dtype: Any = np.float32,
-):
-    """Wrap a map-style dataset of ``(x, y)`` pairs as two lazy dask arrays ``(da_x, da_y)``.
+) -> tuple:
+    """Wrap a map-style dataset as lazy dask arrays, one per part of a sample.
 
-    Both are chunked along the first (sample) dimension only, in chunks of ``chunk_size``
-    samples (the last one may be shorter); nothing is loaded until they are computed, one task
-    per chunk reading ``dataset[i]`` for its indices. Only ``dataset[0]`` is read now, to learn
-    the shapes and dtypes of a sample.
+    A sample ``dataset[i]`` that is a tuple (or list) ``(x, y, ...)`` gives one array per
+    element, e.g. ``(da_x, da_y)`` for ``TensorDataset(x, y)``; any other sample (a tensor,
+    an array, a number), or a 1-tuple as ``TensorDataset(x)`` yields, gives a 1-tuple
+    ``(da_x,)``. Every array is chunked along the first (sample) dimension only, in chunks of
+    ``chunk_size`` samples (the last one may be shorter); nothing is loaded until they are
+    computed, one task per chunk reading ``dataset[i]`` for its indices. Only ``dataset[0]``
+    is read now, to learn the shapes and dtypes of a sample (and, for a dataset without
+    ``len()`` and without ``total_size``, every sample once, to count them).
 
     Args:
-        dataset: anything with ``dataset[i] -> (x, y)`` (tensors, arrays or numbers), e.g. a
+        dataset: anything with ``dataset[i]`` (tensors, arrays or numbers), e.g. a
             ``torch.utils.data.Dataset``; it is sent to the workers once, as one graph key.
         chunk_size: samples per chunk, an integer ≥ 1.
-        total_size: number of samples to take (the first ``total_size``); ``len(dataset)``
-            when omitted.
-        resulting_dtype: dtype of ``da_x``, and of ``da_y`` when the labels are floating point.
+        total_size: number of samples to take (the first ``total_size``). When omitted,
+            ``len(dataset)``, or for a dataset without ``len()`` the first index at which
+            ``dataset[i]`` raises ``IndexError``.
+        resulting_dtype: dtype of the first part (``x``), and of the other parts unless they
+            are integers.
 
-    Labels that are integers (or booleans), e.g. class indices for a cross-entropy loss, keep
-    their own dtype: casting them to a float type would break such losses and, above ``2**24``
-    for float32, change their values. Inputs are always cast to ``resulting_dtype``; pass an
-    integer dtype for integer inputs such as token ids.
+    Parts after the first that are integers (or booleans), e.g. class indices for a
+    cross-entropy loss, keep their own dtype: casting them to a float type would break such
+    losses and, above ``2**24`` for float32, change their values. The first part is always cast
+    to ``resulting_dtype``; pass an integer dtype for integer inputs such as token ids.
 
     Returns:
-        ``(da_x, da_y)`` with shapes ``(n, *x.shape)`` and ``(n, *y.shape)``.
+        A tuple of dask arrays, the ``k``-th of shape ``(n, *part_k.shape)``.
 
     Raises:
         InvalidParameterError: ``chunk_size`` or ``total_size`` is not an integer ≥ 1, or
             ``total_size`` exceeds ``len(dataset)``.
+        EmptyDataError: the dataset holds no samples.
+        InfluenceInputError: ``dataset[0]`` cannot be read.
     """
     import dask
     import dask.array as da
@@ -141,34 +237,38 @@ def torch_dataset_to_dask_array(
     n_available: Optional[int]
     try:
         n_available = len(dataset)
-    except TypeError:
+    except (TypeError, NotImplementedError):
         n_available = None
-    if total_size is None:
-        if n_available is None:
-            raise InfluenceInputError(
-                f"The dataset ({type(dataset).__name__}) has no len(); pass total_size."
-            )
-        total_size = n_available
-    elif not _is_count(total_size) or (n_available is not None and total_size > n_available):
+    if total_size is not None and (
+        not _is_count(total_size) or (n_available is not None and total_size > n_available)
+    ):
+        limit = "len(dataset)=" + str(n_available) if n_available is not None else "its size"
         raise InvalidParameterError(
-            f"total_size must be an integer between 1 and len(dataset)={n_available}, "
-            f"got {total_size!r}."
+            f"total_size must be an integer between 1 and {limit}, got {total_size!r}."
         )
-    if total_size == 0:
+    if n_available == 0:
         raise EmptyDataError("The dataset holds no samples.")
+
+    sample = _parts(_first_sample(dataset))
+    if not sample:
+        raise InfluenceInputError("dataset[0] is an empty tuple; a sample needs at least x.")
+    if total_size is None:
+        total_size = n_available if n_available is not None else _count_samples(dataset)
     chunk_size, total_size = int(chunk_size), int(total_size)
 
-    x0, y0 = (_sample_to_numpy(v) for v in dataset[0])
+    first = [_sample_to_numpy(v) for v in sample]
     x_dtype = np.dtype(resulting_dtype)
-    y_dtype = y0.dtype if _is_integer(y0.dtype) else x_dtype
+    dtypes = tuple(
+        x_dtype if k == 0 or not _is_integer(a.dtype) else a.dtype for k, a in enumerate(first)
+    )
 
     # one graph key for the dataset, so it is serialized once, not once per chunk task
     source = dask.delayed(dataset, name=f"torch-dataset-{uuid.uuid4().hex}")
-    load = dask.delayed(_load_chunk, nout=2, pure=True)
-    xs, ys = [], []
+    load = dask.delayed(_load_chunk, nout=len(dtypes), pure=True)
+    columns: list[list] = [[] for _ in dtypes]
     for start in range(0, total_size, chunk_size):
         stop = min(start + chunk_size, total_size)
-        x_chunk, y_chunk = load(source, start, stop, x_dtype, y_dtype)
-        xs.append(da.from_delayed(x_chunk, shape=(stop - start, *x0.shape), dtype=x_dtype))
-        ys.append(da.from_delayed(y_chunk, shape=(stop - start, *y0.shape), dtype=y_dtype))
-    return da.concatenate(xs, axis=0), da.concatenate(ys, axis=0)
+        chunks = load(source, start, stop, dtypes)
+        for column, chunk, a, dtype in zip(columns, chunks, first, dtypes):
+            column.append(da.from_delayed(chunk, shape=(stop - start, *a.shape), dtype=dtype))
+    return tuple(da.concatenate(column, axis=0) for column in columns)
