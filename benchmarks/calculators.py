@@ -101,7 +101,13 @@ def main() -> None:
     if args.method == "cg":
         from prefect_influence.torch import CgInfluence
 
-        model = CgInfluence(net, F.cross_entropy, regularization=5.0, maxiter=args.cg_maxiter)
+        model = CgInfluence(
+            net,
+            F.cross_entropy,
+            regularization=5.0,
+            maxiter=args.cg_maxiter,
+            solve_simultaneously=True,
+        )
     elif args.method == "arnoldi":
         from prefect_influence.torch import ArnoldiInfluence
 

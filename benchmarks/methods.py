@@ -45,14 +45,20 @@ def methods(net, reg: float) -> dict:
         "Direct, `hessian_dtype=float64`": lambda: m.DirectInfluence(
             net, loss, reg, hessian_dtype=torch.float64
         ),
-        "CG": lambda: m.CgInfluence(net, loss, reg),
+        "CG": lambda: m.CgInfluence(net, loss, reg, solve_simultaneously=True),
         "CG, Nyström preconditioner (rank 50)": lambda: m.CgInfluence(
-            net, loss, reg, preconditioner=m.NystroemPreconditioner(rank=50)
+            net,
+            loss,
+            reg,
+            preconditioner=m.NystroemPreconditioner(rank=50),
+            solve_simultaneously=True,
         ),
         "LiSSA": lambda: m.LissaInfluence(net, loss, reg),
         "Arnoldi (rank 50)": lambda: m.ArnoldiInfluence(net, loss, reg, rank=50),
         "Nyström sketch (rank 50)": lambda: m.NystroemSketchInfluence(net, loss, reg, rank=50),
-        "EK-FAC": lambda: m.EkfacInfluence(net, loss, reg),
+        "EK-FAC": lambda: m.EkfacInfluence(
+            net, update_diagonal=True, hessian_regularization=reg, loss=loss
+        ),
     }
 
 

@@ -96,3 +96,17 @@ def nonconvex_classifier(dtype=torch.float32):
     model = model.to(dtype).eval()
     x = x.to(dtype)
     return model, x[:200], labels[:200], x[200:], labels[200:]
+
+
+class DenseOperator:
+    """A symmetric matrix as the operator protocol preconditioners fit to (``apply`` on rows,
+    ``input_size``, ``dtype``, ``device``), like pyDVL's ``MatrixOperator``."""
+
+    def __init__(self, matrix: torch.Tensor):
+        self.matrix = matrix
+        self.input_size = matrix.shape[0]
+        self.dtype = matrix.dtype
+        self.device = matrix.device
+
+    def apply(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows @ self.matrix

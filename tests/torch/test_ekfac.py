@@ -8,8 +8,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, jacrev, vmap
 
-from prefect_influence.errors import InvalidParameterError, InvalidRegularizationError
+from prefect_influence.errors import (
+    InvalidParameterError,
+    InvalidRegularizationError,
+    NotFittedError,
+    NotImplementedLayerRepresentationException,
+)
 from prefect_influence.torch import DirectInfluence, EkfacInfluence
+from prefect_influence.torch.ekfac import UnsupportedLayerError
 
 DTYPE = torch.float64
 
@@ -58,14 +64,18 @@ def mlp_classifier(seed=0, activation=nn.Tanh):
 
 
 # -- exact cases ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("update_diagonal", [False, True], ids=["K-FAC", "EK-FAC"])
 @pytest.mark.parametrize("d_out", [1, 2])
 @pytest.mark.parametrize(
     "loss", [F.mse_loss, nn.MSELoss(reduction="sum")], ids=["F.mse_loss", "MSELoss(sum)"]
 )
-def test_linear_regression_is_exact(d_out, loss):
-    # H = (2/d)·I ⊗ A (or 2·I ⊗ A for a sum) is itself a Kronecker product: EK-FAC is exact.
+def test_linear_regression_is_exact(d_out, loss, update_diagonal):
+    # H = (2/d)·I ⊗ A (or 2·I ⊗ A for a sum) is itself a Kronecker product: G = (2/d)·I, so the
+    # K-FAC eigenvalues (2/d)·λ_A,j are already H's and EK-FAC's diagonal in Q_G ⊗ Q_A equals them.
     model, x, y = linear_regression(d_out=d_out)
-    ekfac = EkfacInfluence(model, loss, regularization=0.0).fit(batches(x, y, 16))
+    ekfac = EkfacInfluence(model, update_diagonal, loss=loss, regularization=0.0).fit(
+        batches(x, y, 16)
+    )
     direct = DirectInfluence(model, loss, regularization=0.0).fit(batches(x, y, 40))
     expected = direct.influences(x[:7], y[:7], x, y)
     torch.testing.assert_close(ekfac.influences(x[:7], y[:7], x, y), expected, rtol=1e-6, atol=0)
@@ -96,7 +106,9 @@ def test_corrected_eigenvalues_are_the_exact_diagonal_in_the_kronecker_basis():
     x, y = classification_data(60, (4,), 3, noise=1.0, seed=3)
     torch.manual_seed(3)
     model = nn.Linear(4, 3).to(DTYPE).eval()
-    ekfac = EkfacInfluence(model, F.cross_entropy, 1e-3).fit(batches(x, y, 25))
+    ekfac = EkfacInfluence(model, update_diagonal=True, hessian_regularization=1e-3).fit(
+        batches(x, y, 25)
+    )
 
     def mean_loss(flat):
         w, b = flat[:12].reshape(3, 4), flat[12:]
@@ -165,7 +177,9 @@ def test_corrected_eigenvalues_are_the_gauss_newton_diagonal(variant):
         conv = nn.Conv2d(2, 3, 3, dilation=2, padding=(1, 2), bias=False)
         net = nn.Sequential(conv, nn.Tanh(), nn.Flatten(), nn.Linear(105, 3)).to(DTYPE).eval()
         net[3].weight.requires_grad_(False)
-    ekfac = EkfacInfluence(net, F.cross_entropy, 1e-1).fit(batches(x, y, 20))
+    ekfac = EkfacInfluence(net, update_diagonal=True, hessian_regularization=1e-1).fit(
+        batches(x, y, 20)
+    )
     ggn = gauss_newton(net, x)
     state = ekfac.fitted_state()
     for i in range(2):
@@ -182,7 +196,9 @@ def test_mlp_classifier_correlates_with_direct():
     # approximations differ from the exact Hessian most in its small eigenvalues.
     net, x, y, x_test, y_test = mlp_classifier(seed=0)
     for reg, threshold in ((1e-1, 0.9), (1e-2, 0.7)):
-        ekfac = EkfacInfluence(net, F.cross_entropy, reg).fit(batches(x, y, 64))
+        ekfac = EkfacInfluence(net, update_diagonal=True, hessian_regularization=reg).fit(
+            batches(x, y, 64)
+        )
         direct = DirectInfluence(net, F.cross_entropy, reg).fit(batches(x, y, 200))
         approx = ekfac.influences(x_test, y_test, x, y)
         exact = direct.influences(x_test, y_test, x, y)
@@ -209,7 +225,9 @@ def cnn_setup():
 def test_cnn_runs_and_correlates_with_direct():
     net, x, y, x_test, y_test = cnn_setup()
     reg = 1e-1
-    ekfac = EkfacInfluence(net, F.cross_entropy, reg).fit(batches(x, y, 32))
+    ekfac = EkfacInfluence(net, update_diagonal=True, hessian_regularization=reg).fit(
+        batches(x, y, 32)
+    )
     direct = DirectInfluence(net, F.cross_entropy, reg).fit(batches(x, y, 100))
     assert ekfac.n_parameters == 4 * 9 + 4 + 36 * 3 + 3
     factors = ekfac.influence_factors(x_test, y_test)
@@ -223,7 +241,9 @@ def test_cnn_runs_and_correlates_with_direct():
 
 def test_perturbation_mode():
     net, x, y, x_test, y_test = cnn_setup()
-    ekfac = EkfacInfluence(net, F.cross_entropy, 1e-1).fit(batches(x, y, 50))
+    ekfac = EkfacInfluence(net, update_diagonal=True, hessian_regularization=1e-1).fit(
+        batches(x, y, 50)
+    )
     direct = DirectInfluence(net, F.cross_entropy, 1e-1).fit(batches(x, y, 100))
     approx = ekfac.influences(x_test[:4], y_test[:4], x[:10], y[:10], mode="perturbation")
     assert approx.shape == (4, 10, 1, 6, 6)
@@ -234,17 +254,23 @@ def test_perturbation_mode():
 # -- structure ------------------------------------------------------------------------------------
 def test_fit_does_not_depend_on_batching_and_in_place_ops_are_harmless():
     net, x, y, x_test, y_test = mlp_classifier(seed=1, activation=nn.ReLU)
-    ref = EkfacInfluence(net, F.cross_entropy, 1e-2).fit(batches(x, y, 200))
+    ref = EkfacInfluence(net, update_diagonal=True, hessian_regularization=1e-2).fit(
+        batches(x, y, 200)
+    )
     expected = ref.influences(x_test, y_test, x, y)
     inplace = nn.Sequential(net[0], nn.ReLU(inplace=True), net[2]).eval()
-    other = EkfacInfluence(inplace, nn.CrossEntropyLoss(), 1e-2).fit(batches(x, y, 33))
+    other = EkfacInfluence(
+        inplace, update_diagonal=True, hessian_regularization=1e-2, loss=nn.CrossEntropyLoss()
+    ).fit(batches(x, y, 33))
     torch.testing.assert_close(other.influences(x_test, y_test, x, y), expected)
 
 
 def test_frozen_layers_are_skipped():
     net, x, y, x_test, y_test = mlp_classifier(seed=2)
     net[0].requires_grad_(False)
-    ekfac = EkfacInfluence(net, F.cross_entropy, 1e-1).fit(batches(x, y, 64))
+    ekfac = EkfacInfluence(net, update_diagonal=True, hessian_regularization=1e-1).fit(
+        batches(x, y, 64)
+    )
     direct = DirectInfluence(net, F.cross_entropy, 1e-1).fit(batches(x, y, 200))
     assert ekfac.n_parameters == 8 * 3 + 3
     # softmax regression on fixed features; measured 0.95-0.98 (seeds 0-4)
@@ -256,11 +282,15 @@ def test_frozen_layers_are_skipped():
 
 def test_state_round_trip_gives_identical_influences():
     net, x, y, x_test, y_test = cnn_setup()
-    ekfac = EkfacInfluence(net, F.cross_entropy, 1e-2).fit(batches(x, y, 50))
+    ekfac = EkfacInfluence(net, update_diagonal=True, hessian_regularization=1e-2).fit(
+        batches(x, y, 50)
+    )
     state = ekfac.fitted_state()
     assert {"layer0.QA", "layer0.QG", "layer0.lambda", "layer1.lambda"} <= set(state)
     assert all(isinstance(v, torch.Tensor) for v in state.values())
-    restored = EkfacInfluence(net, F.cross_entropy, 1e-2).load_fitted_state(state)
+    restored = EkfacInfluence(
+        net, update_diagonal=True, hessian_regularization=1e-2
+    ).load_fitted_state(state)
     assert torch.equal(
         restored.influences(x_test, y_test, x, y), ekfac.influences(x_test, y_test, x, y)
     )
@@ -273,9 +303,17 @@ def test_a_state_loads_under_another_regularization_as_a_fit_at_it():
     from prefect_influence.errors import FittedStateError
 
     net, x, y, x_test, y_test = mlp_classifier()
-    state = EkfacInfluence(net, F.cross_entropy, 1.0).fit(batches(x, y, 50)).fitted_state()
-    fitted = EkfacInfluence(net, F.cross_entropy, 1e-3).fit(batches(x, y, 50))
-    loaded = EkfacInfluence(net, F.cross_entropy, 1e-3).load_fitted_state(state)
+    state = (
+        EkfacInfluence(net, update_diagonal=True, hessian_regularization=1.0)
+        .fit(batches(x, y, 50))
+        .fitted_state()
+    )
+    fitted = EkfacInfluence(net, update_diagonal=True, hessian_regularization=1e-3).fit(
+        batches(x, y, 50)
+    )
+    loaded = EkfacInfluence(
+        net, update_diagonal=True, hessian_regularization=1e-3
+    ).load_fitted_state(state)
     torch.testing.assert_close(
         loaded.influences(x_test, y_test, x, y),
         fitted.influences(x_test, y_test, x, y),
@@ -288,14 +326,25 @@ def test_a_state_loads_under_another_regularization_as_a_fit_at_it():
 
 
 # -- errors ---------------------------------------------------------------------------------------
-def test_unsupported_trainable_layer_is_named():
+def test_unsupported_trainable_layer_is_named_by_fit_not_construction():
+    # as in pyDVL, construction accepts the model and fit refuses it
     net = nn.Sequential(
         nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2)), nn.Flatten(), nn.Linear(8, 2)
     ).eval()
-    with pytest.raises(NotImplementedError, match=r"'0\.1' \(BatchNorm2d\)"):
-        EkfacInfluence(net, F.cross_entropy, 1e-2)
+    x = torch.randn(6, 1, 4, 4)
+    y = torch.arange(6) % 2
+    model = EkfacInfluence(net, hessian_regularization=1e-2)
+    with pytest.raises(NotFittedError):
+        model.influence_factors(x, y)
+    for call in (lambda: model.fit([(x, y)]), model.check_layers, lambda: model.layer_names):
+        with pytest.raises(NotImplementedLayerRepresentationException, match=r"'0\.1' \(Batch"):
+            call()
+    # also a NotImplementedError, as earlier versions raised at construction
+    with pytest.raises(NotImplementedError, match="BatchNorm2d"):
+        model.fit([(x, y)])
+    assert not model.is_fitted
     net[0][1].requires_grad_(False)
-    EkfacInfluence(net, F.cross_entropy, 1e-2)  # frozen: fine
+    EkfacInfluence(net, hessian_regularization=1e-2).fit([(x, y)])  # frozen: fine
 
 
 @pytest.mark.parametrize(
@@ -307,8 +356,11 @@ def test_unsupported_trainable_layer_is_named():
     ],
 )
 def test_unsupported_conv_options(layer):
-    with pytest.raises(NotImplementedError, match="Conv2d"):
-        EkfacInfluence(nn.Sequential(layer).eval(), F.mse_loss, 1e-2)
+    net = nn.Sequential(layer).eval()
+    model = EkfacInfluence(net, loss=F.mse_loss)
+    x = torch.randn(3, 2, 5, 5)
+    with pytest.raises(UnsupportedLayerError, match="Conv2d"):
+        model.fit([(x, net(x).detach())])
 
 
 def test_reused_layer_is_refused():
@@ -322,11 +374,12 @@ def test_reused_layer_is_refused():
 
     net = Twice().to(DTYPE).eval()
     x, y = classification_data(10, (2,), 2, 0.1, seed=0)
-    with pytest.raises(NotImplementedError, match="called 2 times"):
+    with pytest.raises(UnsupportedLayerError, match="called 2 times"):
         EkfacInfluence(net, F.cross_entropy, 1e-2).fit([(x, y)])
     lin = nn.Linear(2, 2).to(DTYPE)
-    with pytest.raises(NotImplementedError, match="tied"):
-        EkfacInfluence(nn.Sequential(lin, nn.Tanh(), lin).eval(), F.cross_entropy, 1e-2)
+    tied = EkfacInfluence(nn.Sequential(lin, nn.Tanh(), lin).eval(), F.cross_entropy, 1e-2)
+    with pytest.raises(UnsupportedLayerError, match="tied"):
+        tied.fit([(x, y)])
 
 
 def test_loss_detection():
@@ -340,10 +393,17 @@ def test_loss_detection():
         wrong.fit([(x, y)])
 
 
-def test_zero_regularization_with_singular_approximation():
+@pytest.mark.parametrize("update_diagonal", [False, True], ids=["K-FAC", "EK-FAC"])
+def test_zero_regularization_with_singular_approximation(update_diagonal):
+    # the fit does not depend on λ: it succeeds, and a solve refuses λ = 0 on a singular
+    # approximation, while a λ > 0 set afterwards serves the same fit
     model, x, y = linear_regression(d_in=3)
     x = torch.cat([x, x[:, :1]], dim=1)  # a duplicated feature: a zero eigenvalue
     model = nn.Linear(4, 1).to(DTYPE).eval()
-    with pytest.raises(InvalidRegularizationError):
-        EkfacInfluence(model, F.mse_loss, 0.0).fit([(x, y)])
-    EkfacInfluence(model, F.mse_loss, 1e-3).fit([(x, y)])
+    ekfac = EkfacInfluence(model, update_diagonal, loss=F.mse_loss).fit([(x, y)])
+    assert ekfac.regularization == 0.0  # pyDVL's default
+    with pytest.raises(InvalidRegularizationError, match="singular"):
+        ekfac.influence_factors(x, y)
+    ekfac.hessian_regularization = 1e-3
+    expected = EkfacInfluence(model, update_diagonal, 1e-3, loss=F.mse_loss).fit([(x, y)])
+    torch.testing.assert_close(ekfac.influence_factors(x, y), expected.influence_factors(x, y))

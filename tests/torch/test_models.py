@@ -5,7 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from problems import linear_regression, loader, mlp_classifier, small_cnn, sum_squared_error
+from problems import (
+    DenseOperator,
+    linear_regression,
+    loader,
+    mlp_classifier,
+    small_cnn,
+    sum_squared_error,
+)
 from torch.nn.functional import cross_entropy
 
 from prefect_influence import InfluenceMode
@@ -381,11 +388,13 @@ def test_float32_ekfac_is_judged_singular_per_eigenvalue_not_by_parameter_count(
     x = torch.randn(64, 300, generator=gen)
     y = torch.randint(0, 3, (64,), generator=gen)
     factors32 = (
-        EkfacInfluence(net, cross_entropy, 1e-3).fit([(x, y)]).influence_factors(x[:4], y[:4])
+        EkfacInfluence(net, update_diagonal=True, hessian_regularization=1e-3)
+        .fit([(x, y)])
+        .influence_factors(x[:4], y[:4])
     )
     net64 = net.double()
     factors64 = (
-        EkfacInfluence(net64, cross_entropy, 1e-3)
+        EkfacInfluence(net64, update_diagonal=True, hessian_regularization=1e-3)
         .fit([(x.double(), y)])
         .influence_factors(x[:4].double(), y[:4])
     )
@@ -417,7 +426,7 @@ def test_nystroem_preconditioner_ignores_directions_without_positive_curvature()
     """With λ = 0 a sketched eigenvalue clamped to 0 made the preconditioner's scale 0/0."""
     hessian = torch.diag(torch.tensor([4.0, 1.0, -1e-3, 0.5], dtype=torch.float64))
     pre = NystroemPreconditioner(rank=4)
-    pre.fit(lambda v: v @ hessian, 4, 0.0, torch.float64)
+    pre.fit(DenseOperator(hessian), 0.0)
     out = pre.solve(torch.ones(2, 4, dtype=torch.float64))
     assert bool(torch.isfinite(out).all())
     # the kept directions are scaled by smallest / eigenvalue (0.5/4, 0.5/1, 0.5/0.5); the

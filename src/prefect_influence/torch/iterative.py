@@ -1,5 +1,5 @@
-"""Matrix-free iterative solvers: block conjugate gradients with a MINRES fallback for
-indefinite curvature (both preconditionable), and LiSSA.
+"""Matrix-free iterative solvers: conjugate gradients (one per right-hand side or block) with a
+MINRES fallback for indefinite curvature (all preconditionable), and LiSSA.
 
 Both keep the training data (as tensors) and solve ``(H + λI) x = b`` for all rows of a batch
 at once, one batched Hessian-vector product over the training data per iteration.
@@ -12,13 +12,14 @@ import math
 import warnings
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from ..errors import InvalidParameterError
 from .base import TorchInfluenceFunctionModel, TrainingData, non_negative, positive_int
 from .operator import HessianOperator, product_batch_size
-from .preconditioners import Preconditioner
+from .preconditioners import NystroemPreconditioner, Preconditioner
 
 __all__ = ["CgInfluence", "LissaInfluence", "minres"]
 
@@ -56,27 +57,35 @@ class _DataBackedInfluence(TorchInfluenceFunctionModel):
 
 
 class CgInfluence(_DataBackedInfluence):
-    """Block conjugate gradients on ``(H + λI) x = ∇θℓ(test)``: the right-hand sides of a batch
+    """Conjugate gradients on ``(H + λI) x = ∇θℓ(test)``: one CG per right-hand side (pyDVL's
+    default), or block CG (``solve_simultaneously=True``), where the right-hand sides of a batch
     share one Krylov space.
 
-    Each iteration costs one batched Hessian-vector product over the training data, with one
-    direction per right-hand side not yet converged; a right-hand side stops when
-    ``‖r‖ ≤ max(rtol·‖b‖, atol)``. A trained network stopped short of an exact minimum often
-    has an indefinite ``H + λI``: when CG meets a direction of non-positive curvature, the
-    unconverged right-hand sides continue from where CG left them with MINRES (:func:`minres`),
-    which solves symmetric indefinite systems, with the same preconditioner, tolerances and
-    iteration budget.
+    Either way each iteration costs one batched Hessian-vector product over the training data
+    with one vector per right-hand side not yet converged (the separate CGs advance together,
+    each with its own step sizes); a right-hand side stops when ``‖r‖ ≤ max(rtol·‖b‖, atol)``,
+    so both give the solution to that tolerance. Block CG usually needs fewer iterations, as
+    each right-hand side searches the others' directions too. A trained network stopped short
+    of an exact minimum often has an indefinite ``H + λI``: when CG meets a direction of
+    non-positive curvature, the right-hand sides it stops continue from where CG left them with
+    MINRES (:func:`minres`), which solves symmetric indefinite systems, with the same
+    preconditioner, tolerances and iteration budget.
 
     Args:
         rtol, atol: relative and absolute tolerance on the residual norm. ``rtol`` defaults to
             1e-7, or to 100 units of round-off of the model's dtype where that is larger
             (1.2e-5 in float32: smaller residuals are below what float32 products resolve).
-        maxiter: iterations per solve, CG and MINRES together (default ``10·n_parameters``,
-            as pyDVL: exact arithmetic converges within ``n_parameters``, finite precision on an
-            indefinite, ill-conditioned ``H + λI`` needs more; MINRES stops earlier once
-            restarting no longer halves its residual).
+        maxiter: iterations per right-hand side, CG and MINRES together (default
+            ``10·n_parameters``, as pyDVL: exact arithmetic converges within ``n_parameters``,
+            finite precision on an indefinite, ill-conditioned ``H + λI`` needs more; MINRES
+            stops earlier once restarting no longer halves its residual).
         preconditioner: a :class:`~prefect_influence.torch.JacobiPreconditioner` or
             :class:`~prefect_influence.torch.NystroemPreconditioner`, fitted in ``fit``.
+        solve_simultaneously: ``False`` (pyDVL's default): one CG per right-hand side; ``True``:
+            block CG.
+        warn_on_max_iteration: warn (``True``) or log at DEBUG level (``False``) when a
+            right-hand side does not converge.
+        progress: log each solve's iterations (at INFO level).
         batch_size: training samples per Hessian-vector product (default: as many as keep one
             batch's gradient graph within 64 MiB, at least the loader's batch size).
     """
@@ -91,6 +100,9 @@ class CgInfluence(_DataBackedInfluence):
         maxiter: Optional[int] = None,
         preconditioner: Optional[Preconditioner] = None,
         *,
+        solve_simultaneously: bool = False,
+        warn_on_max_iteration: bool = True,
+        progress: bool = False,
         batch_size: Optional[int] = None,
         **kw,
     ):
@@ -108,6 +120,16 @@ class CgInfluence(_DataBackedInfluence):
                 f"{type(preconditioner).__name__}."
             )
         self.preconditioner = preconditioner
+        for name, flag in (
+            ("solve_simultaneously", solve_simultaneously),
+            ("warn_on_max_iteration", warn_on_max_iteration),
+            ("progress", progress),
+        ):
+            if not isinstance(flag, (bool, np.bool_)):
+                raise InvalidParameterError(f"{name} must be True or False, got {flag!r}.")
+        self.solve_simultaneously = bool(solve_simultaneously)
+        self.warn_on_max_iteration = bool(warn_on_max_iteration)
+        self.progress = bool(progress)
 
     @property
     def _state_keys(self) -> tuple[str, ...]:  # type: ignore[override]
@@ -120,13 +142,14 @@ class CgInfluence(_DataBackedInfluence):
         super()._fit(data)
         if self.preconditioner is not None:
             with self._op.reusing_graphs():
-                self.preconditioner.fit(
-                    self._op.hessian_matmul,
-                    self.n_parameters,
-                    self.regularization,
-                    self.dtype,
-                    self.device,
-                )
+                self.preconditioner.fit(self._op, self.regularization)
+
+    def _on_restricted(self) -> None:
+        # a Hessian block smaller than a Nyström preconditioner's rank is sketched whole (then
+        # the preconditioner is exact); the rank is per block and cannot fit every block's size
+        pre = self.preconditioner
+        if isinstance(pre, NystroemPreconditioner) and pre.rank > self.n_parameters:
+            pre.rank = self.n_parameters
 
     def _get_state(self) -> dict[str, Tensor]:
         state = super()._get_state()
@@ -147,39 +170,106 @@ class CgInfluence(_DataBackedInfluence):
     def _solve(self, rhs: Tensor) -> Tensor:
         maxiter = self.maxiter or 10 * self.n_parameters
         tol = torch.clamp(self.rtol * rhs.norm(dim=1), min=self.atol)
+        # iterations each right-hand side has used, CG and MINRES together
+        spent = torch.zeros(rhs.shape[0], dtype=torch.int64, device=rhs.device)
         with self._op.reusing_graphs():
-            x, r, active, used, indefinite = self._block_cg(rhs, tol, maxiter)
-            if indefinite:  # MINRES takes over the unconverged columns
+            if self.solve_simultaneously:
+                x, r, active, used, indefinite = self._block_cg(rhs, tol, maxiter)
+                spent[:] = used
+                # MINRES takes over the unconverged columns
+                stopped = [(active, used)] if indefinite else []
+            else:
+                x, r, spent, stopped = self._cg(rhs, tol, maxiter)
+            for rows, used in stopped:
                 logger.info(
                     "CG met non-positive curvature (H + λI is indefinite at regularization=%s) "
                     "after %d iterations; continuing %d right-hand side(s) with MINRES.",
                     self.regularization,
                     used,
-                    active.numel(),
+                    rows.numel(),
                 )
                 step, residual, more = minres(
-                    self._op, r[active], tol[active], maxiter - used, self._precondition
+                    self._op, r[rows], tol[rows], maxiter - used, self._precondition
                 )
-                used += more
-                x[active] += step
-                r[active] = residual
-                active = active[residual.norm(dim=1) > tol[active]]
-        if active.numel():
+                x[rows] += step
+                r[rows] = residual
+                spent[rows] = used + more
+        unconverged = (r.norm(dim=1) > tol).nonzero().squeeze(1)
+        if self.progress:
+            logger.info(
+                "CG solved %d right-hand side(s): %d iterations at most, %d not converged.",
+                rhs.shape[0],
+                int(spent.max()) if spent.numel() else 0,
+                unconverged.numel(),
+            )
+        if unconverged.numel():
             worst = float(_relative(r, rhs).max())
-            if used < maxiter:
+            if bool((spent[unconverged] < maxiter).any()):
                 why = (
-                    f"(MINRES stopped improving after {used} iterations: H + λI is indefinite "
-                    f"and too ill-conditioned for {str(self.dtype).removeprefix('torch.')} products)"
+                    f"(MINRES stopped improving after {int(spent[unconverged].min())} "
+                    "iterations: H + λI is indefinite and too ill-conditioned for "
+                    f"{str(self.dtype).removeprefix('torch.')} products)"
                 )
             else:
                 why = f"in {maxiter} iterations"
-            warnings.warn(
-                f"CG did not converge for {active.numel()} of {rhs.shape[0]} right-hand sides "
-                f"{why}: worst relative residual {worst:.2e}, rtol={self.rtol:.2g}. Raise maxiter, "
-                "add a preconditioner or increase the regularization; DirectInfluence is exact.",
-                stacklevel=3,
+            message = (
+                f"CG did not converge for {unconverged.numel()} of {rhs.shape[0]} right-hand "
+                f"sides {why}: worst relative residual {worst:.2e}, rtol={self.rtol:.2g}. Raise "
+                "maxiter, add a preconditioner or increase the regularization; DirectInfluence "
+                "is exact."
             )
+            if self.warn_on_max_iteration:
+                warnings.warn(message, stacklevel=3)
+            else:
+                logger.debug(message)
         return x
+
+    def _cg(
+        self, rhs: Tensor, tol: Tensor, maxiter: int
+    ) -> tuple[Tensor, Tensor, Tensor, list[tuple[Tensor, int]]]:
+        """Preconditioned CG for every row of ``rhs`` separately: each row has its own
+        recurrence (step sizes, search direction), and all rows not yet converged share one
+        batched product per iteration. Rows are vectors throughout.
+
+        Returns the iterate, the residuals, the iterations each row used and, for the rows that
+        met a direction of non-positive curvature, groups ``(rows, iterations used)``.
+        """
+        x = torch.zeros_like(rhs)
+        r = rhs.clone()
+        spent = torch.zeros(rhs.shape[0], dtype=torch.int64, device=rhs.device)
+        stopped: list[tuple[Tensor, int]] = []
+        active = (r.norm(dim=1) > tol).nonzero().squeeze(1)
+        if active.numel() == 0:
+            return x, r, spent, stopped
+        r_act = r[active]
+        z = self._precondition(r_act)
+        direction = z
+        rz = (r_act * z).sum(dim=1)
+        for iteration in range(maxiter):
+            h_dir = self._op(direction)
+            curvature = (direction * h_dir).sum(dim=1)
+            ok = curvature > 0  # also False for NaN
+            if not bool(ok.all()):
+                stopped.append((active[~ok], iteration))
+                spent[active[~ok]] = iteration
+                active, r_act, direction, h_dir = active[ok], r_act[ok], direction[ok], h_dir[ok]
+                rz, curvature = rz[ok], curvature[ok]
+                if active.numel() == 0:
+                    return x, r, spent, stopped
+            alpha = rz / curvature
+            x[active] += alpha[:, None] * direction
+            r_act = r_act - alpha[:, None] * h_dir
+            r[active] = r_act
+            spent[active] = iteration + 1
+            keep = r_act.norm(dim=1) > tol[active]
+            if not bool(keep.any()):
+                return x, r, spent, stopped
+            active, r_act, direction, rz = active[keep], r_act[keep], direction[keep], rz[keep]
+            z = self._precondition(r_act)
+            rz_new = (r_act * z).sum(dim=1)
+            direction = z + (rz_new / rz)[:, None] * direction
+            rz = rz_new
+        return x, r, spent, stopped
 
     def _block_cg(
         self, rhs: Tensor, tol: Tensor, maxiter: int

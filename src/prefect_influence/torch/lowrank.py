@@ -8,12 +8,13 @@ generator, so a fit is reproducible.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Mapping, Optional, Union
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from ..errors import InvalidRankError, InvalidRegularizationError
+from ..errors import InvalidParameterError, InvalidRankError, InvalidRegularizationError
 from .base import TorchInfluenceFunctionModel, TrainingData, positive_int
 
 __all__ = ["ArnoldiInfluence", "NystroemSketchInfluence", "lanczos_eigen", "nystroem_eigen"]
@@ -35,6 +36,9 @@ def lanczos_eigen(
     when it becomes invariant early, a fresh random vector orthogonal to it restarts the
     recurrence, so ``rank = p`` yields the exact eigendecomposition.
     """
+    if not 0 < rank <= p:
+        # more Lanczos vectors than dimensions would normalize rounding noise into the basis
+        raise InvalidRankError(f"rank must be between 1 and the operator's size {p}, got {rank}.")
     m = min(p, krylov_dimension or max(2 * rank + 1, 20))
     m = max(m, rank)
     gen = _generator(seed)
@@ -95,6 +99,13 @@ def nystroem_eigen(matmul: MatMul, p: int, rank: int, seed: int = 0) -> tuple[Te
     return vals[order], qb @ w[:, order]
 
 
+def _smallest_regularization(regularization: Union[float, Mapping[str, float]]) -> float:
+    """The smallest ``λ``: of the one number, or over the blocks of a block structure."""
+    if isinstance(regularization, Mapping):
+        return min(float(v) for v in regularization.values())
+    return float(regularization)
+
+
 class _LowRankInfluence(TorchInfluenceFunctionModel):
     """``(H + λI)⁻¹ ≈ U diag(1/(Λ+λ)) Uᵀ`` (+ the complement divided by ``λ`` when asked)."""
 
@@ -126,6 +137,11 @@ class _LowRankInfluence(TorchInfluenceFunctionModel):
         self._vals = vals.to(device=self.device, dtype=self.dtype)
         self._vecs = vecs.to(device=self.device, dtype=self.dtype)
 
+    def _on_restricted(self) -> None:
+        # a block smaller than the rank is decomposed whole (exact); the rank is per block, so
+        # it cannot be chosen to fit every block's size
+        self.rank = min(self.rank, self.n_parameters)
+
     def _eigen(self, matmul: MatMul) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
 
@@ -145,18 +161,31 @@ class _LowRankInfluence(TorchInfluenceFunctionModel):
 
 
 class ArnoldiInfluence(_LowRankInfluence):
-    """Inverse Hessian restricted to the ``rank`` dominant eigen-directions (largest |eigenvalue|),
-    found by Lanczos iteration on Hessian-vector products.
+    """Inverse Hessian from its ``rank`` dominant eigen-directions (largest |eigenvalue|), found
+    by Lanczos iteration on Hessian-vector products.
 
-    ``(H + λI)⁻¹ v ≈ U diag(1/(Λ + λ)) Uᵀ v``: the component of ``v`` outside the dominant subspace
-    is dropped (the usual choice for influence: those directions carry little curvature). Exact
-    at ``rank = n_parameters``. Cost of ``fit``: ``krylov_dimension`` passes of Hessian-vector
-    products over the training data; memory ``O(p · krylov_dimension)``.
+    With ``H ≈ U diag(Λ) Uᵀ``:
+
+    * ``use_woodbury=False`` (the default, as pyDVL's):
+      ``(H + λI)⁻¹ v ≈ U diag(1/(Λ + λ)) Uᵀ v``: the component of ``v`` outside the dominant
+      subspace is dropped (the usual choice for influence: those directions carry little
+      curvature). ``λ = 0`` is allowed.
+    * ``use_woodbury=True``: the exact inverse of the low-rank approximation plus ``λI``, by the
+      Sherman–Morrison–Woodbury identity,
+      ``(U diag(Λ) Uᵀ + λI)⁻¹ v = U diag(1/(Λ + λ)) Uᵀ v + (v − UUᵀv)/λ``: the component outside
+      the subspace is kept, divided by ``λ`` (the curvature the approximation gives it). Needs
+      ``λ > 0``.
+
+    The two differ by ``(v − UUᵀv)/λ``, so they agree at ``rank = n_parameters`` (both exact)
+    and for vectors within the subspace. Cost of ``fit``: ``krylov_dimension`` passes of
+    Hessian-vector products over the training data; memory ``O(p · krylov_dimension)``.
 
     Args:
-        rank: number of eigenpairs kept (≤ n_parameters).
+        rank: number of eigenpairs kept (≤ n_parameters); with a block structure, per block,
+            and a block smaller than it is decomposed whole.
         krylov_dimension: Lanczos subspace size (default ``min(p, max(2·rank+1, 20))``); larger
             is more accurate for the kept eigenpairs.
+        use_woodbury: keep the complement of the subspace, scaled by ``1/λ`` (see above).
         seed: seed of the start vector.
     """
 
@@ -168,11 +197,24 @@ class ArnoldiInfluence(_LowRankInfluence):
         rank: int = 10,
         *,
         krylov_dimension: Optional[int] = None,
+        use_woodbury: bool = False,
         seed: int = 0,
         **kw,
     ):
         super().__init__(model, loss, regularization, rank, seed=seed, **kw)
         self.krylov_dimension = positive_int(krylov_dimension, "krylov_dimension", allow_none=True)
+        if not isinstance(use_woodbury, (bool, np.bool_)):
+            raise InvalidParameterError(
+                f"use_woodbury must be True or False, got {use_woodbury!r}."
+            )
+        self.use_woodbury = bool(use_woodbury)
+        self._complement = self.use_woodbury
+        if self.use_woodbury and _smallest_regularization(self.regularization) <= 0:
+            raise InvalidRegularizationError(
+                "ArnoldiInfluence with use_woodbury=True needs regularization > 0 (the Woodbury "
+                "form divides the complement of the low-rank subspace by it); got "
+                f"{self.regularization!r}."
+            )
 
     def _eigen(self, matmul: MatMul) -> tuple[Tensor, Tensor]:
         return lanczos_eigen(matmul, self.n_parameters, self.rank, self.krylov_dimension, self.seed)
