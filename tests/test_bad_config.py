@@ -18,6 +18,7 @@ from test_stages import run_tasks
 from prefect_influence import (
     EmptyDataError,
     InputRankError,
+    InvalidParameterError,
     InvalidRankError,
     NonFiniteError,
     ShapeMismatchError,
@@ -165,6 +166,10 @@ def case_loss_import_missing(root, inputs):
     return {"model": {"loss": "torch.nn.functional:no_such_loss"}}
 
 
+def case_block_names_an_unknown_parameter(root, inputs):
+    return {"method": {"name": "cg", "block_structure": {"first": ["0.weight", "1.weight"]}}}
+
+
 def case_ekfac_unsupported_layer(root, inputs):
     # the example model with a trainable LayerNorm is built by this factory
     return {
@@ -223,6 +228,7 @@ CASES = [
     (case_factory_attribute_missing, ConfigurationError, "has no 'no_such_function'"),
     (case_loss_import_missing, ConfigurationError, "no_such_loss"),
     (case_ekfac_unsupported_layer, NotImplementedError, "LayerNorm"),
+    (case_block_names_an_unknown_parameter, InvalidParameterError, "'1.weight'.*not a parameter"),
     (case_factory_bad_arguments, ConfigurationError, "cannot be called with"),
     (case_rank_exceeds_parameters, InvalidRankError, "exceeds the number of trainable parameters"),
     (case_unwritable_output, StorageError, "not writable"),
@@ -260,6 +266,14 @@ VALIDATION_CASES = [
     ({"method": {"regularization": -1.0}}, "greater than or equal to 0"),
     ({"method": {"name": "nonsense"}}, "direct"),
     ({"mode": "sideways"}, "up"),
+    ({"method": {"second_order_mode": "fisher"}}, "gauss_newton"),
+    ({"method": {"block_structure": "by_row"}}, "layer_wise"),
+    ({"method": {"name": "ekfac", "block_structure": "layer_wise"}}, "ekfac works layer by layer"),
+    ({"method": {"name": "datainf", "regularization": 0}}, "datainf needs regularization > 0"),
+    (
+        {"method": {"name": "datainf", "second_order_mode": "gauss_newton"}},
+        "datainf fixes its own curvature",
+    ),
     ({"top_k": 0}, "greater than or equal to 1"),
     ({"dtype": "float16"}, "float32"),
     ({"unknown_field": 1}, "Extra inputs"),

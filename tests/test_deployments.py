@@ -35,7 +35,7 @@ import yaml
 from jobs import job_config, read_outputs, write_inputs
 from pydantic import BaseModel
 
-from prefect_influence.config import Method, PipelineConfig
+from prefect_influence.config import Method, PipelineConfig, SecondOrderName
 from prefect_influence.serving import build_deployments, load_deployment_specs
 from prefect_influence.storage import InfluenceStore
 
@@ -589,6 +589,9 @@ def test_parameter_schema_from_api(prefect, worker):
     config = schema["properties"]["config"]
     assert config["default"] == PipelineConfig().model_dump(mode="json")
     assert defs["Method"]["enum"] == [m.value for m in Method]
+    assert defs["SecondOrderName"]["enum"] == [m.value for m in SecondOrderName]
+    blocks = defs["MethodSpec"]["properties"]["block_structure"]["anyOf"]
+    assert {"$ref": "#/definitions/BlockModeName"} in blocks  # a drop-down, or a mapping
     for name in ("PipelineConfig", "ModelSpec", "DataSpec", "MethodSpec"):
         for field, prop in defs[name]["properties"].items():
             assert prop.get("description"), f"{name}.{field} has no description"

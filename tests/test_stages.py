@@ -418,3 +418,49 @@ def test_every_job_field_enters_the_fingerprint():
     grid = Grid(4, 6, 2, 3, 10, (8,), "up", "float32")
     entries = fingerprint(JobSpec(), "model-fp", "train-fp", "test-fp", grid)
     assert set(entries) == {key for keys in FINGERPRINTED.values() for key in keys}
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        {"name": "datainf", "block_structure": "layer_wise", "regularization": 0.1},
+        {
+            "name": "cg",
+            "second_order_mode": "gauss_newton",
+            "block_structure": {"hidden": ["0.weight", "0.bias"], "head": ["2.weight", "2.bias"]},
+        },
+        {"name": "direct", "second_order_mode": "generalized_gauss_newton"},
+    ],
+    ids=["datainf-layer-wise", "cg-gauss-newton-blocks", "direct-ggn"],
+)
+def test_curvature_and_block_settings_reach_the_stored_numbers(inputs, method, tmp_path):
+    """The job's tasks give what the library gives with the same settings; the settings enter
+    the fingerprint, so the same output with the default curvature is another job."""
+    config = job_config(inputs, str(tmp_path / "out"), method=method, self_influence=False)
+    run_tasks(config)
+    got = read_outputs(config.output)
+    network, _ = load_network(config)
+    model = build_influence_model(config, network)
+    model.fit([tuple(torch.from_numpy(a) for a in open_source(config.data.train).rows(0, 240))])
+    x, y = (torch.from_numpy(a) for a in open_source(config.data.train).rows(0, 240))
+    xt, yt = (torch.from_numpy(a) for a in open_source(config.data.test).rows(0, 40))
+    want = model.influences(xt, yt, x, y).numpy()
+    # float32 job: the fit's batches and the solve's order of summation differ from the
+    # in-memory model's, so agreement is to float32 rounding of an ill-conditioned solve
+    np.testing.assert_allclose(got["influences"], want, rtol=2e-3, atol=2e-3 * np.abs(want).max())
+    default = job_config(inputs, config.output, method={"name": method["name"]})
+    with pytest.raises(ConfigMismatchError, match="differs in: method"):
+        pipeline.plan_job(default)
+
+
+def test_default_curvature_and_blocks_keep_earlier_fingerprints():
+    """Outputs written before the curvature and block settings existed resume unchanged."""
+    from prefect_influence.config import MethodSpec
+
+    assert set(MethodSpec().fingerprinted()) == set(MethodSpec.model_fields) - {
+        "second_order_mode",
+        "block_structure",
+    }
+    assert MethodSpec(block_structure="layer_wise").fingerprinted()["block_structure"] == (
+        "layer_wise"
+    )

@@ -11,7 +11,7 @@ import json
 from enum import Enum
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .base import InfluenceMode
 
@@ -21,6 +21,8 @@ __all__ = [
     "DType",
     "DeviceName",
     "PreconditionerName",
+    "SecondOrderName",
+    "BlockModeName",
     "TrainFeatures",
     "ModelSpec",
     "DataSpec",
@@ -46,6 +48,24 @@ class Method(str, Enum):
     arnoldi = "arnoldi"
     nystroem = "nystroem"
     ekfac = "ekfac"
+    datainf = "datainf"
+
+
+class SecondOrderName(str, Enum):
+    """The curvature matrix in place of the Hessian (see ``prefect_influence.torch``'s
+    ``SecondOrderMode``)."""
+
+    hessian = "hessian"
+    gauss_newton = "gauss_newton"
+    generalized_gauss_newton = "generalized_gauss_newton"
+
+
+class BlockModeName(str, Enum):
+    """Diagonal blocks of the Hessian (see ``prefect_influence.torch``'s ``BlockMode``)."""
+
+    full = "full"
+    layer_wise = "layer_wise"
+    parameter_wise = "parameter_wise"
 
 
 class LossName(str, Enum):
@@ -166,6 +186,41 @@ class MethodSpec(_Section):
     fit_batch_size: int = Field(
         256, ge=1, title="Fit batch size", description="Training samples per batch while fitting."
     )
+    second_order_mode: SecondOrderName = Field(
+        SecondOrderName.hessian,
+        title="Curvature",
+        description="hessian; gauss_newton: mean outer product of the per-sample gradients "
+        "(pyDVL's); generalized_gauss_newton: Jᵀ·H_out·J. Not for ekfac or datainf.",
+    )
+    block_structure: Union[BlockModeName, dict[str, list[str]]] = Field(
+        BlockModeName.full,
+        title="Hessian blocks",
+        description="full, layer_wise, parameter_wise, or a mapping of block names to parameter "
+        "names (block-diagonal approximation). Not for ekfac.",
+    )
+
+    @model_validator(mode="after")
+    def _combinations(self) -> "MethodSpec":
+        name = self.name.value
+        if self.name is Method.ekfac and self.block_structure != BlockModeName.full:
+            raise ValueError("ekfac works layer by layer already; block_structure must be full")
+        if self.name in (Method.ekfac, Method.datainf) and (
+            self.second_order_mode is not SecondOrderName.hessian
+        ):
+            raise ValueError(f"{name} fixes its own curvature; leave second_order_mode: hessian")
+        if self.name is Method.datainf and self.regularization <= 0:
+            raise ValueError("datainf needs regularization > 0 (it divides by it)")
+        return self
+
+    def fingerprinted(self) -> dict[str, Any]:
+        """The settings as the output's fingerprint records them: curvature and blocks only
+        when not the defaults, so outputs written before they existed keep their fingerprint."""
+        settings = self.model_dump(mode="json")
+        if self.second_order_mode is SecondOrderName.hessian:
+            del settings["second_order_mode"]
+        if self.block_structure == BlockModeName.full:
+            del settings["block_structure"]
+        return settings
 
 
 ChunkSize = Union[Literal["auto"], Annotated[int, Field(ge=1)]]  # bounds in the JSON schema too

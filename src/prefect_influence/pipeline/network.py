@@ -9,6 +9,7 @@ import hashlib
 import io
 import json
 import pickle
+from enum import Enum
 from typing import Callable
 
 import numpy as np
@@ -202,8 +203,13 @@ def build_influence_model(config: PipelineConfig, network: nn.Module):
     m = config.method
     loss = resolve_loss(config.model.loss)
     reg = m.regularization
+    blocks = m.block_structure
+    shape = {"block_structure": blocks.value if isinstance(blocks, Enum) else dict(blocks)}
+    curvature = {**shape, "second_order_mode": m.second_order_mode.value}
     if m.name is Method.direct:
-        return methods.DirectInfluence(network, loss, reg)
+        return methods.DirectInfluence(network, loss, reg, **curvature)
+    if m.name is Method.datainf:
+        return methods.InverseHarmonicMeanInfluence(network, loss, reg, **shape)
     if m.name is Method.cg:
         pre = None
         if m.preconditioner is PreconditionerName.jacobi:
@@ -218,7 +224,9 @@ def build_influence_model(config: PipelineConfig, network: nn.Module):
             atol=m.atol,
             maxiter=m.maxiter,
             preconditioner=pre,
+            solve_simultaneously=True,  # block CG: the right-hand sides share one Krylov space
             batch_size=m.fit_batch_size,
+            **curvature,
         )
     if m.name is Method.lissa:
         return methods.LissaInfluence(
@@ -230,13 +238,18 @@ def build_influence_model(config: PipelineConfig, network: nn.Module):
             scale=m.lissa_scale,
             rtol=m.rtol,
             batch_size=m.fit_batch_size,
+            **curvature,
         )
     if m.name is Method.arnoldi:
         return methods.ArnoldiInfluence(
-            network, loss, reg, rank=m.rank, krylov_dimension=m.krylov_dimension
+            network, loss, reg, rank=m.rank, krylov_dimension=m.krylov_dimension, **curvature
         )
     if m.name is Method.nystroem:
-        return methods.NystroemSketchInfluence(network, loss, reg, rank=m.rank)
+        return methods.NystroemSketchInfluence(network, loss, reg, rank=m.rank, **curvature)
     if m.name is Method.ekfac:
-        return methods.EkfacInfluence(network, loss, reg)
+        ekfac = methods.EkfacInfluence(
+            network, update_diagonal=True, hessian_regularization=reg, loss=loss
+        )
+        ekfac.check_layers()  # fit would refuse an unsupported layer: refuse it when planning
+        return ekfac
     raise ConfigurationError(f"unknown method {m.name!r}")  # pragma: no cover - enum guards it

@@ -134,7 +134,7 @@ def _settings(job: JobSpec) -> dict[str, Any]:
     """The fingerprint entries that the configuration alone determines."""
     return {
         "loss": job.model.loss,
-        "method": job.method.model_dump(mode="json"),
+        "method": job.method.fingerprinted(),
         "mode": job.mode.value,
         "dtype": job.dtype.value,
         "device": job.device.value,
