@@ -4,7 +4,7 @@ imports only pyDVL, torch, numpy and dask, never ``prefect_influence``.
     benchmarks/.pydvl-venv/bin/python benchmarks/pydvl_side.py WORKDIR RUN
 
 Reads ``WORKDIR/inputs.npz`` (data), ``WORKDIR/model.pt`` (trained state_dict) and
-``WORKDIR/spec.json`` (architecture, λ, block grid, and the run ``RUN``: method and options),
+``WORKDIR/spec.json`` (architecture, λ, block grid, and the run ``RUN``: class, options and dtype),
 fits pyDVL's model, times ``DaskInfluenceCalculator(...).influences(...).compute()`` on Dask's
 synchronous scheduler, and writes ``WORKDIR/pydvl_RUN.npz`` (values) and
 ``WORKDIR/pydvl_RUN.json`` (timings, versions, warnings).
@@ -36,8 +36,8 @@ def main() -> None:
     import pydvl
     import torch
     from pydvl.influence import DaskInfluenceCalculator, DisableClientSingleThreadCheck
-    from pydvl.influence.torch import CgInfluence, DirectInfluence
-    from pydvl.influence.torch.util import TorchNumpyConverter
+    from pydvl.influence import torch as methods
+    from pydvl.influence.torch.util import BlockMode, SecondOrderMode, TorchNumpyConverter
     from torch.nn import functional as F
     from torch.utils.data import DataLoader, TensorDataset
 
@@ -46,14 +46,19 @@ def main() -> None:
     data = np.load(workdir / "inputs.npz")
     net = build_network(spec)
     net.load_state_dict(torch.load(workdir / "model.pt", weights_only=True))
-    x, y = torch.from_numpy(data["x_train"]), torch.from_numpy(data["y_train"])
-    xt, yt = data["x_test"][: settings["n_test"]], data["y_test"][: settings["n_test"]]
-    if settings["method"] == "direct":
-        model = DirectInfluence(net, F.cross_entropy, regularization=spec["regularization"])
-    else:
-        model = CgInfluence(
-            net, F.cross_entropy, regularization=spec["regularization"], **settings["options"]
-        )
+    float64 = settings.get("dtype") == "float64"
+    arrays = {k: data[k].astype("float64") if float64 and k[0] == "x" else data[k] for k in data}
+    net = net.double() if float64 else net
+    x, y = torch.from_numpy(arrays["x_train"]), torch.from_numpy(arrays["y_train"])
+    xt, yt = arrays["x_test"][: settings["n_test"]], arrays["y_test"][: settings["n_test"]]
+    options = dict(settings.get("options", {}))
+    if "block_structure" in options:
+        options["block_structure"] = BlockMode(options["block_structure"])
+    if "second_order_mode" in options:
+        options["second_order_mode"] = SecondOrderMode(options["second_order_mode"])
+    model = getattr(methods, settings["class"])(
+        net, F.cross_entropy, regularization=spec["regularization"], **options
+    )
     loader = DataLoader(TensorDataset(x, y), batch_size=settings["fit_batch_size"])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -62,8 +67,8 @@ def main() -> None:
         t_fit = time.perf_counter() - start
         blocks = settings["blocks"]
         train_chunk, test_chunk = -(-len(x) // blocks), -(-len(xt) // blocks)
-        da_x = da.from_array(data["x_train"], chunks=(train_chunk, -1))
-        da_y = da.from_array(data["y_train"], chunks=train_chunk)
+        da_x = da.from_array(arrays["x_train"], chunks=(train_chunk, -1))
+        da_y = da.from_array(arrays["y_train"], chunks=train_chunk)
         da_xt = da.from_array(xt, chunks=(test_chunk, -1))
         da_yt = da.from_array(yt, chunks=test_chunk)
         with dask.config.set(scheduler="synchronous"):

@@ -30,7 +30,7 @@ RESULTS = BENCH_DIR / "RESULTS.md"
 #: name: (arguments at the default size, arguments for --quick, closing lines to repeat)
 BENCHMARKS = {
     "calculators": ([], ["--repeat", "1", "--n-train", "2000"], 9),
-    "vs_pydvl": ([], ["--quick"], 6),  # 4 lines for Direct, 2 for CG
+    "vs_pydvl": ([], ["--quick"], 18),  # 4 lines for Direct, 2 for CG, 12 for the modes
     "methods": (["--write-readme"], ["--quick"], 13),  # the README's "Choosing a method" table
     "roofline": ([], ["--quick"], 8),  # 5 lines without a GPU, 8 with one
     "overhead": ([], ["--quick"], 4),

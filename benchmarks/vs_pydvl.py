@@ -14,10 +14,17 @@ pyDVL's unweighted batch average equal to the mean) and run
   achieved GFLOP/s (its matrix products, which sum over samples in float64) beside this
   machine's dgemm and sgemm rates measured in the same run, and ``hessian_dtype=torch.float64``
   (reported, not judged).
-* **cg**: 10 test × 1,200 train (one block). Ours with default settings; pyDVL's
+* **cg**: 10 test × 1,200 train (one block). Ours as block CG (``solve_simultaneously=True``, as the pipeline runs it); pyDVL's
   ``CgInfluence`` at ``maxiter=100`` and (not with ``--quick``) ``maxiter=1000``: its default,
   ``10·p`` per right-hand side, would run for hours. Target: our Pearson correlation with the
   exact influences ≥ 0.999, and ≥ 10× faster than the pyDVL run that comes closest to it.
+
+* **modes**: the Gauss-Newton and block-diagonal modes and DataInf (``InverseHarmonicMean``),
+  each on both sides with the same settings, in float64 and float32: 50 test × 1,200 train (one
+  block), fit included. Each side is judged against a float64 computation of the same quantity
+  from dense matrices (the block-masked Hessian or ``GᵀG/n`` solved by LU; DataInf's mean of
+  the damped rank-one inverses term by term), and the two sides against each other. Targets:
+  ours within 1e-4 (float64) / 1e-3 (float32) of that truth, and not slower than pyDVL.
 
 pyDVL pins numpy < 2, so its side runs in an isolated virtualenv that this script builds on
 first use (``benchmarks/.pydvl-venv``: ``pydvl[influence]==0.10.*`` and ``torch==2.13.0``) and
@@ -52,6 +59,36 @@ TARGETS = {
     "direct_error": 1.5,
     "cg": 10.0,
     "cg_pearson": 0.999,
+    "modes_float64": 1e-4,
+    "modes_float32": 1e-3,
+}
+
+#: the "modes" runs: name → (method, options, given alike to both sides)
+MODE_RUNS = {
+    "direct-gauss-newton": ("direct", {"second_order_mode": "gauss_newton"}),
+    "direct-layer-wise": ("direct", {"block_structure": "layer_wise"}),
+    "direct-parameter-wise-gauss-newton": (
+        "direct",
+        {"block_structure": "parameter_wise", "second_order_mode": "gauss_newton"},
+    ),
+    "cg-layer-wise-gauss-newton": (
+        "cg",
+        {
+            "block_structure": "layer_wise",
+            "second_order_mode": "gauss_newton",
+            "solve_simultaneously": True,
+            "rtol": 1e-10,
+            "maxiter": 300,
+        },
+    ),
+    "datainf": ("datainf", {}),
+    "datainf-layer-wise": ("datainf", {"block_structure": "layer_wise"}),
+}
+#: the class each run's method name stands for, on both sides
+CLASSES = {
+    "direct": "DirectInfluence",
+    "cg": "CgInfluence",
+    "datainf": "InverseHarmonicMeanInfluence",
 }
 
 
@@ -177,9 +214,92 @@ def show(side: str, run: dict, truth: np.ndarray) -> str:
     return line
 
 
+def mode_truth(net, data: dict, n_test: int, reg: float, method: str, options: dict):
+    """Float64 influences of one :data:`MODE_RUNS` entry from dense matrices."""
+    import copy
+
+    import torch
+
+    from prefect_influence.torch.curvature import parameter_blocks
+    from prefect_influence.torch.functional import ModelFunctions
+    from prefect_influence.torch.hessian import exact_hessian
+
+    fn = ModelFunctions(copy.deepcopy(net).double(), torch.nn.functional.cross_entropy)
+    x, xt = (torch.from_numpy(data[k]).double() for k in ("x_train", "x_test"))
+    y, yt = torch.from_numpy(data["y_train"]), torch.from_numpy(data["y_test"])
+    grads, test_grads = fn.per_sample_grads(x, y), fn.per_sample_grads(xt[:n_test], yt[:n_test])
+    offsets = dict(zip(fn.names, np.cumsum([0, *fn.numels[:-1]])))
+    numels = dict(zip(fn.names, fn.numels))
+    blocks = [
+        torch.cat([torch.arange(offsets[n], offsets[n] + numels[n]) for n in names])
+        for names in parameter_blocks(fn.model, options.get("block_structure", "full")).values()
+    ]
+    factors = torch.zeros_like(test_grads)
+    if method == "datainf":
+        for index in blocks:
+            g, v = grads[:, index], test_grads[:, index]
+            for g_i in g:  # (g gᵀ + λI)⁻¹ v, one training point at a time
+                factors[:, index] += (v - torch.outer(v @ g_i, g_i) / (reg + g_i @ g_i)) / reg
+            factors[:, index] /= len(g)
+        return (factors @ grads.T).numpy()
+    if options.get("second_order_mode") == "gauss_newton":
+        matrix = grads.T @ grads / len(x)
+    else:
+        matrix = exact_hessian(fn, [(x, y)], len(x))
+    for index in blocks:
+        block = matrix[index][:, index] + reg * torch.eye(len(index), dtype=torch.float64)
+        factors[:, index] = torch.linalg.solve(block, test_grads[:, index].T).T
+    return (factors @ grads.T).numpy()
+
+
+def modes(net, data: dict, runs: dict, workdir: Path, args) -> list[str]:
+    """Each of :data:`MODE_RUNS` on both sides, in float64 and float32: values compared with
+    each other (the same quantity), times with each other."""
+    import copy
+
+    import torch
+    from torch.nn.functional import cross_entropy
+
+    from prefect_influence import torch as methods
+
+    lines = []
+    for name, (method, options) in MODE_RUNS.items():
+        truth = mode_truth(net, data, args.modes_test, args.regularization, method, options)
+        for dtype in ("float64", "float32"):
+            run = f"{name}-{dtype}"
+            print(f"-- modes: {run}", flush=True)
+            cast = copy.deepcopy(net).to(getattr(torch, dtype))
+            arrays = {k: v.astype(dtype) if k[0] == "x" else v for k, v in data.items()}
+            model = getattr(methods, CLASSES[method])(
+                cast, cross_entropy, regularization=args.regularization, **options
+            )
+            ours = our_run(model, arrays, args.modes_test, 1, args.fit_batch_size)
+            theirs = pydvl_run(run, workdir, args.timeout)
+            difference = common.relative_error(ours["values"], theirs["values"])
+            ours_error = common.relative_error(ours["values"], truth)
+            their_error = common.relative_error(theirs["values"], truth)
+            target = TARGETS[f"modes_{dtype}"]
+            ratio = theirs["total_s"] / ours["total_s"]
+            for side, r in (("ours", ours), ("pyDVL", theirs)):
+                line = f"   {side}: fit {r['fit_s']:.2f} s + influences "
+                print(line + f"{r['influences_compute_s']:.2f} s = {r['total_s']:.2f} s")
+                for w in r["warnings"]:
+                    print(f"      warning: {w}")
+            lines.append(
+                f"{run}: vs float64 truth: ours {ours_error:.1e} (target <= {target:g}: "
+                f"{common.verdict(ours_error <= target)}), pyDVL {their_error:.1e}; ours vs "
+                f"pyDVL {difference:.1e}; ours {ours['total_s']:.2f} s, pyDVL "
+                f"{theirs['total_s']:.2f} s, ratio {ratio:.1f}x (not slower: "
+                f"{common.verdict(ratio >= 1)})"
+            )
+            print(lines[-1], flush=True)
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--methods", default="direct,cg", help="direct and/or cg")
+    parser.add_argument("--methods", default="direct,cg,modes", help="direct, cg and/or modes")
+    parser.add_argument("--modes-test", type=int, default=50, help="test points of the modes")
     parser.add_argument("--n-train", type=int, default=1200)
     parser.add_argument("--n-test", type=int, default=400, help="test points of the Direct grid")
     parser.add_argument("--cg-test", type=int, default=10, help="test points of the CG job")
@@ -202,8 +322,8 @@ def main() -> None:
     if args.quick:
         args.n_train, args.n_test, args.hidden, args.fit_batch_size = 300, 40, 32, 100
     asked = {m.strip() for m in args.methods.split(",") if m.strip()}
-    if not asked or asked - {"direct", "cg"}:
-        parser.error(f"--methods takes direct and/or cg, got {args.methods!r}")
+    if not asked or asked - {"direct", "cg", "modes"}:
+        parser.error(f"--methods takes direct, cg and/or modes, got {args.methods!r}")
 
     import torch
     from torch.nn.functional import cross_entropy
@@ -213,7 +333,7 @@ def main() -> None:
     versions = ensure_pydvl_venv()
     workdir = Path(tempfile.mkdtemp(prefix="bench-vs-pydvl-"))
     x, y = common.make_data(args.n_train, seed=0)
-    xt, yt = common.make_data(max(args.n_test, args.cg_test), seed=1)
+    xt, yt = common.make_data(max(args.n_test, args.cg_test, args.modes_test), seed=1)
     data = {"x_train": x, "y_train": y, "x_test": xt, "y_test": yt}
     net = common.train_sgd_network(args.hidden, x, y, epochs=args.epochs)
     truth, eigenvalues = common.float64_truth(net, x, y, xt, yt, args.regularization)
@@ -238,8 +358,18 @@ def main() -> None:
             "options": {"maxiter": 1000},
         },
     }
+    for name, (method, options) in MODE_RUNS.items():
+        for dtype in ("float64", "float32"):
+            runs[f"{name}-{dtype}"] = {
+                "method": method,
+                "options": options,
+                "dtype": dtype,
+                "n_test": args.modes_test,
+                "blocks": 1,
+            }
     for settings in runs.values():
         settings["fit_batch_size"] = args.fit_batch_size
+        settings["class"] = CLASSES[settings["method"]]
     spec = {
         "layers": [common.N_FEATURES, args.hidden, common.N_CLASSES],
         "regularization": args.regularization,
@@ -300,16 +430,16 @@ def main() -> None:
         ]
 
     if "cg" in asked:
-        print(f"-- cg: {args.cg_test} × {args.n_train}, our defaults", flush=True)
+        print(f"-- cg: {args.cg_test} × {args.n_train}, our block CG", flush=True)
         truth_c = truth[: args.cg_test]
         ours = our_run(
-            CgInfluence(net, cross_entropy, args.regularization),
+            CgInfluence(net, cross_entropy, args.regularization, solve_simultaneously=True),
             data,
             args.cg_test,
             1,
             args.fit_batch_size,
         )
-        print(show("ours (defaults)", ours, truth_c), flush=True)
+        print(show("ours (block CG)", ours, truth_c), flush=True)
         theirs = {}
         for name in ("cg100",) if args.quick else ("cg100", "cg1000"):
             theirs[name] = pydvl_run(name, workdir, args.timeout)
@@ -333,6 +463,8 @@ def main() -> None:
             f"{TARGETS['cg_pearson']}: {common.verdict(met)})"
             + (" (quick size: not judged)" if args.quick else ""),
         ]
+    if "modes" in asked:
+        closing += modes(net, data, runs, workdir, args)
     print("-- results")
     for line in closing:
         print(line)
