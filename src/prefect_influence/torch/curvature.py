@@ -8,7 +8,7 @@ import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from enum import Enum
-from typing import Mapping, Optional, Union
+from typing import Any, Mapping, Optional, Union
 
 from torch import Tensor, nn
 
@@ -21,6 +21,7 @@ __all__ = [
     "ModelParameterDictBuilder",
     "parameter_blocks",
     "block_regularizations",
+    "checked_regularization",
 ]
 
 
@@ -152,6 +153,21 @@ def parameter_blocks(
     return blocks
 
 
+def checked_regularization(value: Any, where: str = "") -> float:
+    """``λ`` as a float: a finite number ≥ 0, ``None`` meaning 0."""
+    if value is None:
+        return 0.0
+    try:
+        reg = float(value)
+    except (TypeError, ValueError):
+        reg = math.nan
+    if not math.isfinite(reg) or reg < 0:
+        raise InvalidRegularizationError(
+            f"regularization{where} must be a finite number ≥ 0, got {value!r}."
+        )
+    return reg
+
+
 def block_regularizations(
     regularization: Union[None, float, Mapping[str, Optional[float]]],
     blocks: Mapping[str, list[str]],
@@ -178,16 +194,7 @@ def block_regularizations(
                     f"{required} needs regularization > 0{where}; none was given."
                 )
             value = 0.0
-        try:
-            reg = float(value)
-        except (TypeError, ValueError):
-            raise InvalidRegularizationError(
-                f"regularization{where} must be a number, got {value!r}."
-            ) from None
-        if not math.isfinite(reg) or reg < 0:
-            raise InvalidRegularizationError(
-                f"regularization{where} must be a finite number ≥ 0, got {value!r}."
-            )
+        reg = checked_regularization(value, where)
         if required and reg == 0:
             raise InvalidRegularizationError(
                 f"{required} needs regularization > 0{where} (it divides by it); got 0."

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import collections.abc
 import logging
-import math
 import time
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Literal, Mapping, Optional, Union
@@ -24,6 +23,7 @@ from ..errors import (
     UnsupportedLayerError,
 )
 from .base import TorchInfluenceFunctionModel, TrainingData
+from .curvature import checked_regularization
 from .functional import LossFunction, check_finite
 
 __all__ = ["EkfacInfluence", "UnsupportedLayerError"]
@@ -204,7 +204,7 @@ class EkfacInfluence(TorchInfluenceFunctionModel):
     @hessian_regularization.setter
     def hessian_regularization(self, value: float) -> None:
         # the fitted eigenvalues serve any λ: a solve checks that λ keeps them invertible
-        self.regularization = _checked_regularization(value)
+        self.regularization = checked_regularization(value)
         blocks = getattr(self, "block_regularization", None)
         if blocks is not None:  # the one block's λ, kept in step
             self.block_regularization = {name: self.regularization for name in blocks}
@@ -489,7 +489,7 @@ class EkfacInfluence(TorchInfluenceFunctionModel):
                 "regularization_values must be an iterable of numbers ≥ 0, got "
                 f"{type(regularization_values).__name__}."
             )
-        values = [_checked_regularization(v) for v in regularization_values]
+        values = [checked_regularization(v) for v in regularization_values]
         for reg in values:
             self._check_regularization(reg)
         x, y = self._prepare(x, y, "input")
@@ -610,18 +610,6 @@ class EkfacInfluence(TorchInfluenceFunctionModel):
 def _extremes(lambdas: list[Tensor]) -> tuple[float, float]:
     """Smallest and largest eigenvalue over the layers (read once, not at every solve)."""
     return min(float(lam.min()) for lam in lambdas), max(float(lam.max()) for lam in lambdas)
-
-
-def _checked_regularization(value: Any) -> float:
-    try:
-        reg = float(value)
-    except (TypeError, ValueError):
-        reg = math.nan
-    if not math.isfinite(reg) or reg < 0:
-        raise InvalidRegularizationError(
-            f"regularization must be a finite number ≥ 0, got {value!r}."
-        )
-    return reg
 
 
 def _symmetric(m: Tensor) -> Tensor:

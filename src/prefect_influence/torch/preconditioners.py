@@ -3,7 +3,6 @@ low-rank Nyström. Each is fitted from Hessian-vector products and exports plain
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from typing import Any, Callable, Optional
 
@@ -13,10 +12,10 @@ from torch import Tensor
 from ..errors import (
     InvalidParameterError,
     InvalidRankError,
-    InvalidRegularizationError,
     NotFittedError,
 )
 from .base import positive_int
+from .curvature import checked_regularization
 from .lowrank import nystroem_eigen
 from .operator import HessianOperator
 
@@ -47,7 +46,7 @@ class Preconditioner(ABC):
         ``device``, as pyDVL's ``TensorOperator`` has them. The fitted tensors live on that
         device, in that dtype.
         """
-        reg = _checked_regularization(regularization)
+        reg = checked_regularization(regularization)
         matmul, n, dtype, device = _operator_parts(operator)
         self._fit(matmul, n, reg, dtype, device)
         self._reg = reg
@@ -72,7 +71,7 @@ class Preconditioner(ABC):
 
     @regularization.setter
     def regularization(self, value: float) -> None:
-        reg = _checked_regularization(value)
+        reg = checked_regularization(value)
         if not self.is_fitted:
             raise NotFittedError(
                 f"{type(self).__name__} is not fitted: call fit(operator, regularization)."
@@ -241,20 +240,6 @@ class NystroemPreconditioner(Preconditioner):
         self._vecs = state["eigenvectors"].to(device=device, dtype=dtype)
         self._reg_t = state["regularization"].to(device=device, dtype=dtype)
         self._reg = float(self._reg_t)
-
-
-def _checked_regularization(value: Any) -> float:
-    if value is None:
-        return 0.0
-    try:
-        reg = float(value)
-    except (TypeError, ValueError):
-        reg = math.nan
-    if not math.isfinite(reg) or reg < 0:
-        raise InvalidRegularizationError(
-            f"regularization must be a finite number ≥ 0 (or None), got {value!r}."
-        )
-    return reg
 
 
 def _operator_parts(operator: Any) -> tuple[MatMul, int, torch.dtype, Any]:
