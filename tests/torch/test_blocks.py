@@ -24,6 +24,7 @@ from prefect_influence.torch import (
     BlockMode,
     CgInfluence,
     DirectInfluence,
+    EkfacInfluence,
     InverseHarmonicMeanInfluence,
     LissaInfluence,
     NystroemSketchInfluence,
@@ -206,9 +207,15 @@ def test_influences_by_block_sum_to_the_influences(mode):
         torch.testing.assert_close(again[block], by_block[block], rtol=1e-12, atol=1e-14)
 
 
-def test_a_full_model_reports_one_block_named_empty():
+@pytest.mark.parametrize("method", ["direct", "ekfac"])
+def test_a_full_model_reports_one_block_named_empty(method):
+    """EK-FAC splits by layer under its own names; by block it is one block like the rest."""
     net, x, y, xt, yt = _mlp()
-    model = DirectInfluence(net, cross_entropy, 0.1).fit(loader(x, y))
+    if method == "ekfac":
+        model = EkfacInfluence(net, update_diagonal=True, hessian_regularization=0.1)
+    else:
+        model = DirectInfluence(net, cross_entropy, 0.1)
+    model.fit(loader(x, y))
     by_block = model.influences_by_block(xt, yt, x, y)
     assert list(by_block) == [""]
     torch.testing.assert_close(by_block[""], model.influences(xt, yt, x, y))

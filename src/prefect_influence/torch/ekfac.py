@@ -428,7 +428,7 @@ class EkfacInfluence(TorchInfluenceFunctionModel):
         """:meth:`influence_factors` split by layer: ``{layer name: n × p_layer}``, each the
         layer's columns of the flat factors (weight then bias), in the model's layer order.
         The solve is block-diagonal over layers, so each is that layer's own block solve."""
-        return self._split(self.influence_factors(x, y))
+        return self._split_by_layer(self.influence_factors(x, y))
 
     def influences_from_factors_by_layer(
         self,
@@ -466,7 +466,7 @@ class EkfacInfluence(TorchInfluenceFunctionModel):
             )
         x_test, y_test = self._prepare(x_test, y_test, "input")
         test_grads = self._fn.per_sample_grads(x_test, y_test)
-        factors = [f for f in self._split(self._solve(test_grads)).values()]
+        factors = [f for f in self._split_by_layer(self._solve(test_grads)).values()]
         if x is None:
             x, y, grads = x_test, y_test, test_grads  # the gradients are computed once
         else:
@@ -504,7 +504,7 @@ class EkfacInfluence(TorchInfluenceFunctionModel):
             }
         return result
 
-    def _split(self, full: Tensor) -> dict[str, Tensor]:
+    def _split_by_layer(self, full: Tensor) -> dict[str, Tensor]:
         return {layer.name: full[:, layer.indices(full.device)] for layer in self._layers}
 
     def _layer_influences(
