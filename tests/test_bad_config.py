@@ -270,6 +270,9 @@ VALIDATION_CASES = [
     ({"method": {"block_structure": "by_row"}}, "layer_wise"),
     ({"method": {"name": "ekfac", "block_structure": "layer_wise"}}, "ekfac works layer by layer"),
     ({"method": {"name": "datainf", "regularization": 0}}, "datainf needs regularization > 0"),
+    ({"method": {"name": "cg", "fisher": "sampled"}}, "for ekfac only"),
+    ({"method": {"name": "ekfac", "fisher": "often"}}, "sampled"),
+    ({"method": {"name": "ekfac", "fisher_samples": 0}}, "greater than or equal to 1"),
     (
         {"method": {"name": "datainf", "second_order_mode": "gauss_newton"}},
         "datainf fixes its own curvature",

@@ -430,8 +430,9 @@ def test_every_job_field_enters_the_fingerprint():
             "block_structure": {"hidden": ["0.weight", "0.bias"], "head": ["2.weight", "2.bias"]},
         },
         {"name": "direct", "second_order_mode": "generalized_gauss_newton"},
+        {"name": "ekfac", "fisher": "sampled", "fisher_samples": 2, "fisher_seed": 3},
     ],
-    ids=["datainf-layer-wise", "cg-gauss-newton-blocks", "direct-ggn"],
+    ids=["datainf-layer-wise", "cg-gauss-newton-blocks", "direct-ggn", "ekfac-sampled"],
 )
 def test_curvature_and_block_settings_reach_the_stored_numbers(inputs, method, tmp_path):
     """The job's tasks give what the library gives with the same settings; the settings enter
@@ -460,7 +461,29 @@ def test_default_curvature_and_blocks_keep_earlier_fingerprints():
     assert set(MethodSpec().fingerprinted()) == set(MethodSpec.model_fields) - {
         "second_order_mode",
         "block_structure",
+        "fisher",
+        "fisher_samples",
+        "fisher_seed",
     }
+    assert MethodSpec(name="ekfac", fisher="sampled").fingerprinted()["fisher_samples"] == 1
     assert MethodSpec(block_structure="layer_wise").fingerprinted()["block_structure"] == (
         "layer_wise"
     )
+
+
+def test_ekfac_columns_score_layer_by_layer_as_the_library_does(inputs, tmp_path):
+    """EK-FAC's column tasks score from layer inputs and output gradients, without per-sample
+    gradients: blocks and self-influences equal the library's on the same fit."""
+    config = job_config(inputs, str(tmp_path / "out"), method={"name": "ekfac"})
+    run_tasks(config)
+    got = read_outputs(config.output)
+    network, _ = load_network(config)
+    model = build_influence_model(config, network)
+    x, y = (torch.from_numpy(a) for a in open_source(config.data.train).rows(0, 240))
+    xt, yt = (torch.from_numpy(a) for a in open_source(config.data.test).rows(0, 40))
+    model.fit([(x, y)])
+    want = model.influences(xt, yt, x, y).numpy()
+    # float32; the factors' and scores' sums run in another order than the library's
+    np.testing.assert_allclose(got["influences"], want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    own = model.self_influences(x, y).numpy()
+    np.testing.assert_allclose(got["self_influence"], own, rtol=1e-4, atol=1e-4 * own.max())

@@ -5,7 +5,9 @@ Every calculator (sequential, Dask, Prefect tasks) builds its result from these 
 * :func:`train_operand` prepares a train chunk once. In Up mode, for a model that exposes
   ``per_sample_grads(x, y)`` (every :class:`~prefect_influence.torch.TorchInfluenceFunctionModel`),
   that is the chunk's ``n_j × p`` gradient matrix, computed once and reused by every block of
-  the train chunk; otherwise it is the chunk itself.
+  the train chunk; for a model that scores layer by layer (``layer_terms(x, y)``, EK-FAC), on
+  request, the chunk's layer inputs and output gradients instead (``Σ(d_in + d_out)`` numbers
+  per sample instead of ``p``); otherwise it is the chunk itself.
 * :func:`influence_block` turns test factors (``n_i × p``) and an operand into a block:
   ``factors @ grads.T`` (``n_i × n_j``) when gradients are there, else
   ``model.influences_from_factors(factors, x, y, mode)`` (Perturbation mode:
@@ -28,6 +30,7 @@ from .errors import InfluenceInputError, NonFiniteError
 __all__ = [
     "TrainOperand",
     "reuses_gradients",
+    "scores_by_layer",
     "train_operand",
     "influence_block",
     "iter_factor_chunks",
@@ -42,10 +45,14 @@ class TrainOperand(NamedTuple):
     x: Any = None
     y: Any = None
     grads: Any = None
+    #: the model's layer-wise terms of the chunk (``model.layer_terms(x, y)``), kept as they are
+    terms: Any = None
 
     def convert(self, fn: Callable[[Any], Any]) -> "TrainOperand":
-        """The same operand with ``fn`` applied to every field that is set (e.g. to numpy)."""
-        return TrainOperand(*(None if v is None else fn(v) for v in self))
+        """The same operand with ``fn`` applied to every array field that is set (e.g. to
+        numpy); layer terms are passed through."""
+        x, y, grads = (None if v is None else fn(v) for v in (self.x, self.y, self.grads))
+        return TrainOperand(x, y, grads, self.terms)
 
 
 def reuses_gradients(model: InfluenceFunctionModel, mode: InfluenceMode) -> bool:
@@ -55,11 +62,22 @@ def reuses_gradients(model: InfluenceFunctionModel, mode: InfluenceMode) -> bool
     )
 
 
+def scores_by_layer(model: InfluenceFunctionModel, mode: InfluenceMode) -> bool:
+    """Whether Up-mode blocks can come from a train chunk's layer terms (no gradients)."""
+    return InfluenceMode.parse(mode) is InfluenceMode.Up and callable(
+        getattr(model, "layer_terms", None)
+    )
+
+
 def train_operand(
-    model: InfluenceFunctionModel, x: Any, y: Any, mode: InfluenceMode
+    model: InfluenceFunctionModel, x: Any, y: Any, mode: InfluenceMode, *, by_layer: bool = False
 ) -> TrainOperand:
-    """Prepare one train chunk for all its blocks: gradients in Up mode when the model has them."""
+    """Prepare one train chunk for all its blocks: gradients in Up mode when the model has them,
+    or (``by_layer=True``, for callers that keep the operand in process) its layer terms when
+    the model scores layer by layer."""
     require_fitted(model)
+    if by_layer and scores_by_layer(model, mode):
+        return TrainOperand(terms=model.layer_terms(x, y))
     if reuses_gradients(model, mode):
         return TrainOperand(grads=model.per_sample_grads(x, y))
     return TrainOperand(x=x, y=y)
@@ -79,6 +97,10 @@ def influence_block(
     checked the same factors (once per row instead of once per block).
     """
     mode = InfluenceMode.parse(mode)
+    if operand.terms is not None:
+        if check_factors:
+            check_finite_factors(factors)
+        return model.influences_from_terms(factors, operand.terms)
     if operand.grads is None:
         if operand.x is None or operand.y is None:
             raise InfluenceInputError("A train operand needs either gradients or (x, y).")
@@ -143,7 +165,7 @@ class _OperandCache:
         batches = itertools.islice(iter(self.train_data), len(self.cached), None)
         for batch in batches:
             x, y = _as_pair(batch)
-            operand = train_operand(self.model, x, y, self.mode)
+            operand = train_operand(self.model, x, y, self.mode, by_layer=True)
             if self.caching:
                 size = _nbytes(operand)
                 if self.used + size <= self.budget:

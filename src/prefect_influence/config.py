@@ -51,6 +51,13 @@ class Method(str, Enum):
     datainf = "datainf"
 
 
+class FisherName(str, Enum):
+    """How EK-FAC takes the Fisher's expectation over labels (``EkfacInfluence(fisher=...)``)."""
+
+    exact = "exact"
+    sampled = "sampled"
+
+
 class SecondOrderName(str, Enum):
     """The curvature matrix in place of the Hessian (see ``prefect_influence.torch``'s
     ``SecondOrderMode``)."""
@@ -199,9 +206,27 @@ class MethodSpec(_Section):
         "names (block-diagonal approximation). Not for ekfac.",
     )
 
+    fisher: FisherName = Field(
+        FisherName.exact,
+        title="EK-FAC Fisher",
+        description="ekfac: exact (expectation over every class: one backward pass per class) "
+        "or sampled (seeded labels drawn from the model: one pass per sample, faster for many "
+        "classes).",
+    )
+    fisher_samples: int = Field(
+        1, ge=1, title="EK-FAC sampled labels", description="ekfac, sampled: labels per sample."
+    )
+    fisher_seed: int = Field(
+        0, title="EK-FAC sampling seed", description="ekfac, sampled: seed of the labels."
+    )
+
     @model_validator(mode="after")
     def _combinations(self) -> "MethodSpec":
         name = self.name.value
+        if self.name is not Method.ekfac and (
+            self.fisher is not FisherName.exact or self.fisher_samples != 1 or self.fisher_seed
+        ):
+            raise ValueError("fisher, fisher_samples and fisher_seed are for ekfac only")
         if self.name is Method.ekfac and self.block_structure != BlockModeName.full:
             raise ValueError("ekfac works layer by layer already; block_structure must be full")
         if self.name in (Method.ekfac, Method.datainf) and (
@@ -220,6 +245,9 @@ class MethodSpec(_Section):
             del settings["second_order_mode"]
         if self.block_structure == BlockModeName.full:
             del settings["block_structure"]
+        if self.fisher is FisherName.exact:
+            for key in ("fisher", "fisher_samples", "fisher_seed"):
+                del settings[key]
         return settings
 
 

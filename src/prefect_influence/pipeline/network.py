@@ -248,7 +248,13 @@ def build_influence_model(config: PipelineConfig, network: nn.Module):
         return methods.NystroemSketchInfluence(network, loss, reg, rank=m.rank, **curvature)
     if m.name is Method.ekfac:
         ekfac = methods.EkfacInfluence(
-            network, update_diagonal=True, hessian_regularization=reg, loss=loss
+            network,
+            update_diagonal=True,
+            hessian_regularization=reg,
+            loss=loss,
+            fisher=m.fisher.value,
+            fisher_samples=m.fisher_samples,
+            seed=m.fisher_seed,
         )
         ekfac.check_layers()  # fit would refuse an unsupported layer: refuse it when planning
         return ekfac

@@ -115,7 +115,9 @@ def column_stage(
             operand = _stored_gradients(ctx, features, stored_features)
             if operand is None:
                 x, y = ctx.rows("train", start, stop)
-                operand = train_operand(ctx.model, x, y, mode)
+                # without train features a layer-wise model needs no gradients; decided by the
+                # configuration alone, so a resumed column computes its blocks the same way
+                operand = train_operand(ctx.model, x, y, mode, by_layer=features is None)
         if want_features:
             values = _numpy(features_of(features, operand.grads))
             writer.submit(store.write_chunk, TRAIN_FEATURES, grid, (j,), values)
@@ -129,14 +131,14 @@ def column_stage(
             if i in top_rows:
                 top.add(i, block)
         if want_self:
-            grads = operand.grads if operand.grads is not None else ctx.model.per_sample_grads(x, y)
-            writer.submit(
-                store.write_chunk,
-                SELF_INFLUENCE,
-                grid,
-                (j,),
-                _numpy(_self_influences(ctx.model, grads)),
-            )
+            if operand.terms is not None:
+                values = ctx.model.self_influences_from_terms(operand.terms)
+            else:
+                grads = operand.grads
+                values = _self_influences(
+                    ctx.model, grads if grads is not None else ctx.model.per_sample_grads(x, y)
+                )
+            writer.submit(store.write_chunk, SELF_INFLUENCE, grid, (j,), _numpy(values))
     if top_rows:  # after its blocks are written: a part never describes blocks that are not
         store.write_summary_part(j, _with_kept_rows(part, top_from, top.arrays()), k)
     return counts
