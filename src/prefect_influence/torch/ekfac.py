@@ -57,7 +57,8 @@ class EkfacInfluence(TorchInfluenceFunctionModel):
     layers. For a single ``nn.Linear`` layer with MSE loss (linear regression) either variant is
     the exact inverse Hessian; on trained networks the block-diagonal and Kronecker
     approximations matter, and the more so the smaller ``λ``: the README's "Choosing a method"
-    gives measured correlations with exact Gauss-Newton influences.
+    gives measured correlations with the influences of the exact generalized Gauss-Newton
+    matrix (``SecondOrderMode.GENERALIZED_GAUSS_NEWTON``, the true Fisher for cross-entropy).
 
     Scores, factors and self-influences are computed layer by layer from each layer's inputs and
     output gradients (one forward and one backward pass per chunk; :mod:`.layers`), never from
@@ -418,7 +419,7 @@ class EkfacInfluence(TorchInfluenceFunctionModel):
         reg = self.regularization
         self._check_regularization(reg)
         out = torch.empty(x.shape[0], self.n_parameters, dtype=self.dtype, device=self.device)
-        step = self._chunk_rows(x, y)
+        step = self._chunk_rows(x, y, factors=True)
         for s in range(0, x.shape[0], step):
             terms = capture(self.model, self._layers, self.loss, x[s : s + step], y[s : s + step])
             _check_finite_terms(terms)
@@ -468,22 +469,25 @@ class EkfacInfluence(TorchInfluenceFunctionModel):
             parts.append(self.self_influences_from_terms(terms))
         return torch.cat(parts)
 
-    def _chunk_rows(self, x: Tensor, y: Tensor) -> int:
+    def _chunk_rows(self, x: Tensor, y: Tensor, factors: bool = False) -> int:
         """Samples per chunk of the layer-wise paths: their recorded terms (and the forward
-        graph, counted as twice as much again) plus the largest layer's temporaries within
-        the memory budget. Measured once per sample shape from one sample."""
+        graph, counted as twice as much again) plus the largest layer's unfolded inputs within
+        the memory budget, and with ``factors`` their ``p`` factors a few times over (the
+        rotated gradients and the result). Gradient matrices of the layers are sub-chunked
+        where they are formed. Measured once per sample shape from one sample."""
         key = tuple(x.shape[1:])
-        per_sample = self._row_bytes.get(key)
-        if per_sample is None:
+        if key not in self._row_bytes:
             terms = capture(self.model, self._layers, self.loss, x[:1], y[:1])
-            stored = work = 0
+            stored = unfolded = 0
             for layer, inputs, out_grads in zip(self._layers, terms.inputs, terms.out_grads):
                 positions = layer.positions(inputs, out_grads)
                 stored += inputs[0].numel() + out_grads[0].numel()
-                unfolded = positions * (layer.n_in * layer.groups + 2 * layer.n_out)
-                work = max(work, unfolded + 3 * layer.numel)
-            per_sample = (3 * stored + work) * self.dtype.itemsize
-            self._row_bytes[key] = per_sample
+                width = layer.n_in * layer.groups + 2 * layer.n_out
+                unfolded = max(unfolded, positions * width)
+            self._row_bytes[key] = (3 * stored + unfolded) * self.dtype.itemsize
+        per_sample = self._row_bytes[key]
+        if factors:
+            per_sample += 3 * self.n_parameters * self.dtype.itemsize
         return max(1, self._budget // per_sample)
 
     # -- results by layer -----------------------------------------------------------------------
