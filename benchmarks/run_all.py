@@ -1,7 +1,7 @@
 """Run every benchmark one after the other and print the last lines of each (figures and ratios).
 
-    python benchmarks/run_all.py            # default sizes: ~30-40 minutes on 2 cores (load)
-    python benchmarks/run_all.py --full     # also the judged 4 GB memory grid: ~1 h
+    python benchmarks/run_all.py            # default sizes: ~1 h on 2 cores (load)
+    python benchmarks/run_all.py --full     # also the judged 4 GB memory grid: ~1.5 h
     python benchmarks/run_all.py --quick    # smoke run: a few minutes, targets not judged
     python benchmarks/run_all.py --only roofline,scaling
 
@@ -31,7 +31,10 @@ RESULTS = BENCH_DIR / "RESULTS.md"
 BENCHMARKS = {
     "calculators": ([], ["--repeat", "1", "--n-train", "2000"], 9),
     "vs_pydvl": ([], ["--quick"], 18),  # 4 lines for Direct, 2 for CG, 12 for the modes
+    "vs_kronfluence": ([], ["--quick"], 4),  # setup, exact, sampled, Kronfluence's own sampling
     "methods": (["--write-readme"], ["--quick"], 13),  # the README's "Choosing a method" table
+    # the README's EK-FAC table; 2 lines per network (Pearson, relative error), 1 for float64
+    "ekfac_accuracy": (["--write-readme"], ["--quick"], 5),
     "roofline": ([], ["--quick"], 8),  # 5 lines without a GPU, 8 with one
     "overhead": ([], ["--quick"], 4),
     # the judged 4 GB grid (memory.py's default) runs with --full only; by default the suite
@@ -40,6 +43,7 @@ BENCHMARKS = {
     "scaling": ([], ["--quick"], 5),
     "cli_errors": ([], ["--quick"], 2),
     "incremental": ([], ["--quick"], 5),
+    "resnet_pipeline": ([], ["--quick"], 2),
 }
 #: arguments that replace the default ones with --full: the judged memory grid
 FULL = {"memory": []}
