@@ -121,6 +121,9 @@ def test_ekfac_layerwise_paths_equal_the_flat_solve(fisher, budget):
     flat = model.factors_from_grads(grads)  # the solve on flat gradients
     torch.testing.assert_close(model.influence_factors(x, y), flat, **TIGHT)
     torch.testing.assert_close(model.influences_from_factors(flat[:5], x, y), flat[:5] @ grads.T)
+    # scored without flat factors (the Linear layers in the eigenbasis)
+    torch.testing.assert_close(model.influences(x[:5], y[:5], x, y), flat[:5] @ grads.T)
+    torch.testing.assert_close(model.influences(x[:5], y[:5]), flat[:5] @ grads[:5].T)
     torch.testing.assert_close(model.self_influences(x, y), (flat * grads).sum(dim=1), **TIGHT)
     terms = model.layer_terms(x, y)
     assert terms.nbytes < grads.nbytes  # fewer numbers per sample than p

@@ -24,7 +24,15 @@ from ..errors import (
 from .base import TorchInfluenceFunctionModel, TrainingData, positive_int
 from .curvature import checked_regularization
 from .functional import LossFunction, check_finite
-from .layers import Layer, LayerTerms, capture, find_layers, forward_recorded, output_grads_of
+from .layers import (
+    Layer,
+    LayerTerms,
+    add_layer_scores,
+    capture,
+    find_layers,
+    forward_recorded,
+    output_grads_of,
+)
 from .layers import scores as layer_scores
 
 __all__ = ["EkfacInfluence", "UnsupportedLayerError"]
@@ -432,6 +440,77 @@ class EkfacInfluence(TorchInfluenceFunctionModel):
                 layer.from_matrix(qg @ rotated @ qa.T, rows)
         return out
 
+    def influences(
+        self,
+        x_test: Tensor,
+        y_test: Tensor,
+        x: Optional[Tensor] = None,
+        y: Optional[Tensor] = None,
+        mode: InfluenceMode = InfluenceMode.Up,
+    ) -> Tensor:
+        """Influences of the test batch on the training batch (the test batch itself if
+        omitted). In Up mode without flat factors: a layer with one position per sample (a
+        Linear layer on vectors) is scored in the eigenbasis, where a training gradient
+        ``g aᵀ`` rotates cheaply (``Q_Gᵀg``, ``Q_Aᵀa``) and the test side needs no rotation
+        back; the other layers against the test factors rotated back once."""
+        mode = InfluenceMode.parse(mode)
+        if mode is not InfluenceMode.Up or (x is None) != (y is None):
+            return super().influences(x_test, y_test, x, y, mode)
+        self._require_fitted()
+        x_test, y_test = self._prepare(x_test, y_test, "input")
+        if x is None:
+            x, y = x_test, y_test
+        else:
+            x, y = self._prepare(x, y, "training input")
+        reg = self.regularization
+        self._check_regularization(reg)
+        test_sides = self._test_sides(x_test, y_test, reg)
+        result = torch.empty(x_test.shape[0], x.shape[0], dtype=self.dtype, device=self.device)
+        step = self._chunk_rows(x, y)
+        for s in range(0, x.shape[0], step):
+            terms = capture(self.model, self._layers, self.loss, x[s : s + step], y[s : s + step])
+            _check_finite_terms(terms)
+            part = result[:, s : s + step]
+            part.zero_()
+            for layer, inputs, out_grads, qa, qg, (in_eigenbasis, side) in zip(
+                self._layers, terms.inputs, terms.out_grads, self._qa, self._qg, test_sides
+            ):
+                if in_eigenbasis:
+                    gq = layer.output_grads(out_grads)[:, 0] @ qg
+                    aq = layer.activations(inputs)[:, 0] @ qa
+                    _add_rank_one_scores(side, gq, aq, self._budget, part)
+                else:
+                    w = layer.n_weight_cols
+                    fw = (
+                        side[:, :, :w].reshape(side.shape[0], -1)
+                        if layer.weight is not None
+                        else None
+                    )
+                    fb = side[:, :, w] if layer.bias is not None else None
+                    add_layer_scores(layer, fw, fb, inputs, out_grads, self._budget, part)
+        return result
+
+    def _test_sides(self, x: Tensor, y: Tensor, reg: float) -> list[tuple[bool, Tensor]]:
+        """Per layer, the test batch's preconditioned gradients ``(Q_Gᵀ DW Q_A) / (Λ + λ)``:
+        kept in the eigenbasis (``True``) for layers with one position per sample, rotated
+        back (``False``: the layer's factors, ``k × out × n_in``) for the others."""
+        step = self._chunk_rows(x, y, factors=True)
+        sides: list[list[Tensor]] = [[] for _ in self._layers]
+        eigenbasis: list[bool] = []
+        for s in range(0, x.shape[0], step):
+            terms = capture(self.model, self._layers, self.loss, x[s : s + step], y[s : s + step])
+            _check_finite_terms(terms)
+            eigenbasis = []
+            for i, (layer, inputs, out_grads, qa, qg, lam) in enumerate(
+                zip(self._layers, terms.inputs, terms.out_grads, self._qa, self._qg, self._lambda)
+            ):
+                rotation = _Rotation(layer.activations(inputs), qa, qg)
+                pre = rotation.rotated(layer.output_grads(out_grads)) / (lam + reg)
+                one_position = layer.positions(inputs, out_grads) == 1
+                eigenbasis.append(one_position)
+                sides[i].append(pre if one_position else qg @ pre @ qa.T)
+        return [(e, torch.cat(parts)) for e, parts in zip(eigenbasis, sides)]
+
     def influences_from_factors(
         self,
         z_test_factors: Tensor,
@@ -778,3 +857,15 @@ class _Rotation:
 def _check_finite_terms(terms: LayerTerms) -> None:
     for grads in terms.out_grads:
         check_finite(grads, "per-sample gradients of the loss")
+
+
+def _add_rank_one_scores(side: Tensor, gq: Tensor, aq: Tensor, budget: int, result: Tensor) -> None:
+    """Add ``Σ_{o,i} side_k[o, i] · gq_n[o] · aq_n[i]`` to ``result`` (``k × n``): scores of
+    preconditioned test gradients against rank-one training gradients, both in the
+    eigenbasis."""
+    k, n_out, n_in = side.shape
+    rows = side.reshape(k * n_out, n_in)
+    step = max(1, budget // max(1, k * n_out * side.element_size()))
+    for s in range(0, gq.shape[0], step):
+        fa = (aq[s : s + step] @ rows.T).reshape(-1, k, n_out)
+        result[:, s : s + step] += torch.bmm(fa, gq[s : s + step].unsqueeze(2))[:, :, 0].T

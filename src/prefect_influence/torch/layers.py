@@ -61,7 +61,7 @@ class Layer:
         ]
         return torch.cat(parts).sort().values
 
-    def _rows(self, inputs: Tensor) -> Tensor:
+    def input_rows(self, inputs: Tensor) -> Tensor:
         """Layer inputs as ``n × T × (in·kh·kw)`` rows, channel-major like the weight."""
         n = inputs.shape[0]
         if isinstance(self.module, nn.Conv2d):
@@ -74,7 +74,7 @@ class Layer:
 
     def grouped_activations(self, inputs: Tensor) -> Tensor:
         """Layer inputs as ``n × T × groups × n_in`` rows (bias column included)."""
-        a = self._rows(inputs)
+        a = self.input_rows(inputs)
         n, t = a.shape[:2]
         a = a.reshape(n, t, self.groups, -1)
         parts = [a] if self.weight is not None else []
@@ -103,14 +103,33 @@ class Layer:
         """``T``: the positions summed over in one sample's gradient."""
         return out_grads[0].numel() // self.n_out
 
+    def weight_and_bias_grads(
+        self, inputs: Tensor, out_grads: Tensor
+    ) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        """Per-sample gradients of the weight (``n × out × in/groups·kh·kw``) and of the bias
+        (``n × out``), each ``None`` if frozen: no column of ones is appended to the inputs."""
+        g = self.grouped_output_grads(out_grads)  # n × T × groups × out/groups
+        n, positions = g.shape[:2]
+        dw = db = None
+        if self.weight is not None:
+            a = self.input_rows(inputs)
+            if self.groups == 1:
+                dw = torch.bmm(g[:, :, 0].transpose(1, 2), a)
+            else:
+                a = a.reshape(n, positions, self.groups, -1)
+                dw = torch.einsum("ntgo,ntgi->ngoi", g, a).reshape(n, self.n_out, -1)
+        if self.bias is not None:
+            db = g.sum(dim=1).reshape(n, self.n_out)
+        return dw, db
+
     def sample_grads(self, inputs: Tensor, out_grads: Tensor) -> Tensor:
         """Per-sample gradient matrices ``n × out × n_in`` from raw inputs and output grads."""
-        a = self.grouped_activations(inputs)
-        g = self.grouped_output_grads(out_grads)
-        n = a.shape[0]
-        if self.groups == 1:
-            return torch.bmm(g[:, :, 0].transpose(1, 2), a[:, :, 0])
-        return torch.einsum("ntgo,ntgi->ngoi", g, a).reshape(n, self.n_out, self.n_in)
+        dw, db = self.weight_and_bias_grads(inputs, out_grads)
+        if db is None:
+            return dw
+        if dw is None:
+            return db.unsqueeze(2)
+        return torch.cat([dw, db.unsqueeze(2)], dim=2)
 
     def to_matrix(self, flat: Tensor) -> Tensor:
         """Rows of the flat vector (``k × p``) to the layer's ``k × out × n_in`` matrices."""
@@ -312,27 +331,51 @@ def scores(
     contracted layer by layer from ``terms``; temporaries stay within about ``budget`` bytes."""
     k, n = factors.shape[0], terms.n
     result = torch.zeros(k, n, dtype=factors.dtype, device=factors.device) if out is None else out
-    itemsize = factors.element_size()
     for layer, inputs, out_grads in zip(layers, terms.inputs, terms.out_grads):
-        fm = layer.to_matrix(factors)  # k × out × n_in
-        positions = layer.positions(inputs, out_grads)
-        if positions == 1 and layer.groups == 1 and k < layer.n_in:
-            # one position: ⟨F, g aᵀ⟩ = gᵀ F a, without the out × n_in gradient matrices
-            flat_f = fm.reshape(k * layer.n_out, layer.n_in)
-            step = _rows(budget, k * layer.n_out * itemsize)
-            for s in range(0, n, step):
-                a = layer.activations(inputs[s : s + step])[:, 0]
-                g = layer.output_grads(out_grads[s : s + step])[:, 0]
-                fa = (a @ flat_f.T).reshape(-1, k, layer.n_out)
-                result[:, s : s + step] += torch.bmm(fa, g.unsqueeze(2))[:, :, 0].T
-            continue
-        per_sample = layer.numel + positions * (layer.n_in * layer.groups + layer.n_out)
-        step = _rows(budget, per_sample * itemsize)
-        flat_f = fm.reshape(k, -1)
-        for s in range(0, n, step):
-            dw = layer.sample_grads(inputs[s : s + step], out_grads[s : s + step])
-            result[:, s : s + step] += flat_f @ dw.reshape(dw.shape[0], -1).T
+        # the factors' columns of the weight (flat, row-major like the weight) and of the bias
+        fw = None if layer.weight is None else factors[:, layer.weight]
+        fb = None if layer.bias is None else factors[:, layer.bias]
+        add_layer_scores(layer, fw, fb, inputs, out_grads, budget, result)
     return result
+
+
+def add_layer_scores(
+    layer: Layer,
+    fw: Optional[Tensor],
+    fb: Optional[Tensor],
+    inputs: Tensor,
+    out_grads: Tensor,
+    budget: int,
+    result: Tensor,
+) -> None:
+    """Add one layer's ``⟨F_k, ∇ℓ_n⟩`` to ``result`` (``k × n``), for factors given by their
+    weight part ``fw`` (``k × out·n_w``, row-major) and bias part ``fb`` (``k × out``)."""
+    k, n = result.shape
+    itemsize = result.element_size()
+    positions = layer.positions(inputs, out_grads)
+    if positions == 1 and layer.groups == 1 and k < layer.n_in:
+        # one position: ⟨F, g aᵀ⟩ = gᵀ (F_w a + F_b), without the gradient matrices
+        fw_rows = None if fw is None else fw.reshape(k * layer.n_out, -1)
+        step = _rows(budget, k * layer.n_out * itemsize)
+        for s in range(0, n, step):
+            g = layer.output_grads(out_grads[s : s + step])[:, 0]
+            if fw_rows is None:
+                fa = fb.reshape(1, k, layer.n_out).expand(g.shape[0], k, layer.n_out)
+            else:
+                a = layer.input_rows(inputs[s : s + step])[:, 0]
+                fa = (a @ fw_rows.T).reshape(-1, k, layer.n_out)
+                if fb is not None:
+                    fa = fa + fb.reshape(1, k, layer.n_out)
+            result[:, s : s + step] += torch.bmm(fa, g.unsqueeze(2))[:, :, 0].T
+        return
+    per_sample = layer.numel + positions * (layer.n_in * layer.groups + layer.n_out)
+    step = _rows(budget, per_sample * itemsize)
+    for s in range(0, n, step):
+        dw, db = layer.weight_and_bias_grads(inputs[s : s + step], out_grads[s : s + step])
+        if dw is not None:
+            result[:, s : s + step] += fw @ dw.reshape(dw.shape[0], -1).T
+        if db is not None:
+            result[:, s : s + step] += fb @ db.T
 
 
 def flat_grads(layers: list[Layer], terms: LayerTerms, n_parameters: int) -> Tensor:
