@@ -35,13 +35,26 @@ from .curvature import (
     block_regularizations,
     parameter_blocks,
 )
-from .functional import LossFunction, ModelFunctions, check_finite, rows_within
+from .functional import (
+    GRADIENT_SLICE_BYTES,
+    LossFunction,
+    ModelFunctions,
+    check_finite,
+    rows_within,
+)
 from .operator import HessianOperator, buffers_kept, product_batch_size
 from .util import native_array
 
 __all__ = ["TorchInfluenceFunctionModel", "TrainingData"]
 
 Batches = Iterable[tuple[Tensor, Tensor]]
+
+#: a chunk of per-sample gradients while they are formed: the flat rows, vmap's per-parameter
+#: output and its layout copy (2.9 measured for a network of Linear layers)
+_GRADIENT_COPIES = 3.0
+#: Perturbation mode: gradient-sized autograd temporaries per training row and factor row
+#: (about 1.7 measured)
+_MIXED_COPIES_PER_FACTOR = 2.0
 
 
 class TrainingData:
@@ -112,9 +125,33 @@ class TorchInfluenceFunctionModel(InfluenceFunctionModel[Tensor, Batches]):
     #: whether the fitted state holds λ in its numbers (a factorization of ``H + λI``); one
     #: that does not (EK-FAC's eigenbases and eigenvalues) loads under any λ
     _state_depends_on_regularization = True
-    #: gradients held at once by :meth:`self_influences` (a solve's temporaries are a few times
-    #: that); at least 64 samples a slice
-    self_influence_budget_bytes = 64 * 2**20
+    #: Bytes the temporaries of one call of a computing method are sized to stay within
+    #: (approximately; settable per instance). Inputs are processed in chunks of rows (test
+    #: samples, training samples, right-hand sides of the solve, and in Perturbation mode factor
+    #: rows) whose per-sample gradients, solve temporaries and products fit it, so the memory a
+    #: call needs does not grow with its inputs. Counted: the gradients, the solve's working
+    #: matrices (a per-method multiple of its right-hand sides, :attr:`_solve_copies`), and the
+    #: products of a chunk. Not counted: the network, the fitted state (e.g. DataInf's training
+    #: gradients, the Hessian factorization), the inputs as passed and their conversion to the
+    #: model's dtype and device, the returned result, and the gradient graphs that CG and LiSSA
+    #: keep for their Hessian-vector products (bounded by ``HessianOperator.graph_budget_bytes``).
+    #: A chunk holds at least 64 rows where those take at most 4 MiB, so per-call overhead stays
+    #: amortized under a tiny budget; :meth:`influences` also holds one chunk of test factors (at
+    #: most half the budget) while the training side runs. Chunking leaves results unchanged up
+    #: to floating-point rounding, except for solvers whose iterations couple the rows of a
+    #: solve: block CG (``CgInfluence(solve_simultaneously=True)``, the rows share one Krylov
+    #: space) and LiSSA (it stops when every row of the solve has converged); there chunked
+    #: results agree within the solver's tolerance. Each chunk is a separate solve, so an
+    #: iterative solver's cost grows with the number of chunks: raise the budget where memory
+    #: allows.
+    memory_budget_bytes: int = 256 * 2**20
+    #: temporaries of :meth:`_solve` per right-hand side, in multiples of a ``p``-vector, its
+    #: result included (its input not); measured for each method, with a margin
+    _solve_copies: float = 3.0
+    #: a chunk holds at least this many rows when they take at most ``_min_chunk_bytes``, since
+    #: smaller chunks cost more in per-call overhead (a vmap, a whole solve) than they save
+    _min_chunk_rows: int = 64
+    _min_chunk_bytes: int = 4 * 2**20
     #: keys of the method-specific part of :meth:`fitted_state`
     _state_keys: tuple[str, ...] = ()
     #: whether a ``block_structure`` other than one block may be given
@@ -184,6 +221,25 @@ class TorchInfluenceFunctionModel(InfluenceFunctionModel[Tensor, Batches]):
             )
 
     # -- properties -----------------------------------------------------------------------------
+    @property
+    def self_influence_budget_bytes(self) -> int:
+        """Deprecated alias of :attr:`memory_budget_bytes`."""
+        warnings.warn(
+            "self_influence_budget_bytes is deprecated; use memory_budget_bytes.",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.memory_budget_bytes
+
+    @self_influence_budget_bytes.setter
+    def self_influence_budget_bytes(self, value: int) -> None:
+        warnings.warn(
+            "self_influence_budget_bytes is deprecated; use memory_budget_bytes.",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        self.memory_budget_bytes = value
+
     @property
     def n_parameters(self) -> int:
         return self._fn.n_parameters
@@ -260,12 +316,70 @@ class TorchInfluenceFunctionModel(InfluenceFunctionModel[Tensor, Batches]):
 
     def _apply(self, rhs: Tensor) -> Tensor:
         """The fitted inverse applied to every row of ``rhs``, block by block if there are
-        blocks."""
+        blocks, in chunks of rows whose solve fits :attr:`memory_budget_bytes`."""
+        step = self._rows_per_chunk(self._apply_row_copies())
+        if rhs.shape[0] <= step:
+            return self._apply_whole(rhs)
+        out = torch.empty_like(rhs)
+        for start in range(0, rhs.shape[0], step):
+            out[start : start + step] = self._apply_whole(rhs[start : start + step])
+        return out
+
+    def _apply_whole(self, rhs: Tensor) -> Tensor:
         if not self._is_blocked:
             return self._solve(rhs)
         out = torch.empty_like(rhs)
         for index, block in zip(self._block_slices().values(), self._blocks.values()):
+            # the blocks are copies made at fit time, and a solve may size its slices by it
+            block.memory_budget_bytes = self.memory_budget_bytes
             out[:, index] = block._solve(rhs[:, index])
+        return out
+
+    # -- memory ---------------------------------------------------------------------------------
+    # Row costs are in copies of a p-vector of the model's dtype.
+    def _solve_row_copies(self) -> float:
+        """What :meth:`_solve` holds per right-hand side, its result included."""
+        return self._solve_copies
+
+    def _apply_row_copies(self) -> float:
+        """What :meth:`_apply` holds per row: for the largest block, its solve and its copy of
+        the block's part of the row."""
+        if not self._is_blocked:
+            return self._solve_row_copies()
+        return max(
+            (1.0 + block._solve_row_copies()) * block.n_parameters / self.n_parameters
+            for block in self._blocks.values()
+        )
+
+    def _rows_per_chunk(self, copies: float) -> int:
+        """Rows that fit :attr:`memory_budget_bytes` when each is held ``copies`` times; at
+        least ``_min_chunk_rows`` as far as those fit ``_min_chunk_bytes``."""
+        p, itemsize = self.n_parameters, self.dtype.itemsize
+        fitting = rows_within(p, itemsize, self._min_chunk_bytes, copies=copies, minimum=1)
+        floor = min(self._min_chunk_rows, fitting)
+        return rows_within(p, itemsize, self.memory_budget_bytes, copies=copies, minimum=floor)
+
+    def _mixed_products(self, fn: ModelFunctions, factors: Tensor, x: Tensor, y: Tensor) -> Tensor:
+        """``fn.mixed_products`` in chunks of factor and training rows that fit the budget."""
+        k, n = factors.shape[0], x.shape[0]
+        share = fn.n_parameters / self.n_parameters  # a block's part of the parameters
+        budget = self.memory_budget_bytes / (self.n_parameters * self.dtype.itemsize)
+        # per training row its gradient with their temporaries, and per factor row the autograd
+        # temporaries of the second derivative
+        per_factor = _MIXED_COPIES_PER_FACTOR * share
+        rows = max(1, min(k, int((budget - _GRADIENT_COPIES * share) // per_factor)))
+        step = self._rows_per_chunk(_GRADIENT_COPIES * share + rows * per_factor)
+        if k == 0 or (rows >= k and step >= n):
+            return fn.mixed_products(factors, x, y)
+        out: Optional[Tensor] = None
+        for f0 in range(0, k, rows):
+            for start in range(0, n, step):
+                part = fn.mixed_products(
+                    factors[f0 : f0 + rows], x[start : start + step], y[start : start + step]
+                )
+                if out is None:
+                    out = part.new_empty((k, n, *part.shape[2:]))
+                out[f0 : f0 + rows, start : start + step] = part
         return out
 
     @abstractmethod
@@ -278,10 +392,18 @@ class TorchInfluenceFunctionModel(InfluenceFunctionModel[Tensor, Batches]):
 
     # -- computing ------------------------------------------------------------------------------
     def influence_factors(self, x: Tensor, y: Tensor) -> Tensor:
+        """``H⁻¹ ∇θ ℓ(x_i, y_i)`` for every sample: shape ``n × p``. Samples go in chunks whose
+        gradients and solve fit :attr:`memory_budget_bytes`."""
         self._require_fitted()
         x, y = self._prepare(x, y, "input")
-        grads = self._fn.per_sample_grads(x, y)
-        return self._apply(grads)
+        step = self._rows_per_chunk(max(_GRADIENT_COPIES, 1.0 + self._apply_row_copies()))
+        if x.shape[0] <= step:
+            return self._apply(self._fn.per_sample_grads(x, y))
+        out = torch.empty(x.shape[0], self.n_parameters, dtype=self.dtype, device=self.device)
+        for start in range(0, x.shape[0], step):
+            grads = self._fn.per_sample_grads(x[start : start + step], y[start : start + step])
+            out[start : start + step] = self._apply(grads)
+        return out
 
     def influences_from_factors(
         self,
@@ -290,31 +412,95 @@ class TorchInfluenceFunctionModel(InfluenceFunctionModel[Tensor, Batches]):
         y: Tensor,
         mode: InfluenceMode = InfluenceMode.Up,
     ) -> Tensor:
+        """Influences of precomputed factors (``n_test × p``) on the training batch ``(x, y)``.
+        Training samples (and in Perturbation mode factor rows) go in chunks whose gradients and
+        products fit :attr:`memory_budget_bytes`."""
         self._require_fitted()
         mode = InfluenceMode.parse(mode)
         factors = self._prepare_factors(z_test_factors)
         x, y = self._prepare(x, y, "training input")
-        if mode is InfluenceMode.Up:
+        if mode is not InfluenceMode.Up:
+            return self._mixed_products(self._fn, factors, x, y)
+        # a chunk's gradients with their temporaries, and its columns of the result
+        step = self._rows_per_chunk(_GRADIENT_COPIES + factors.shape[0] / self.n_parameters)
+        if x.shape[0] <= step:
             return factors @ self._fn.per_sample_grads(x, y).T
-        return self._fn.mixed_products(factors, x, y)
+        out = factors.new_empty(factors.shape[0], x.shape[0])
+        for start in range(0, x.shape[0], step):
+            grads = self._fn.per_sample_grads(x[start : start + step], y[start : start + step])
+            out[:, start : start + step] = factors @ grads.T
+        return out
+
+    def influences(
+        self,
+        x_test: Tensor,
+        y_test: Tensor,
+        x: Optional[Tensor] = None,
+        y: Optional[Tensor] = None,
+        mode: InfluenceMode = InfluenceMode.Up,
+    ) -> Tensor:
+        """Influences of the test batch on the training batch (the test batch itself if omitted).
+
+        Equal to ``influences_from_factors(influence_factors(x_test, y_test), x, y, mode)``; when
+        the test factors exceed half of :attr:`memory_budget_bytes`, test samples go in chunks
+        (the training gradients are then formed once per chunk)."""
+        mode = InfluenceMode.parse(mode)
+        chunks = self._test_chunks(x_test, y_test, x, y)
+        if chunks is None:
+            return super().influences(x_test, y_test, x, y, mode)
+        x_test, y_test, x, y, step = chunks
+        out: Optional[Tensor] = None
+        for start in range(0, x_test.shape[0], step):
+            factors = self.influence_factors(
+                x_test[start : start + step], y_test[start : start + step]
+            )
+            part = self.influences_from_factors(factors, x, y, mode)
+            del factors
+            if out is None:
+                out = part.new_empty((x_test.shape[0], *part.shape[1:]))
+            out[start : start + step] = part
+        return out
+
+    def _test_chunks(
+        self, x_test: Any, y_test: Any, x: Any, y: Any
+    ) -> Optional[tuple[Tensor, Tensor, Any, Any, int]]:
+        """``None`` when the test factors fit half the budget; otherwise the prepared test batch,
+        the training batch (the test batch if omitted) and the test rows per chunk."""
+        if (x is None) != (y is None):
+            missing = "x" if x is None else "y"
+            raise InfluenceInputError(
+                f"Pass both training inputs x and labels y, or neither; {missing} is missing."
+            )
+        self._require_fitted()
+        x_test, y_test = self._prepare(x_test, y_test, "input")
+        step = self._rows_per_chunk(2.0)
+        if x_test.shape[0] <= step:
+            return None
+        if x is None:
+            x, y = x_test, y_test
+        return x_test, y_test, x, y, step
 
     def per_sample_grads(self, x: Tensor, y: Tensor) -> Tensor:
         """Flat per-sample gradients ``∇θ ℓ(x_i, y_i)``: shape ``n × p`` (no fit needed)."""
         x, y = self._prepare(x, y, "input")
-        return self._fn.per_sample_grads(x, y)
+        # slices of per-parameter temporaries as by default, smaller under a smaller budget
+        budget = min(self.memory_budget_bytes, GRADIENT_SLICE_BYTES)
+        return self._fn.per_sample_grads(x, y, budget=budget)
 
     def factors_from_grads(self, grads: Tensor) -> Tensor:
-        """``H⁻¹ g`` for every row ``g`` of precomputed per-sample gradients (``k × p``)."""
+        """``H⁻¹ g`` for every row ``g`` of precomputed per-sample gradients (``k × p``), in
+        chunks of rows whose solve fits :attr:`memory_budget_bytes`."""
         self._require_fitted()
         return self._apply(self._prepare_factors(grads))
 
     def self_influences(self, x: Tensor, y: Tensor) -> Tensor:
         """``⟨H⁻¹∇θℓ(z_i), ∇θℓ(z_i)⟩`` for every sample: the diagonal, without the full matrix.
-        Samples go in slices whose gradients fit :attr:`self_influence_budget_bytes`, so a large
-        input needs memory for one slice, not ``n × p`` gradients and their solve."""
+        Samples go in chunks whose gradients and solve fit :attr:`memory_budget_bytes`, so a
+        large input needs memory for one chunk, not ``n × p`` gradients and their solve."""
         self._require_fitted()
         x, y = self._prepare(x, y, "input")
-        step = rows_within(self.n_parameters, self.dtype.itemsize, self.self_influence_budget_bytes)
+        # forming the gradients; then they, the solve, the solution and its product with them
+        step = self._rows_per_chunk(max(_GRADIENT_COPIES, 1.0 + max(self._apply_row_copies(), 2.0)))
         parts = []
         for start in range(0, x.shape[0], step):
             grads = self._fn.per_sample_grads(x[start : start + step], y[start : start + step])
@@ -324,8 +510,22 @@ class TorchInfluenceFunctionModel(InfluenceFunctionModel[Tensor, Batches]):
     # -- by block -------------------------------------------------------------------------------
     def influence_factors_by_block(self, x: Tensor, y: Tensor) -> "OrderedDict[str, Tensor]":
         """The factors split by block: block name → ``k × p_block`` (one block ``""`` unless a
-        block structure was given)."""
-        return self._split(self.influence_factors(x, y))
+        block structure was given). Samples go in chunks, as for :meth:`influence_factors`."""
+        self._require_fitted()
+        x, y = self._prepare(x, y, "input")
+        step = self._rows_per_chunk(max(_GRADIENT_COPIES, 1.0 + self._apply_row_copies()))
+        if x.shape[0] <= step:
+            return self._split(self.influence_factors(x, y))
+        slices = self._block_slices()
+        result: "OrderedDict[str, Tensor]" = OrderedDict(
+            (b, torch.empty(x.shape[0], int(i.numel()), dtype=self.dtype, device=self.device))
+            for b, i in slices.items()
+        )
+        for start in range(0, x.shape[0], step):
+            flat = self.influence_factors(x[start : start + step], y[start : start + step])
+            for block, index in slices.items():
+                result[block][start : start + step] = flat[:, index]
+        return result
 
     def influences_from_factors_by_block(
         self,
@@ -335,7 +535,8 @@ class TorchInfluenceFunctionModel(InfluenceFunctionModel[Tensor, Batches]):
         mode: InfluenceMode = InfluenceMode.Up,
     ) -> "OrderedDict[str, Tensor]":
         """Each block's contribution to :meth:`influences_from_factors`, by block name; they
-        sum to it. ``z_test_factors`` maps every block name to its part of the factors."""
+        sum to it. ``z_test_factors`` maps every block name to its part of the factors.
+        Training samples go in chunks, as for :meth:`influences_from_factors`."""
         self._require_fitted()
         mode = InfluenceMode.parse(mode)
         if not isinstance(z_test_factors, Mapping):
@@ -349,19 +550,32 @@ class TorchInfluenceFunctionModel(InfluenceFunctionModel[Tensor, Batches]):
                 f"z_test_factors lacks the blocks {absent}; it has {list(z_test_factors)}."
             )
         x, y = self._prepare(x, y, "training input")
-        grads = self._fn.per_sample_grads(x, y) if mode is InfluenceMode.Up else None
-        result: "OrderedDict[str, Tensor]" = OrderedDict()
-        for (block, index), names in zip(
-            self._block_slices().items(), self.parameter_blocks.values()
-        ):
+        slices = self._block_slices()
+        blocks: "OrderedDict[str, Tensor]" = OrderedDict()
+        for block, index in slices.items():
             factors = _as_tensor(z_test_factors[block], f"z_test_factors[{block!r}]")
             check_factors_shape(tuple(factors.shape), int(index.numel()))
             check_finite(factors, f"z_test_factors[{block!r}]")
-            factors = factors.to(device=self.device, dtype=self.dtype)
-            if grads is not None:
-                result[block] = factors @ grads[:, index].T
-            else:
-                result[block] = self._fn.restricted(names).mixed_products(factors, x, y)
+            blocks[block] = factors.to(device=self.device, dtype=self.dtype)
+        if mode is not InfluenceMode.Up:
+            return OrderedDict(
+                (block, self._mixed_products(self._fn.restricted(names), blocks[block], x, y))
+                for block, names in self.parameter_blocks.items()
+            )
+        # a chunk's gradients with their temporaries (a block's copy of its part is smaller) and
+        # the chunk's columns of every block's result
+        k = max(f.shape[0] for f in blocks.values())
+        step = self._rows_per_chunk(_GRADIENT_COPIES + len(blocks) * k / self.n_parameters)
+        if x.shape[0] <= step:
+            grads = self._fn.per_sample_grads(x, y)
+            return OrderedDict((b, blocks[b] @ grads[:, index].T) for b, index in slices.items())
+        result: "OrderedDict[str, Tensor]" = OrderedDict(
+            (b, blocks[b].new_empty(blocks[b].shape[0], x.shape[0])) for b in slices
+        )
+        for start in range(0, x.shape[0], step):
+            grads = self._fn.per_sample_grads(x[start : start + step], y[start : start + step])
+            for block, index in slices.items():
+                result[block][:, start : start + step] = blocks[block] @ grads[:, index].T
         return result
 
     def influences_by_block(
@@ -372,13 +586,29 @@ class TorchInfluenceFunctionModel(InfluenceFunctionModel[Tensor, Batches]):
         y: Optional[Tensor] = None,
         mode: InfluenceMode = InfluenceMode.Up,
     ) -> "OrderedDict[str, Tensor]":
-        """Each block's contribution to :meth:`influences`, by block name; they sum to it."""
+        """Each block's contribution to :meth:`influences`, by block name; they sum to it. Test
+        samples go in chunks, as for :meth:`influences`."""
         if (x is None) != (y is None):
             raise InfluenceInputError("Pass both x and y, or neither (then the test data).")
-        factors = self.influence_factors_by_block(x_test, y_test)
-        if x is None:
-            x, y = x_test, y_test
-        return self.influences_from_factors_by_block(factors, x, y, mode)
+        chunks = self._test_chunks(x_test, y_test, x, y)
+        if chunks is None:
+            factors = self.influence_factors_by_block(x_test, y_test)
+            if x is None:
+                x, y = x_test, y_test
+            return self.influences_from_factors_by_block(factors, x, y, mode)
+        x_test, y_test, x, y, step = chunks
+        result: "OrderedDict[str, Tensor]" = OrderedDict()
+        for start in range(0, x_test.shape[0], step):
+            factors = self.influence_factors_by_block(
+                x_test[start : start + step], y_test[start : start + step]
+            )
+            parts = self.influences_from_factors_by_block(factors, x, y, mode)
+            del factors
+            for block, part in parts.items():
+                if block not in result:
+                    result[block] = part.new_empty((x_test.shape[0], *part.shape[1:]))
+                result[block][start : start + step] = part
+        return result
 
     def _split(self, flat: Tensor) -> "OrderedDict[str, Tensor]":
         return OrderedDict((b, flat[:, index]) for b, index in self._block_slices().items())

@@ -44,6 +44,9 @@ class InverseHarmonicMeanInfluence(TorchInfluenceFunctionModel):
     _needs_positive_regularization = True
     _state_depends_on_regularization = False
     _state_keys = ("gradients", "squared_norms")
+    #: the result and a product with the training gradients (2.0 measured), and the coefficients
+    #: against a slice of training gradients, sized from a quarter of the budget
+    _solve_copies = 3.0
 
     def __init__(
         self,
@@ -66,12 +69,14 @@ class InverseHarmonicMeanInfluence(TorchInfluenceFunctionModel):
         lam = self.regularization
         weights = 1.0 / (self._grads.shape[0] * (lam + self._norms))
         out = rhs.clone()
-        # slices of the training gradients keep the k × n coefficients bounded
-        step = rows_within(max(rhs.shape[0], 1), rhs.element_size(), 64 * 2**20)
+        # slices of the training gradients keep the k × n coefficients within a quarter of the
+        # budget (in place where the arithmetic is the same, to hold one such matrix)
+        budget = self.memory_budget_bytes // 4
+        step = rows_within(max(rhs.shape[0], 1), rhs.element_size(), budget)
         for start in range(0, self._grads.shape[0], step):
             g = self._grads[start : start + step]
-            out -= ((rhs @ g.T) * weights[start : start + step]) @ g
-        return out / lam
+            out -= (rhs @ g.T).mul_(weights[start : start + step]) @ g
+        return out.div_(lam)
 
     def _get_state(self) -> dict[str, Tensor]:
         return {"gradients": self._grads, "squared_norms": self._norms}

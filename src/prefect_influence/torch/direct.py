@@ -153,6 +153,13 @@ class DirectInfluence(TorchInfluenceFunctionModel):
             return torch.cholesky_solve(rhs_columns, self._factor)
         return torch.linalg.lu_solve(self._factor, self._pivots, rhs_columns)
 
+    @property
+    def _solve_copies(self) -> float:  # type: ignore[override]
+        # the triangular solves' result (1.2 measured); in another hessian_dtype also the cast
+        # right-hand sides, the result in that dtype and its cast back (5.0 measured for float64)
+        ratio = self.hessian_dtype.itemsize / self.dtype.itemsize
+        return 2.0 if self.hessian_dtype == self.dtype else 1.0 + 2.5 * ratio
+
     def _solve(self, rhs: Tensor) -> Tensor:
         columns = rhs.T.to(self._factor.dtype)
         return self._apply_inverse(columns).T.to(self.dtype)

@@ -267,7 +267,7 @@ class EkfacInfluence(TorchInfluenceFunctionModel):
 
     @property
     def _budget(self) -> int:
-        return int(getattr(self, "memory_budget_bytes", 256 * 2**20))
+        return int(self.memory_budget_bytes)
 
     def _pseudo_gradients(self, data: TrainingData):
         """Per batch: every layer's activations (``n × T × n_in``), and an iterator over the

@@ -37,6 +37,9 @@ SECOND_ORDER = ("hessian", "gauss_newton", "generalized_gauss_newton")
 #: what the vectors of one Hessian-vector product may add (each needs about one more graph)
 PRODUCT_VECTOR_BYTES = 256 * 2**20
 
+#: per-parameter temporaries of one slice of :meth:`ModelFunctions.per_sample_grads`
+GRADIENT_SLICE_BYTES = 32 * 2**20
+
 
 class ModelFunctions:
     """Functional view of ``(model, loss)`` with derivatives of the per-sample loss.
@@ -126,17 +129,20 @@ class ModelFunctions:
         return vmap(self.sample_loss, in_dims=(None, 0, 0))(params, x, y).sum()
 
     # -- first derivatives --------------------------------------------------------------------
-    def per_sample_grads(self, x: Tensor, y: Tensor) -> Tensor:
+    def per_sample_grads(
+        self, x: Tensor, y: Tensor, *, budget: int = GRADIENT_SLICE_BYTES
+    ) -> Tensor:
         """Flat gradient of every sample's loss: shape ``n × p``. Raises on non-finite values.
 
-        Computed in slices of :func:`rows_within` rows written into the result, so the
-        per-parameter temporaries stay small instead of doubling the ``n × p`` result.
+        Computed in slices of :func:`rows_within` rows (per-parameter temporaries of about
+        ``budget`` bytes) written into the result, so the temporaries stay small instead of
+        doubling the ``n × p`` result.
         """
         params = self.params()
         per_sample = vmap(grad(self.sample_loss), in_dims=(None, 0, 0))
         n = x.shape[0]
         flat = torch.empty(n, self.n_parameters, dtype=self.dtype, device=self.device)
-        step = rows_within(self.n_parameters, flat.element_size())
+        step = rows_within(self.n_parameters, flat.element_size(), budget)
         for start in range(0, n, step):
             grads = per_sample(params, x[start : start + step], y[start : start + step])
             self.flatten(grads, n_lead=1, out=flat[start : start + step])
@@ -244,10 +250,17 @@ class ModelFunctions:
         return jac.transpose(0, 1)
 
 
-def rows_within(n_parameters: int, itemsize: int, budget: int = 32 * 2**20) -> int:
-    """Rows of ``p`` numbers that fit in ``budget`` bytes (at least 64): the slice size for
-    row-wise work on ``n × p`` matrices."""
-    return max(64, budget // max(1, n_parameters * itemsize))
+def rows_within(
+    n_parameters: int,
+    itemsize: int,
+    budget: int = GRADIENT_SLICE_BYTES,
+    *,
+    copies: float = 1.0,
+    minimum: int = 64,
+) -> int:
+    """Rows of ``p`` numbers that fit in ``budget`` bytes when each row is held ``copies`` times
+    at once (at least ``minimum``): the slice size for row-wise work on ``n × p`` matrices."""
+    return max(minimum, int(budget // max(1.0, n_parameters * itemsize * copies)))
 
 
 def check_finite(t: Tensor, what: str) -> None:
