@@ -388,16 +388,26 @@ class EkfacInfluence(TorchInfluenceFunctionModel):
         layers = self._checked_layers()
         x, y = self._prepare(x, y, "input")
         step = self._chunk_rows(x, y)
-        parts = [
-            capture(self.model, layers, self.loss, x[s : s + step], y[s : s + step])
-            for s in range(0, x.shape[0], step)
-        ]
-        if len(parts) == 1:
-            return parts[0]
-        return LayerTerms(
-            [torch.cat(p) for p in zip(*(t.inputs for t in parts))],
-            [torch.cat(p) for p in zip(*(t.out_grads for t in parts))],
+        n = x.shape[0]
+        first = capture(self.model, layers, self.loss, x[:step], y[:step])
+        if n <= step:
+            return first
+        # filled chunk by chunk: concatenating the chunks would hold the terms twice
+        whole = LayerTerms(
+            [t.new_empty((n, *t.shape[1:])) for t in first.inputs],
+            [t.new_empty((n, *t.shape[1:])) for t in first.out_grads],
         )
+        for s in range(0, n, step):
+            part = (
+                first
+                if s == 0
+                else capture(self.model, layers, self.loss, x[s : s + step], y[s : s + step])
+            )
+            for target, source in zip(
+                (*whole.inputs, *whole.out_grads), (*part.inputs, *part.out_grads)
+            ):
+                target[s : s + step] = source
+        return whole
 
     def influences_from_terms(self, z_test_factors: Tensor, terms: LayerTerms) -> Tensor:
         """Up-weighting influences (``k × n``) of test factors on a batch given by its
