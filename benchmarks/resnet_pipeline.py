@@ -99,6 +99,7 @@ def main() -> None:
     parser.add_argument("--train-chunk", type=int, default=125)
     parser.add_argument("--test-chunk", type=int, default=25)
     parser.add_argument("--width", type=int, default=64, help="first-stage channels (64: 11.2M)")
+    parser.add_argument("--fit-batch", type=int, default=64, help="method.fit_batch_size")
     parser.add_argument("--quick", action="store_true", help="width 16, 20 test × 100 train")
     parser.add_argument("--keep", action="store_true", help="keep the output (printed path)")
     args = parser.parse_args()
@@ -140,7 +141,7 @@ def main() -> None:
                     "name": "ekfac",
                     "regularization": 1e-3,
                     "fisher": "sampled",
-                    "fit_batch_size": 64,
+                    "fit_batch_size": args.fit_batch,
                 },
                 "train_chunk_size": args.train_chunk,
                 "test_chunk_size": args.test_chunk,
