@@ -102,7 +102,8 @@ class EkfacInfluence(TorchInfluenceFunctionModel):
         fisher_samples: labels drawn per sample with ``fisher="sampled"``.
         seed: seed of the sampled labels: per pass, one ``torch.Generator`` seeded with it
             draws ``torch.multinomial(softmax(outputs), fisher_samples, replacement=True)``
-            batch after batch in the loader's order.
+            batch after batch in the loader's order (chunk after chunk of a batch larger than
+            :attr:`memory_budget_bytes` allows).
 
     Example:
         >>> model = EkfacInfluence(net, update_diagonal=True, hessian_regularization=1e-3)
@@ -165,7 +166,9 @@ class EkfacInfluence(TorchInfluenceFunctionModel):
         self._qg: list[Tensor] = []
         self._lambda: list[Tensor] = []
         self._extremes = (0.0, 0.0)
-        self._row_bytes: dict[tuple[int, ...], int] = {}
+        #: per sample shape, numbers per sample: recorded terms (with the graph), the largest
+        #: layer's unfolded inputs, every layer's (for the fit)
+        self._row_bytes: dict[tuple[int, ...], tuple[int, int, int]] = {}
 
     @property
     def hessian_regularization(self) -> float:
@@ -278,11 +281,15 @@ class EkfacInfluence(TorchInfluenceFunctionModel):
         pass, so every pass (and every fit) sees the same labels."""
         layers = self._layers
         generator = torch.Generator(device=self.device).manual_seed(self.seed)
-        for x, y in data:
-            out, inputs, outputs = forward_recorded(self.model, layers, x)
-            acts = [layer.activations(seen) for layer, seen in zip(layers, inputs)]
-            columns = self._output_factor_columns(out.detach(), y, generator)
-            yield acts, self._column_grads(out, outputs, columns)
+        for batch_x, batch_y in data:
+            # a batch larger than the memory budget allows goes in chunks (the sums are the same)
+            step = self._chunk_rows(batch_x, batch_y, fitting=True)
+            for s in range(0, batch_x.shape[0], step):
+                x, y = batch_x[s : s + step], batch_y[s : s + step]
+                out, inputs, outputs = forward_recorded(self.model, layers, x)
+                acts = [layer.activations(seen) for layer, seen in zip(layers, inputs)]
+                columns = self._output_factor_columns(out.detach(), y, generator)
+                yield acts, self._column_grads(out, outputs, columns)
 
     def _column_grads(self, out: Tensor, layer_outs: list[Tensor], columns: Iterator[Tensor]):
         pending = list(columns)
@@ -558,26 +565,31 @@ class EkfacInfluence(TorchInfluenceFunctionModel):
             parts.append(self.self_influences_from_terms(terms))
         return torch.cat(parts)
 
-    def _chunk_rows(self, x: Tensor, y: Tensor, factors: bool = False) -> int:
+    def _chunk_rows(
+        self, x: Tensor, y: Tensor, factors: bool = False, fitting: bool = False
+    ) -> int:
         """Samples per chunk of the layer-wise paths: their recorded terms (and the forward
         graph, counted as twice as much again) plus the largest layer's unfolded inputs within
-        the memory budget, and with ``factors`` their ``p`` factors a few times over (the
-        rotated gradients and the result). Gradient matrices of the layers are sub-chunked
-        where they are formed. Measured once per sample shape from one sample."""
+        the memory budget; with ``factors`` their ``p`` factors a few times over (the rotated
+        gradients and the result); while ``fitting``, every layer's unfolded inputs twice (as
+        they are and rotated) instead of the largest's, since a fit holds them all. Gradient
+        matrices of the layers are sub-chunked where they are formed. Measured once per sample
+        shape from one sample."""
         key = tuple(x.shape[1:])
         if key not in self._row_bytes:
             terms = capture(self.model, self._layers, self.loss, x[:1], y[:1])
-            stored = unfolded = 0
+            stored = largest = every = 0
             for layer, inputs, out_grads in zip(self._layers, terms.inputs, terms.out_grads):
                 positions = layer.positions(inputs, out_grads)
                 stored += inputs[0].numel() + out_grads[0].numel()
-                width = layer.n_in * layer.groups + 2 * layer.n_out
-                unfolded = max(unfolded, positions * width)
-            self._row_bytes[key] = (3 * stored + unfolded) * self.dtype.itemsize
-        per_sample = self._row_bytes[key]
+                width = positions * (layer.n_in * layer.groups + 2 * layer.n_out)
+                largest, every = max(largest, width), every + width
+            self._row_bytes[key] = (3 * stored, largest, 2 * every)
+        stored, largest, every = self._row_bytes[key]
+        per_sample = stored + (every if fitting else largest)
         if factors:
-            per_sample += 3 * self.n_parameters * self.dtype.itemsize
-        return max(1, self._budget // per_sample)
+            per_sample += 3 * self.n_parameters
+        return max(1, self._budget // (per_sample * self.dtype.itemsize))
 
     # -- results by layer -----------------------------------------------------------------------
     def influence_factors_by_layer(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
