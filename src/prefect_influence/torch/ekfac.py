@@ -444,18 +444,31 @@ class EkfacInfluence(TorchInfluenceFunctionModel):
         reg = self.regularization
         self._check_regularization(reg)
         out = torch.empty(x.shape[0], self.n_parameters, dtype=self.dtype, device=self.device)
-        step = self._chunk_rows(x, y, factors=True)
+        for rows, terms in self._term_chunks(x, y, factors=True):
+            for layer, qa, qg, pre in self._preconditioned(terms, reg):
+                layer.from_matrix(qg @ pre @ qa.T, out[rows])
+        return out
+
+    def _term_chunks(
+        self, x: Tensor, y: Tensor, factors: bool = False
+    ) -> Iterator[tuple[slice, LayerTerms]]:
+        """The batch's layer terms, chunk by chunk within the memory budget."""
+        step = self._chunk_rows(x, y, factors=factors)
         for s in range(0, x.shape[0], step):
             terms = capture(self.model, self._layers, self.loss, x[s : s + step], y[s : s + step])
             _check_finite_terms(terms)
-            rows = out[s : s + step]
-            for layer, inputs, out_grads, qa, qg, lam in zip(
-                self._layers, terms.inputs, terms.out_grads, self._qa, self._qg, self._lambda
-            ):
-                rotation = _Rotation(layer.activations(inputs), qa, qg)
-                rotated = rotation.rotated(layer.output_grads(out_grads)) / (lam + reg)
-                layer.from_matrix(qg @ rotated @ qa.T, rows)
-        return out
+            yield slice(s, s + step), terms
+
+    def _preconditioned(
+        self, terms: LayerTerms, reg: float
+    ) -> Iterator[tuple[Layer, Tensor, Tensor, Tensor]]:
+        """Per layer: the layer, ``Q_A``, ``Q_G`` and the batch's preconditioned gradients in
+        the eigenbasis, ``(Q_Gᵀ DW Q_A) / (Λ + λ)`` (``n × out × n_in``)."""
+        for layer, inputs, out_grads, qa, qg, lam in zip(
+            self._layers, terms.inputs, terms.out_grads, self._qa, self._qg, self._lambda
+        ):
+            rotation = _Rotation(layer.activations(inputs), qa, qg)
+            yield layer, qa, qg, rotation.rotated(layer.output_grads(out_grads)) / (lam + reg)
 
     def influences(
         self,
@@ -483,11 +496,8 @@ class EkfacInfluence(TorchInfluenceFunctionModel):
         self._check_regularization(reg)
         test_sides = self._test_sides(x_test, y_test, reg)
         result = torch.empty(x_test.shape[0], x.shape[0], dtype=self.dtype, device=self.device)
-        step = self._chunk_rows(x, y)
-        for s in range(0, x.shape[0], step):
-            terms = capture(self.model, self._layers, self.loss, x[s : s + step], y[s : s + step])
-            _check_finite_terms(terms)
-            part = result[:, s : s + step]
+        for rows, terms in self._term_chunks(x, y):
+            part = result[:, rows]
             part.zero_()
             for layer, inputs, out_grads, qa, qg, (in_eigenbasis, side) in zip(
                 self._layers, terms.inputs, terms.out_grads, self._qa, self._qg, test_sides
@@ -511,21 +521,15 @@ class EkfacInfluence(TorchInfluenceFunctionModel):
         """Per layer, the test batch's preconditioned gradients ``(Q_Gᵀ DW Q_A) / (Λ + λ)``:
         kept in the eigenbasis (``True``) for layers with one position per sample, rotated
         back (``False``: the layer's factors, ``k × out × n_in``) for the others."""
-        step = self._chunk_rows(x, y, factors=True)
         sides: list[list[Tensor]] = [[] for _ in self._layers]
         eigenbasis: list[bool] = []
-        for s in range(0, x.shape[0], step):
-            terms = capture(self.model, self._layers, self.loss, x[s : s + step], y[s : s + step])
-            _check_finite_terms(terms)
-            eigenbasis = []
-            for i, (layer, inputs, out_grads, qa, qg, lam) in enumerate(
-                zip(self._layers, terms.inputs, terms.out_grads, self._qa, self._qg, self._lambda)
-            ):
-                rotation = _Rotation(layer.activations(inputs), qa, qg)
-                pre = rotation.rotated(layer.output_grads(out_grads)) / (lam + reg)
-                one_position = layer.positions(inputs, out_grads) == 1
-                eigenbasis.append(one_position)
-                sides[i].append(pre if one_position else qg @ pre @ qa.T)
+        for _, terms in self._term_chunks(x, y, factors=True):
+            eigenbasis = [
+                layer.positions(inputs, grads) == 1
+                for layer, inputs, grads in zip(self._layers, terms.inputs, terms.out_grads)
+            ]
+            for i, (_, qa, qg, pre) in enumerate(self._preconditioned(terms, reg)):
+                sides[i].append(pre if eigenbasis[i] else qg @ pre @ qa.T)
         return [(e, torch.cat(parts)) for e, parts in zip(eigenbasis, sides)]
 
     def influences_from_factors(
@@ -542,11 +546,8 @@ class EkfacInfluence(TorchInfluenceFunctionModel):
         factors = self._prepare_factors(z_test_factors)
         x, y = self._prepare(x, y, "training input")
         result = torch.empty(factors.shape[0], x.shape[0], dtype=self.dtype, device=self.device)
-        step = self._chunk_rows(x, y)
-        for s in range(0, x.shape[0], step):
-            terms = capture(self.model, self._layers, self.loss, x[s : s + step], y[s : s + step])
-            _check_finite_terms(terms)
-            part = result[:, s : s + step]
+        for rows, terms in self._term_chunks(x, y):
+            part = result[:, rows]
             part.zero_()
             layer_scores(self._layers, factors, terms, self._budget, out=part)
         return result
@@ -557,13 +558,9 @@ class EkfacInfluence(TorchInfluenceFunctionModel):
         chunks sized from :attr:`memory_budget_bytes`."""
         self._require_fitted()
         x, y = self._prepare(x, y, "input")
-        step = self._chunk_rows(x, y)
-        parts = []
-        for s in range(0, x.shape[0], step):
-            terms = capture(self.model, self._layers, self.loss, x[s : s + step], y[s : s + step])
-            _check_finite_terms(terms)
-            parts.append(self.self_influences_from_terms(terms))
-        return torch.cat(parts)
+        return torch.cat(
+            [self.self_influences_from_terms(terms) for _, terms in self._term_chunks(x, y)]
+        )
 
     def _chunk_rows(
         self, x: Tensor, y: Tensor, factors: bool = False, fitting: bool = False
