@@ -10,3 +10,18 @@ def with_layer_norm() -> nn.Module:
 def broken(**kwargs) -> nn.Module:
     """A factory with a bug of its own: the command line shows its traceback."""
     return {}["no such key"]
+
+
+def small_conv(seed: int = 0) -> nn.Module:
+    """64 features as 4 × 4 × 4 images through two convolutions and a Linear."""
+    import torch
+
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Unflatten(1, (4, 4, 4)),
+        nn.Conv2d(4, 6, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(6, 4, 3, stride=2, padding=1, bias=False),
+        nn.Flatten(),
+        nn.Linear(16, 10),
+    ).eval()

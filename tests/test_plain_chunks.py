@@ -66,3 +66,28 @@ def test_compressed_arrays_have_no_plain_layout(location):
     url, fs, root = location
     compressed = _array(url, "c", compressors=zarr.codecs.ZstdCodec())
     assert PlainChunks.of(compressed, fs, f"{root}/c") is None
+
+
+def test_parts_of_a_chunk_read_only_their_rows_and_columns(location):
+    url, fs, root = location
+    array = open_group(url).create_array(
+        "f", shape=(5, 7), chunks=(3, 7), dtype="float32", fill_value=np.nan, compressors=None
+    )
+    values = np.random.default_rng(1).standard_normal((5, 7)).astype(np.float32)
+    array[...] = values
+    plain = PlainChunks.of(array, fs, f"{root}/f")
+    for rows, cols in [
+        (slice(0, 3), slice(0, 7)),
+        (slice(1, 3), slice(2, 5)),
+        (slice(2, 3), slice(6, 7)),
+    ]:
+        np.testing.assert_array_equal(plain.read_part((0,), rows, cols), values[rows, cols])
+    # the edge chunk (rows 3-4 of the array), and a part of no rows
+    np.testing.assert_array_equal(plain.read_part((1,), slice(0, 2), slice(1, 4)), values[3:5, 1:4])
+    assert plain.read_part((1,), slice(1, 1), slice(0, 7)).shape == (0, 7)
+    # never written: the fill value; cut short: refused, naming the file
+    fs.rm(plain.path((1,)))
+    assert np.isnan(plain.read_part((1,), slice(0, 2), slice(0, 3))).all()
+    fs.pipe_file(plain.path((0,)), b"\0" * 20)
+    with pytest.raises(StorageError, match="torn write"):
+        plain.read_part((0,), slice(1, 2), slice(0, 3))

@@ -11,7 +11,13 @@ from torch import nn
 from prefect_influence.errors import InvalidParameterError, UnsupportedLayerError
 from prefect_influence.torch import EkfacInfluence
 from prefect_influence.torch.functional import ModelFunctions
-from prefect_influence.torch.layers import capture, find_layers, flat_grads, scores
+from prefect_influence.torch.layers import (
+    TensorColumns,
+    capture,
+    find_layers,
+    flat_grads,
+    scores,
+)
 
 DTYPE = torch.float64
 #: float64 contractions of a few thousand terms in another order: rounding is ~1e-15 relative
@@ -41,6 +47,27 @@ def check_against_flat(net: nn.Module, x: torch.Tensor, y: torch.Tensor, budget:
     factors = torch.randn(5, fn.n_parameters, generator=torch.Generator().manual_seed(1)).to(DTYPE)
     got = scores(layers, factors, terms, budget)
     torch.testing.assert_close(got, factors @ reference.T, **TIGHT)
+    # the same factors read in tiles (as stored factors are): rows in pieces of at most two,
+    # columns only within the flat vector, and equal scores
+    source = PiecewiseFactors(factors)
+    torch.testing.assert_close(scores(layers, source, terms, budget), got, **TIGHT)
+    assert source.reads and all(0 <= c.start < c.stop <= fn.n_parameters for c in source.reads)
+
+
+class PiecewiseFactors(TensorColumns):
+    """Factors handed out in row tiles of at most two rows, each read copied and recorded."""
+
+    def __init__(self, factors: torch.Tensor):
+        super().__init__(factors)
+        self.reads: list[slice] = []
+
+    def row_tiles(self, max_rows: int) -> list[tuple[int, int]]:
+        return super().row_tiles(min(max_rows, 2))
+
+    def read(self, rows: tuple[int, int], cols: slice) -> torch.Tensor:
+        assert rows[1] - rows[0] <= 2
+        self.reads.append(cols)
+        return super().read(rows, cols).clone()
 
 
 @pytest.mark.parametrize("budget", [1, 2**24], ids=["one-row-chunks", "one-chunk"])

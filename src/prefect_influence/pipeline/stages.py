@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..base import InfluenceMode
-from ..blocks import TrainOperand, influence_block, train_operand
+from ..blocks import TrainOperand, check_finite_factors, influence_block, train_operand
 from ..config import PipelineConfig
 from ..errors import StorageError
 from ..storage import FACTORS, INFLUENCES, SELF_INFLUENCE, TRAIN_FEATURES, Grid, InfluenceStore
@@ -28,7 +28,7 @@ from .network import build_influence_model, load_network
 from .ranking import ColumnTop, kept_rows, merge_top_k, stack_rows
 from .resources import BackgroundWriter, release_free_memory, torch_threads
 
-__all__ = ["fit_stage", "factors_stage", "column_stage", "summary_stage"]
+__all__ = ["fit_stage", "factors_stage", "column_stage", "summary_stage", "StoredFactors"]
 
 
 def _writable(values: np.ndarray) -> np.ndarray:
@@ -121,12 +121,22 @@ def column_stage(
         if want_features:
             values = _numpy(features_of(features, operand.grads))
             writer.submit(store.write_chunk, TRAIN_FEATURES, grid, (j,), values)
+        by_layer = {}
+        if missing and operand.terms is not None:
+            # every missing block at once, the factors read in tiles: each layer's train
+            # gradients are formed once for the whole column, never all test rows in memory
+            source = StoredFactors(store, grid, missing, ctx.model.dtype, ctx.model.device)
+            scores = ctx.model.influences_from_terms(source, operand.terms)
+            by_layer = dict(zip(missing, scores.split(source.chunk_rows)))
         for i in sorted(top_rows.union(missing)):
             if i not in missing:  # a stored block: read back for the column's top-k
                 top.add(i, store.read_chunk(INFLUENCES, grid, (i, j)))
                 continue
-            factors = torch.from_numpy(_writable(store.read_chunk(FACTORS, grid, (i,))))
-            block = _numpy(influence_block(ctx.model, factors, operand, mode))
+            if i in by_layer:
+                block = _numpy(by_layer[i])
+            else:
+                factors = torch.from_numpy(_writable(store.read_chunk(FACTORS, grid, (i,))))
+                block = _numpy(influence_block(ctx.model, factors, operand, mode))
             writer.submit(store.write_chunk, INFLUENCES, grid, (i, j), block)
             if i in top_rows:
                 top.add(i, block)
@@ -142,6 +152,40 @@ def column_stage(
     if top_rows:  # after its blocks are written: a part never describes blocks that are not
         store.write_summary_part(j, _with_kept_rows(part, top_from, top.arrays()), k)
     return counts
+
+
+class StoredFactors:
+    """Stored factor chunks ``chunks`` as one :class:`~prefect_influence.torch.layers.
+    FactorColumns` (their rows in that order), read tile by tile from storage.
+
+    Row tiles never span chunks and sit at fixed offsets within each, so a block's numbers do not
+    depend on which other blocks of its column are computed with it (a resumed column equals an
+    uninterrupted one)."""
+
+    def __init__(self, store: InfluenceStore, grid: Grid, chunks: list[int], dtype, device):
+        self.store, self.grid, self.chunks = store, grid, list(chunks)
+        self.dtype, self.device = dtype, device
+        self.chunk_rows = [grid.test_ranges[i][1] - grid.test_ranges[i][0] for i in self.chunks]
+        self.offsets = np.concatenate([[0], np.cumsum(self.chunk_rows)]).astype(int).tolist()
+        self.n_rows = self.offsets[-1]
+
+    def row_tiles(self, max_rows: int) -> list[tuple[int, int]]:
+        step = max(1, int(max_rows))
+        return [
+            (offset + s, offset + min(s + step, rows))
+            for offset, rows in zip(self.offsets, self.chunk_rows)
+            for s in range(0, rows, step)
+        ]
+
+    def read(self, rows: tuple[int, int], cols: slice) -> torch.Tensor:
+        k = int(np.searchsorted(self.offsets, rows[0], side="right")) - 1
+        local = slice(rows[0] - self.offsets[k], rows[1] - self.offsets[k])
+        if local.stop > self.chunk_rows[k]:
+            raise ValueError(f"row tile {rows} spans factor chunks")
+        values = self.store.read_chunk_part(FACTORS, self.grid, (self.chunks[k],), local, cols)
+        tile = torch.from_numpy(_writable(values)).to(device=self.device, dtype=self.dtype)
+        check_finite_factors(tile)
+        return tile
 
 
 def _stored_gradients(

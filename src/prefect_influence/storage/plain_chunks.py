@@ -87,3 +87,30 @@ class PlainChunks:
                 f"{expected * self.dtype.itemsize} (torn write?)"
             )
         return full.reshape(self.chunk_shape)[local]
+
+    def read_part(self, index: tuple[int, ...], rows: slice, cols: slice) -> np.ndarray:
+        """Rows ``rows`` and columns ``cols`` of 2-d chunk ``index``, reading only their bytes
+        (one ranged read per row, one for whole rows); the fill value where never written."""
+        r0, r1, c0, c1 = rows.start, rows.stop, cols.start, cols.stop
+        n_cols, itemsize = self.chunk_shape[1], self.dtype.itemsize
+        out = np.empty((r1 - r0, c1 - c0), dtype=self.dtype)
+        if out.size == 0:
+            return out
+        try:
+            with self.fs.open(self.path(index), "rb") as f:
+                if c0 == 0 and c1 == n_cols:  # whole rows: one contiguous range
+                    _read_exactly(f, r0 * n_cols * itemsize, out, self.path(index))
+                else:
+                    for i, r in enumerate(range(r0, r1)):
+                        _read_exactly(f, (r * n_cols + c0) * itemsize, out[i], self.path(index))
+        except FileNotFoundError:
+            out.fill(self.fill_value)
+        return out
+
+
+def _read_exactly(f, offset: int, target: np.ndarray, path: str) -> None:
+    f.seek(offset)
+    view = memoryview(target).cast("B")
+    got = f.readinto(view)
+    if got != len(view):
+        raise StorageError(f"{path} ends before byte {offset + len(view)} (torn write?)")

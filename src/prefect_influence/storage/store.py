@@ -314,6 +314,17 @@ class InfluenceStore:
             return plain.read(index, tuple(s.stop - s.start for s in slices))
         return np.asarray(self.group[name][slices])
 
+    def read_chunk_part(
+        self, name: str, grid: Grid, index: tuple[int, ...], rows: slice, cols: slice
+    ) -> np.ndarray:
+        """Rows ``rows`` (within the chunk) and columns ``cols`` of a chunk of a 2-d array
+        (factors, features), reading only those bytes where the chunk is a plain file."""
+        plain = self._plain_chunks(name)
+        if plain is not None:
+            return plain.read_part(index, rows, cols)
+        first = self._chunk_slices(name, grid, index)[0].start
+        return np.asarray(self.group[name][first + rows.start : first + rows.stop, cols])
+
     def _plain_chunks(self, name: str) -> Optional[PlainChunks]:
         if name not in self._plain:
             self._plain[name] = PlainChunks.of(self.group[name], self.fs, self._path(name))

@@ -25,8 +25,10 @@ from .base import TorchInfluenceFunctionModel, TrainingData, positive_int
 from .curvature import checked_regularization
 from .functional import LossFunction, check_finite
 from .layers import (
+    FactorColumns,
     Layer,
     LayerTerms,
+    TensorColumns,
     add_layer_scores,
     capture,
     find_layers,
@@ -416,12 +418,20 @@ class EkfacInfluence(TorchInfluenceFunctionModel):
                 target[s : s + step] = source
         return whole
 
-    def influences_from_terms(self, z_test_factors: Tensor, terms: LayerTerms) -> Tensor:
+    def influences_from_terms(
+        self, z_test_factors: Union[Tensor, FactorColumns], terms: LayerTerms
+    ) -> Tensor:
         """Up-weighting influences (``k × n``) of test factors on a batch given by its
-        :meth:`layer_terms`: :meth:`influences_from_factors` without per-sample gradients."""
+        :meth:`layer_terms`: :meth:`influences_from_factors` without per-sample gradients.
+
+        The factors may be a :class:`~prefect_influence.torch.layers.FactorColumns` (e.g.
+        stored chunks read in tiles, in this model's dtype): then only tiles of them are in
+        memory at a time, and each sample's gradient blocks are formed once for all rows."""
         self._require_fitted()
-        factors = self._prepare_factors(z_test_factors)
-        return layer_scores(self._layers, factors, terms, self._budget)
+        if isinstance(z_test_factors, Tensor) or not hasattr(z_test_factors, "row_tiles"):
+            z_test_factors = self._prepare_factors(z_test_factors)
+        _check_finite_terms(terms)
+        return layer_scores(self._layers, z_test_factors, terms, self._budget)
 
     def self_influences_from_terms(self, terms: LayerTerms) -> Tensor:
         """:meth:`self_influences` of a batch given by its :meth:`layer_terms`."""
@@ -507,14 +517,10 @@ class EkfacInfluence(TorchInfluenceFunctionModel):
                     aq = layer.activations(inputs)[:, 0] @ qa
                     _add_rank_one_scores(side, gq, aq, self._budget, part)
                 else:
-                    w = layer.n_weight_cols
-                    fw = (
-                        side[:, :, :w].reshape(side.shape[0], -1)
-                        if layer.weight is not None
-                        else None
+                    source, w_cols, b_cols = _flat_layout(layer, side)
+                    add_layer_scores(
+                        layer, source, w_cols, b_cols, inputs, out_grads, self._budget, part
                     )
-                    fb = side[:, :, w] if layer.bias is not None else None
-                    add_layer_scores(layer, fw, fb, inputs, out_grads, self._budget, part)
         return result
 
     def _test_sides(self, x: Tensor, y: Tensor, reg: float) -> list[tuple[bool, Tensor]]:
@@ -871,6 +877,22 @@ class _Rotation:
             for rows in self._steps(g.shape[0], budget)
         ]
         return torch.cat(parts)
+
+
+def _flat_layout(
+    layer: Layer, side: Tensor
+) -> tuple[TensorColumns, Optional[slice], Optional[slice]]:
+    """A layer's ``k × out × n_in`` matrices as flat-vector columns: the weight row-major,
+    then the bias; with the column ranges of each part."""
+    k, w = side.shape[0], layer.n_weight_cols
+    parts, w_cols, b_cols, width = [], None, None, 0
+    if layer.weight is not None:
+        parts.append(side[:, :, :w].reshape(k, -1))
+        w_cols, width = slice(0, layer.n_out * w), layer.n_out * w
+    if layer.bias is not None:
+        parts.append(side[:, :, w])
+        b_cols = slice(width, width + layer.n_out)
+    return TensorColumns(torch.cat(parts, dim=1)), w_cols, b_cols
 
 
 def _check_finite_terms(terms: LayerTerms) -> None:

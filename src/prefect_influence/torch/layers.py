@@ -16,7 +16,7 @@ output gradient of sample ``i`` is taken from ``∇ ℓ(out_i, y_i)`` alone.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional, Protocol, Union
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +25,16 @@ from torch.func import grad, vmap
 
 from ..errors import UnsupportedLayerError
 
-__all__ = ["Layer", "LayerTerms", "find_layers", "capture", "scores", "flat_grads"]
+__all__ = [
+    "Layer",
+    "LayerTerms",
+    "FactorColumns",
+    "TensorColumns",
+    "find_layers",
+    "capture",
+    "scores",
+    "flat_grads",
+]
 
 
 @dataclass
@@ -320,43 +329,114 @@ def capture(
     return LayerTerms(inputs, [g.detach() for g in grads])
 
 
+class FactorColumns(Protocol):
+    """Test factors (``n_rows × p``) read by row ranges and column ranges, so a score never needs
+    all of them in memory at once: a tensor (:class:`TensorColumns`) or stored chunks."""
+
+    n_rows: int
+
+    def row_tiles(self, max_rows: int) -> list[tuple[int, int]]:
+        """Consecutive ``(start, stop)`` row ranges covering every row, each of at most
+        ``max_rows`` rows (possibly fewer, e.g. to align with stored chunks)."""
+        ...
+
+    def read(self, rows: tuple[int, int], cols: slice) -> Tensor:
+        """Rows ``rows`` and columns ``cols`` as a ``rows × cols`` tensor."""
+        ...
+
+
+class TensorColumns:
+    """:class:`FactorColumns` of a tensor in memory (reads are views)."""
+
+    def __init__(self, factors: Tensor):
+        self.factors = factors
+        self.n_rows = int(factors.shape[0])
+
+    def row_tiles(self, max_rows: int) -> list[tuple[int, int]]:
+        step = max(1, int(max_rows))
+        return [(s, min(s + step, self.n_rows)) for s in range(0, self.n_rows, step)]
+
+    def read(self, rows: tuple[int, int], cols: slice) -> Tensor:
+        return self.factors[rows[0] : rows[1], cols]
+
+
 def scores(
     layers: list[Layer],
-    factors: Tensor,
+    factors: Union[Tensor, FactorColumns],
     terms: LayerTerms,
     budget: int,
     out: Optional[Tensor] = None,
 ) -> Tensor:
     """``factors @ grads.T`` (``k × n``) with ``grads`` the batch's flat per-sample gradients,
-    contracted layer by layer from ``terms``; temporaries stay within about ``budget`` bytes."""
-    k, n = factors.shape[0], terms.n
-    result = torch.zeros(k, n, dtype=factors.dtype, device=factors.device) if out is None else out
+    contracted layer by layer from ``terms``; temporaries stay within about ``budget`` bytes.
+
+    ``factors`` may be a :class:`FactorColumns` (e.g. stored factors): each layer then reads the
+    factors' columns it needs in row tiles, and a train sample's gradient blocks are formed once
+    for all rows, so many rows cost one pass over the batch."""
+    source = TensorColumns(factors) if isinstance(factors, Tensor) else factors
+    ref = terms.out_grads[0]
+    k, n = source.n_rows, terms.n
+    result = torch.zeros(k, n, dtype=ref.dtype, device=ref.device) if out is None else out
     for layer, inputs, out_grads in zip(layers, terms.inputs, terms.out_grads):
-        # the factors' columns of the weight (flat, row-major like the weight) and of the bias
-        fw = None if layer.weight is None else factors[:, layer.weight]
-        fb = None if layer.bias is None else factors[:, layer.bias]
-        add_layer_scores(layer, fw, fb, inputs, out_grads, budget, result)
+        add_layer_scores(layer, source, layer.weight, layer.bias, inputs, out_grads, budget, result)
     return result
 
 
 def add_layer_scores(
     layer: Layer,
-    fw: Optional[Tensor],
-    fb: Optional[Tensor],
+    source: FactorColumns,
+    weight_cols: Optional[slice],
+    bias_cols: Optional[slice],
     inputs: Tensor,
     out_grads: Tensor,
     budget: int,
     result: Tensor,
 ) -> None:
-    """Add one layer's ``⟨F_k, ∇ℓ_n⟩`` to ``result`` (``k × n``), for factors given by their
-    weight part ``fw`` (``k × out·n_w``, row-major) and bias part ``fb`` (``k × out``)."""
+    """Add one layer's ``⟨F_k, ∇ℓ_n⟩`` to ``result`` (``k × n``), for factors whose weight part
+    (``out·n_w`` columns, row-major like the weight) and bias part (``out`` columns) are the
+    columns ``weight_cols`` and ``bias_cols`` of ``source``."""
     k, n = result.shape
     itemsize = result.element_size()
+    part = max(1, int(budget) // 3)  # a third each: train temporaries, gradient block, factor tile
     positions = layer.positions(inputs, out_grads)
     if positions == 1 and layer.groups == 1 and k < layer.n_in:
-        # one position: ⟨F, g aᵀ⟩ = gᵀ (F_w a + F_b), without the gradient matrices
+        _add_one_position_scores(
+            layer, source, weight_cols, bias_cols, inputs, out_grads, part, result
+        )
+        return
+    per_sample = positions * (layer.n_in * layer.groups + layer.n_out)
+    if layer.groups > 1:
+        per_sample += layer.numel  # grouped gradients are formed whole, then cut
+    step = _rows(part, per_sample * itemsize)
+    for s in range(0, n, step):
+        train = slice(s, s + step)
+        blocks = _gradient_blocks(
+            layer, weight_cols, bias_cols, inputs[train], out_grads[train], part
+        )
+        for cols, grads in blocks:
+            for r0, r1 in source.row_tiles(_rows(part, grads.shape[1] * itemsize)):
+                result[r0:r1, train].addmm_(source.read((r0, r1), cols), grads.T)
+
+
+def _add_one_position_scores(
+    layer: Layer,
+    source: FactorColumns,
+    weight_cols: Optional[slice],
+    bias_cols: Optional[slice],
+    inputs: Tensor,
+    out_grads: Tensor,
+    part: int,
+    result: Tensor,
+) -> None:
+    """One position per sample: ``⟨F, g aᵀ⟩ = gᵀ (F_w a + F_b)``, without gradient matrices."""
+    n = result.shape[1]
+    itemsize = result.element_size()
+    for r0, r1 in source.row_tiles(_rows(part, layer.numel * itemsize)):
+        k = r1 - r0
+        fw = None if weight_cols is None else source.read((r0, r1), weight_cols)
+        fb = None if bias_cols is None else source.read((r0, r1), bias_cols)
         fw_rows = None if fw is None else fw.reshape(k * layer.n_out, -1)
-        step = _rows(budget, k * layer.n_out * itemsize)
+        step = _rows(part, k * layer.n_out * itemsize)
         for s in range(0, n, step):
             g = layer.output_grads(out_grads[s : s + step])[:, 0]
             if fw_rows is None:
@@ -366,16 +446,35 @@ def add_layer_scores(
                 fa = (a @ fw_rows.T).reshape(-1, k, layer.n_out)
                 if fb is not None:
                     fa = fa + fb.reshape(1, k, layer.n_out)
-            result[:, s : s + step] += torch.bmm(fa, g.unsqueeze(2))[:, :, 0].T
-        return
-    per_sample = layer.numel + positions * (layer.n_in * layer.groups + layer.n_out)
-    step = _rows(budget, per_sample * itemsize)
-    for s in range(0, n, step):
-        dw, db = layer.weight_and_bias_grads(inputs[s : s + step], out_grads[s : s + step])
-        if dw is not None:
-            result[:, s : s + step] += fw @ dw.reshape(dw.shape[0], -1).T
-        if db is not None:
-            result[:, s : s + step] += fb @ db.T
+            result[r0:r1, s : s + step] += torch.bmm(fa, g.unsqueeze(2))[:, :, 0].T
+
+
+def _gradient_blocks(
+    layer: Layer,
+    weight_cols: Optional[slice],
+    bias_cols: Optional[slice],
+    inputs: Tensor,
+    out_grads: Tensor,
+    part: int,
+) -> Iterator[tuple[slice, Tensor]]:
+    """The batch's per-sample gradients in blocks of at most about ``part`` bytes: rows of the
+    weight (contiguous columns of the flat vector), then the bias; ``(columns, m × width)``."""
+    g = layer.grouped_output_grads(out_grads)  # m × T × groups × out/groups
+    m = g.shape[0]
+    if weight_cols is not None:
+        n_w = layer.n_weight_cols
+        rows = _rows(part, m * n_w * g.element_size())
+        if layer.groups == 1:
+            a, g0, dw = layer.input_rows(inputs), g[:, :, 0], None
+        else:
+            dw, _ = layer.weight_and_bias_grads(inputs, out_grads)
+        for o in range(0, layer.n_out, rows):
+            o1 = min(o + rows, layer.n_out)
+            block = torch.bmm(g0[:, :, o:o1].transpose(1, 2), a) if dw is None else dw[:, o:o1]
+            cols = slice(weight_cols.start + o * n_w, weight_cols.start + o1 * n_w)
+            yield cols, block.reshape(m, -1)
+    if bias_cols is not None:
+        yield bias_cols, g.sum(dim=1).reshape(m, layer.n_out)
 
 
 def flat_grads(layers: list[Layer], terms: LayerTerms, n_parameters: int) -> Tensor:
