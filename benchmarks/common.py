@@ -379,3 +379,46 @@ def header(title: str, **facts: Any) -> None:
     for key, value in facts.items():
         print(f"   {key}: {value}")
     sys.stdout.flush()
+
+
+def write_readme_table(name: str, table: list[str]) -> None:
+    """Replace the README's lines between ``<!-- {name}:begin -->`` and ``<!-- {name}:end -->``
+    with ``table``."""
+    import re
+
+    readme = BENCH_DIR.parent / "README.md"
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    text = readme.read_text()
+    pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
+    if not pattern.search(text):
+        raise SystemExit(f"{readme} has no {begin} ... {end} markers")
+    readme.write_text(pattern.sub(lambda _: "\n".join([begin, *table, end]), text))
+    print(f"wrote the table into {readme.name}")
+
+
+def ensure_venv(venv: Path, modules: list[str], installs: list[list[str]]) -> str:
+    """An isolated virtualenv at ``venv`` in which ``modules`` import, built on first use by the
+    ``pip install`` argument lists ``installs`` in turn; returns the modules' versions."""
+    import subprocess
+
+    python = venv / "bin" / "python"
+    probe = [
+        str(python),
+        "-c",
+        f"import {', '.join(modules)}; print(*({', '.join(f'{m}.__version__' for m in modules)},))",
+    ]
+    if python.exists() and subprocess.run(probe, capture_output=True).returncode == 0:
+        return subprocess.run(probe, capture_output=True, text=True).stdout.strip()
+    specs = " ".join(a for args in installs for a in args if not a.startswith("-"))
+    print(f"building {venv} ({specs}); this takes a few minutes once", flush=True)
+    base = getattr(sys, "_base_executable", sys.executable)
+    subprocess.run([base, "-m", "venv", str(venv)], check=True)
+    # git skips the environment without a .gitignore entry, as venvs of Python 3.13 do by default
+    (venv / ".gitignore").write_text("*\n")
+    for args in installs:
+        subprocess.run(
+            [str(python), "-m", "pip", "install", "-q", *args],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+    return subprocess.run(probe, capture_output=True, text=True, check=True).stdout.strip()

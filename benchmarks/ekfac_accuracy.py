@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import re
 import sys
 import time
 
@@ -39,8 +38,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 import numpy as np  # noqa: E402
 
-README = common.BENCH_DIR.parent / "README.md"
-BEGIN, END = "<!-- ekfac-accuracy-table:begin -->", "<!-- ekfac-accuracy-table:end -->"
 LAMBDAS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 QUICK_LAMBDAS = (1e-3, 1e-1)
 VARIANTS = ("EK-FAC", "K-FAC", "EK-FAC, float64")
@@ -288,12 +285,7 @@ def main() -> None:
     print("-- table")
     print("\n".join(table))
     if args.write_readme and not args.quick:
-        text = README.read_text()
-        pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
-        if not pattern.search(text):
-            raise SystemExit(f"{README} has no {BEGIN} ... {END} markers")
-        README.write_text(pattern.sub(lambda _: "\n".join([BEGIN, *table, END]), text))
-        print(f"wrote the table into {README.name}")
+        common.write_readme_table("ekfac-accuracy-table", table)
     for name in results:
         print(
             "\n".join(closing_lines(f"{name} (p = {facts[name]['p']:,})", results[name], lambdas))

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 import time
 import warnings
@@ -28,9 +27,6 @@ import warnings
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 import numpy as np  # noqa: E402
-
-README = common.BENCH_DIR.parent / "README.md"
-BEGIN, END = "<!-- methods-table:begin -->", "<!-- methods-table:end -->"
 
 
 def methods(net, reg: float) -> dict:
@@ -170,12 +166,7 @@ def main() -> None:
     print("-- table")
     print("\n".join(table))
     if args.write_readme and not args.quick:
-        text = README.read_text()
-        pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
-        if not pattern.search(text):
-            raise SystemExit(f"{README} has no {BEGIN} ... {END} markers")
-        README.write_text(pattern.sub(lambda _: "\n".join([BEGIN, *table, END]), text))
-        print(f"wrote the table into {README.name}")
+        common.write_readme_table("methods-table", table)
     best = max(
         (r["non-convex"]["pearson"], m) for m, r in results.items() if not r["non-convex"]["error"]
     )

@@ -79,27 +79,12 @@ def venv_python() -> Path:
 
 def ensure_kronfluence_venv() -> str:
     """Create the isolated Kronfluence environment if needed; returns the resolved versions."""
-    python = venv_python()
-    probe = [
-        str(python),
-        "-c",
-        "import kronfluence, torch, numpy; "
-        "print(kronfluence.__version__, torch.__version__, numpy.__version__)",
-    ]
-    if python.exists() and subprocess.run(probe, capture_output=True).returncode == 0:
-        return subprocess.run(probe, capture_output=True, text=True).stdout.strip()
-    print(
-        f"building {VENV} ({KRONFLUENCE_SPEC}, {TORCH_SPEC}); this takes a minute once", flush=True
-    )
-    base = getattr(sys, "_base_executable", sys.executable)
-    subprocess.run([base, "-m", "venv", str(VENV)], check=True)
-    # git skips the environment without a .gitignore entry, as venvs of Python 3.13 do by default
-    (VENV / ".gitignore").write_text("*\n")
-    pip = [str(python), "-m", "pip", "install", "-q"]
     # torch in the same command as the others, so nothing can pull another torch build
-    subprocess.run([*pip, TORCH_SPEC, *KRONFLUENCE_DEPS], check=True, stdout=subprocess.DEVNULL)
-    subprocess.run([*pip, "--no-deps", KRONFLUENCE_SPEC], check=True, stdout=subprocess.DEVNULL)
-    return subprocess.run(probe, capture_output=True, text=True, check=True).stdout.strip()
+    return common.ensure_venv(
+        VENV,
+        ["kronfluence", "torch", "numpy"],
+        [[TORCH_SPEC, *KRONFLUENCE_DEPS], ["--no-deps", KRONFLUENCE_SPEC]],
+    )
 
 
 # -- data and network ---------------------------------------------------------------------------

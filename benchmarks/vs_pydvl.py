@@ -98,26 +98,9 @@ def venv_python() -> Path:
 
 def ensure_pydvl_venv() -> str:
     """Create the isolated pyDVL environment if needed; returns the resolved versions."""
-    python = venv_python()
-    probe = [
-        str(python),
-        "-c",
-        "import pydvl, torch, numpy, dask, distributed; "
-        "print(pydvl.__version__, torch.__version__, numpy.__version__, dask.__version__)",
-    ]
-    if python.exists() and subprocess.run(probe, capture_output=True).returncode == 0:
-        return subprocess.run(probe, capture_output=True, text=True).stdout.strip()
-    print(
-        f"building {VENV} ({PYDVL_SPEC}, {TORCH_SPEC}); this takes a few minutes once", flush=True
+    return common.ensure_venv(
+        VENV, ["pydvl", "torch", "numpy", "dask", "distributed"], [[PYDVL_SPEC, TORCH_SPEC]]
     )
-    base = getattr(sys, "_base_executable", sys.executable)
-    subprocess.run([base, "-m", "venv", str(VENV)], check=True)
-    subprocess.run(
-        [str(python), "-m", "pip", "install", "-q", PYDVL_SPEC, TORCH_SPEC],
-        check=True,
-        stdout=subprocess.DEVNULL,
-    )
-    return subprocess.run(probe, capture_output=True, text=True, check=True).stdout.strip()
 
 
 def pydvl_run(name: str, workdir: Path, timeout: float) -> dict:
