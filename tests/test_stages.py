@@ -521,3 +521,56 @@ def test_ekfac_conv_columns_match_the_library_and_resume_bit_identically(inputs,
     store._remove(store._record_path("influences", (1, 3)))
     assert run_tasks(config) == {"computed": 1, "reused": 11}
     assert np.array_equal(read_outputs(config.output)["influences"], first["influences"])
+
+
+def test_auto_chunks_of_layer_wise_columns_bound_their_terms_and_the_factor_chunks():
+    # a ResNet-18: 11.2M parameters, about 5.1 MB of layer terms per sample; 10,000 × 1,000
+    p, terms = 11_164_362, 5_120_000
+    train_chunk, test_chunk = pipeline.auto_chunk_sizes(10_000, 1_000, p, 2, 4, terms)
+    assert train_chunk * terms <= pipeline.planning.MAX_TERMS_BYTES
+    assert train_chunk % pipeline.planning.ALIGN_TRAIN_ROWS == 0 and train_chunk >= 128
+    assert test_chunk * p * 4 <= pipeline.planning.MAX_FACTOR_BYTES
+    assert 1_000 % test_chunk == 0
+    # columns holding gradients would take 6 train rows each, and every one reads all factors
+    gradients_chunk, same_test_chunk = pipeline.auto_chunk_sizes(10_000, 1_000, p, 2, 4)
+    assert gradients_chunk * p * 4 <= pipeline.planning.MAX_GRAD_BYTES < 7 * p * 4
+    assert same_test_chunk == test_chunk
+
+
+def test_layer_wise_jobs_size_their_train_chunks_by_layer_terms(inputs, tmp_path):
+    from prefect_influence.pipeline.network import layer_terms_bytes
+
+    ekfac = job_config(inputs, str(tmp_path / "a"), method={"name": "ekfac"})
+    network, _ = load_network(ekfac)
+    train = open_source(ekfac.data.train)
+    model = build_influence_model(ekfac, network)
+    # the example network 64 → 8 → 10: both layers' inputs and output gradients, float32
+    assert layer_terms_bytes(ekfac, model, train) == (64 + 8 + 8 + 10) * 4
+    # columns that need gradients: stored train features, or a method without layer terms
+    with_features = job_config(
+        inputs, str(tmp_path / "c"), method={"name": "ekfac"}, train_features="exact"
+    )
+    assert layer_terms_bytes(with_features, model, train) is None
+    arnoldi = job_config(inputs, str(tmp_path / "b"))
+    assert layer_terms_bytes(arnoldi, build_influence_model(arnoldi, network), train) is None
+
+
+def test_the_estimate_of_layer_wise_columns_probes_layer_terms(inputs, tmp_path):
+    """``plan``'s estimate of an EK-FAC job probes what its columns do (layer terms, scores
+    from them) and counts their memory (terms, the model's budget of tiles), not gradients."""
+    import jobs_models
+
+    from prefect_influence.pipeline.estimate import WORKER_BASE_BYTES, estimate_job
+
+    checkpoint = tmp_path / "conv.pt"
+    torch.save(jobs_models.small_conv().state_dict(), checkpoint)
+    model = {
+        "factory": "jobs_models:small_conv",
+        "factory_kwargs": {},
+        "checkpoint": str(checkpoint),
+    }
+    config = job_config(inputs, str(tmp_path / "out"), model=model, method={"name": "ekfac"})
+    estimate = estimate_job(pipeline.survey_job(config, 2), 2, api_running=True)
+    assert estimate.probe["train_operand"] == "layer terms"
+    budget = build_influence_model(config, load_network(config)[0]).memory_budget_bytes
+    assert estimate.worker_bytes > WORKER_BASE_BYTES + budget

@@ -19,7 +19,7 @@ from ..storage import FACTORS, INFLUENCES, SELF_INFLUENCE, InfluenceStore, stora
 from .context import tensors
 from .data import open_source
 from .inputs import torch_dtype
-from .network import build_influence_model, load_network
+from .network import build_influence_model, layer_terms_bytes, load_network
 from .planning import TASK_OVERHEAD_S, Survey
 from .resources import torch_threads
 
@@ -36,6 +36,8 @@ PREFECT_SERVER_START_S = 10.0
 FLOW_RUNS_S = 2.0
 CLUSTER_START_S = 8.0
 WORKER_BASE_BYTES = 450 * 2**20
+#: layer terms the probe of a layer-wise column records at most
+LAYER_TERMS_PROBE_BYTES = 256 * 2**20
 
 
 @dataclass(frozen=True)
@@ -99,6 +101,7 @@ def estimate_job(
     train = open_source(config.data.train, options, "train")
     test = open_source(config.data.test, options, "test")
     m = min(len(train), PROBE_TRAIN_ROWS)
+    sample_bytes = layer_terms_bytes(config, model, train)  # None: columns hold gradients
     x, y = tensors(train.rows(0, m))
     xt, yt = tensors(test.rows(0, min(len(test), PROBE_TEST_ROWS)))
     dtype = torch_dtype(config.dtype)
@@ -115,13 +118,16 @@ def estimate_job(
             start = time.perf_counter()
             model.influence_factors(xt, yt)
             per_factor = (time.perf_counter() - start) / len(xt)
-            start = time.perf_counter()
-            grads = model.per_sample_grads(x, y)
-            per_grad = (time.perf_counter() - start) / m
-            factors = torch.zeros(grid.test_chunk, grid.n_parameters, dtype=grads.dtype)
-            start = time.perf_counter()
-            factors @ grads.T
-            per_product = (time.perf_counter() - start) / (m * grid.test_chunk)
+            factors = torch.zeros(grid.test_chunk, grid.n_parameters, dtype=dtype)
+            if sample_bytes is None:
+                start = time.perf_counter()
+                grads = model.per_sample_grads(x, y)
+                per_grad = (time.perf_counter() - start) / m
+                start = time.perf_counter()
+                factors @ grads.T
+                per_product = (time.perf_counter() - start) / (m * grid.test_chunk)
+            else:
+                per_grad, per_product = _layer_wise_rates(model, x, y, factors, sample_bytes)
     state_bytes = sum(t.numel() * t.element_size() for t in model.fitted_state().values())
 
     workers = max(1, n_workers)
@@ -151,12 +157,20 @@ def estimate_job(
 
     itemsize = torch_dtype(config.dtype).itemsize
     block_values = grid.test_chunk * grid.train_chunk * math.prod(grid.influence_shape[2:])
-    column = itemsize * (
-        2 * grid.train_chunk * grid.n_parameters  # gradients and the train operand
-        + 2 * block_values  # the block computed and the one being written
-        + grid.test_chunk * grid.n_parameters  # one factor chunk read back
-        + grid.train_chunk * math.prod(grid.x_shape)  # the train chunk's rows
-    )
+    rows = itemsize * grid.train_chunk * math.prod(grid.x_shape)  # the train chunk's rows
+    if sample_bytes is None:
+        column = rows + itemsize * (
+            2 * grid.train_chunk * grid.n_parameters  # gradients and the train operand
+            + 2 * block_values  # the block computed and the one being written
+            + grid.test_chunk * grid.n_parameters  # one factor chunk read back
+        )
+    else:  # layer terms, tiles of factors and gradient blocks within the budget, all blocks
+        column = (
+            rows
+            + grid.train_chunk * sample_bytes
+            + model.memory_budget_bytes
+            + itemsize * grid.n_test * grid.train_chunk * math.prod(grid.influence_shape[2:])
+        )
     factor_task = 4 * itemsize * grid.test_chunk * grid.n_parameters  # solve temporaries
     worker_bytes = WORKER_BASE_BYTES + state_bytes + max(column, factor_task)
     probe = {
@@ -165,6 +179,26 @@ def estimate_job(
         "fit_s": round(fit_probe, 3),
         "factor_s_per_row": per_factor,
         "gradient_s_per_row": per_grad,
+        "train_operand": "gradients" if sample_bytes is None else "layer terms",
         "threads": os.cpu_count(),
     }
     return JobEstimate(seconds, int(worker_bytes), int(state_bytes), probe)
+
+
+def _layer_wise_rates(
+    model, x: torch.Tensor, y: torch.Tensor, factors: torch.Tensor, sample_bytes: int
+) -> tuple[float, float]:
+    """Seconds per train sample (layer terms, and gradient blocks formed once per column) and
+    per train sample and test row (the products) of a column that scores layer by layer:
+    scores of one row and of ``factors``' rows on at most 256 MiB of layer terms."""
+    m = max(1, min(len(x), LAYER_TERMS_PROBE_BYTES // max(1, sample_bytes)))
+    start = time.perf_counter()
+    terms = model.layer_terms(x[:m], y[:m])
+    terms_s = time.perf_counter() - start
+    start = time.perf_counter()
+    model.influences_from_terms(factors[:1], terms)
+    one_row = time.perf_counter() - start
+    start = time.perf_counter()
+    model.influences_from_terms(factors, terms)
+    more_rows = max(0.0, time.perf_counter() - start - one_row)
+    return (terms_s + one_row) / m, more_rows / (m * max(1, len(factors) - 1))

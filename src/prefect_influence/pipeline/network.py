@@ -10,7 +10,7 @@ import io
 import json
 import pickle
 from enum import Enum
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -259,3 +259,17 @@ def build_influence_model(config: PipelineConfig, network: nn.Module):
         ekfac.check_layers()  # fit would refuse an unsupported layer: refuse it when planning
         return ekfac
     raise ConfigurationError(f"unknown method {m.name!r}")  # pragma: no cover - enum guards it
+
+
+def layer_terms_bytes(config, model, source: DataSource) -> Optional[int]:
+    """Bytes of one train sample's layer terms when the job's columns score layer by layer
+    (EK-FAC without stored train features: they hold those instead of gradients), else ``None``."""
+    from ..base import InfluenceMode
+    from ..blocks import scores_by_layer
+
+    if config.train_features.value != "none" or not scores_by_layer(
+        model, InfluenceMode.parse(config.mode)
+    ):
+        return None
+    x, y = (torch.from_numpy(np.ascontiguousarray(a)) for a in source.rows(0, 1))
+    return int(model.layer_terms(x, y).nbytes)  # the model moves them to its dtype and device

@@ -40,6 +40,11 @@ OVERHEAD_SHARE = 0.10
 #: conservative per-worker throughput of small per-sample gradient kernels (flop/s)
 WORKER_FLOPS = 1.0e9
 MAX_GRAD_BYTES = 256 * 2**20
+#: a column that scores layer by layer holds its train chunk's layer terms instead of gradients;
+#: every column reads all test factors, so larger train chunks read them fewer times
+MAX_TERMS_BYTES = 2**30
+#: a factor chunk is computed and written whole by one task
+MAX_FACTOR_BYTES = 2**30
 #: with glibc's adaptive mmap threshold a block above ~32 MiB is a fresh mmap (page faults) on
 #: every allocation
 MAX_BLOCK_BYTES = 32 * 2**20
@@ -91,15 +96,21 @@ FINGERPRINTED = {
 
 
 def auto_chunk_sizes(
-    n_train: int, n_test: int, n_parameters: int, n_workers: int, itemsize: int = 4
+    n_train: int,
+    n_test: int,
+    n_parameters: int,
+    n_workers: int,
+    itemsize: int = 4,
+    train_sample_bytes: Optional[int] = None,
 ) -> tuple[int, int]:
     """Chunk sizes from the problem size and worker count (deterministic: no timing).
 
     A column task costs about ``train_chunk · p · (6 + 2·n_test)`` flops (per-sample gradients
     plus one GEMM against every factor). It must last ``TASK_OVERHEAD_S / OVERHEAD_SHARE`` (0.9 s)
     at ``WORKER_FLOPS`` so Prefect's overhead stays ≤ 10%; beyond that, chunks shrink to give
-    each worker about four columns, and a chunk's gradients stay under 256 MiB. Test chunks
-    keep a block within 32 MiB, split evenly: a column with several blocks writes one while it
+    each worker about four columns, and a chunk's gradients stay under 256 MiB (for a column
+    that scores layer by layer, ``train_sample_bytes`` per sample of layer terms: under 1 GiB).
+    Test chunks keep a block within 32 MiB and a chunk of factors within 1 GiB, split evenly: a column with several blocks writes one while it
     computes the next; when a slightly larger number of chunks divides the test rows exactly,
     that number is taken (no partial last chunk for appended rows to grow). There are at least
     as many test chunks as workers (when there are enough test rows): the factor solves, which every column waits for, then run on all
@@ -112,7 +123,10 @@ def auto_chunk_sizes(
         TASK_OVERHEAD_S / OVERHEAD_SHARE * WORKER_FLOPS / max(flops_per_sample, 1)
     )
     spread = math.ceil(n_train / (4 * max(n_workers, 1)))
-    cap = max(1, MAX_GRAD_BYTES // (n_parameters * itemsize))
+    if train_sample_bytes is None:
+        cap = max(1, MAX_GRAD_BYTES // (n_parameters * itemsize))
+    else:
+        cap = max(1, MAX_TERMS_BYTES // max(1, int(train_sample_bytes)))
     train_chunk = max(1, min(n_train, cap, max(min_train, spread)))
     if ALIGN_TRAIN_ROWS < train_chunk < n_train:
         up = -(-train_chunk // ALIGN_TRAIN_ROWS) * ALIGN_TRAIN_ROWS
@@ -120,7 +134,15 @@ def auto_chunk_sizes(
             n_train, up if up <= cap else train_chunk // ALIGN_TRAIN_ROWS * ALIGN_TRAIN_ROWS
         )
     per_worker = max(math.ceil(n_test / max(n_workers, 1)), min(n_test, MIN_SPLIT_TEST_ROWS))
-    test_chunk = max(1, min(per_worker, MAX_BLOCK_BYTES // (train_chunk * itemsize), 4096))
+    test_chunk = max(
+        1,
+        min(
+            per_worker,
+            MAX_BLOCK_BYTES // (train_chunk * itemsize),
+            MAX_FACTOR_BYTES // (n_parameters * itemsize),
+            4096,
+        ),
+    )
     n_chunks = math.ceil(n_test / test_chunk)
     # a chunk count up to half larger (or two more) that divides the rows exactly leaves no partial
     # last chunk, which test rows appended later would make grow (and be computed again)
@@ -240,12 +262,17 @@ def survey_job(config: PipelineConfig, n_workers: int = 1, check_lease: bool = F
         raise ShapeMismatchError(
             f"training samples have shape {train.x_shape} but test samples {test.x_shape}."
         )
-    from .network import build_influence_model, check_model_fits_data, load_network
+    from .network import (
+        build_influence_model,
+        check_model_fits_data,
+        layer_terms_bytes,
+        load_network,
+    )
 
     network, model_fp = load_network(config)
     for source in (train, test):
         check_model_fits_data(network, config.model.loss, source, torch_dtype(config.dtype))
-    build_influence_model(config, network)  # validates the method's options (rank, layers...)
+    model = build_influence_model(config, network)  # validates the options (rank, layers...)
     if config.train_features.value != "none" and config.mode.value != "up":
         raise ConfigurationError(
             f"train_features {config.train_features.value!r} are per-sample gradients, which "
@@ -260,7 +287,10 @@ def survey_job(config: PipelineConfig, n_workers: int = 1, check_lease: bool = F
         store.lease.check_free(force=config.force)
     existing = store.read_manifest()
     itemsize = torch_dtype(config.dtype).itemsize
-    auto_train, auto_test = auto_chunk_sizes(len(train), len(test), p, n_workers, itemsize)
+    sample_bytes = layer_terms_bytes(config, model, train)
+    auto_train, auto_test = auto_chunk_sizes(
+        len(train), len(test), p, n_workers, itemsize, sample_bytes
+    )
     auto = {"test": config.test_chunk_size == "auto", "train": config.train_chunk_size == "auto"}
     train_chunk = auto_train if auto["train"] else int(config.train_chunk_size)
     test_chunk = auto_test if auto["test"] else int(config.test_chunk_size)
