@@ -68,14 +68,24 @@ def test_compressed_arrays_have_no_plain_layout(location):
     assert PlainChunks.of(compressed, fs, f"{root}/c") is None
 
 
-def test_parts_of_a_chunk_read_only_their_rows_and_columns(location):
+@pytest.mark.parametrize("transposed", [False, True], ids=["rows", "columns"])
+def test_parts_of_a_chunk_read_only_their_rows_and_columns(location, transposed):
     url, fs, root = location
+    filters = [zarr.codecs.TransposeCodec(order=(1, 0))] if transposed else []
     array = open_group(url).create_array(
-        "f", shape=(5, 7), chunks=(3, 7), dtype="float32", fill_value=np.nan, compressors=None
+        "f",
+        shape=(5, 7),
+        chunks=(3, 7),
+        dtype="float32",
+        fill_value=np.nan,
+        compressors=None,
+        filters=filters,
     )
     values = np.random.default_rng(1).standard_normal((5, 7)).astype(np.float32)
     array[...] = values
     plain = PlainChunks.of(array, fs, f"{root}/f")
+    assert plain is not None and plain.transposed == transposed
+    np.testing.assert_array_equal(plain.read((1,), (2, 7)), values[3:])
     for rows, cols in [
         (slice(0, 3), slice(0, 7)),
         (slice(1, 3), slice(2, 5)),
@@ -91,3 +101,41 @@ def test_parts_of_a_chunk_read_only_their_rows_and_columns(location):
     fs.pipe_file(plain.path((0,)), b"\0" * 20)
     with pytest.raises(StorageError, match="torn write"):
         plain.read_part((0,), slice(1, 2), slice(0, 3))
+
+
+def test_transposed_chunks_written_as_files_read_back_through_zarr(location, monkeypatch):
+    """A chunk stored column by column (zarr's transpose codec), written in slabs of columns
+    (two at a time here) and padded when it is an edge chunk: zarr reads what was written."""
+    import prefect_influence.storage.plain_chunks as plain_chunks
+
+    monkeypatch.setattr(plain_chunks, "SLAB_BYTES", 2 * 3 * 4)
+    url, fs, root = location
+    array = open_group(url).create_array(
+        "t",
+        shape=(5, 7),
+        chunks=(3, 7),
+        dtype="float32",
+        fill_value=np.nan,
+        compressors=None,
+        filters=[zarr.codecs.TransposeCodec(order=(1, 0))],
+    )
+    plain = PlainChunks.of(array, fs, f"{root}/t")
+    values = np.arange(35, dtype=np.float32).reshape(5, 7)
+    plain.write((0,), values[:3])
+    plain.write((1,), values[3:])  # the edge chunk: two of three rows
+    np.testing.assert_array_equal(zarr.open_array(array.store_path, mode="r")[...], values)
+    assert len(fs.cat_file(plain.path((1,)))) == 3 * 7 * 4
+
+
+def test_a_checksum_follows_the_stored_order_whatever_the_memory_layout():
+    from prefect_influence.storage.store import checksum
+
+    values = np.random.default_rng(2).standard_normal((9, 5)).astype(np.float32)
+    columns = np.asfortranarray(values)  # as a transposed chunk is read: its columns in a row
+    assert not columns.flags.c_contiguous
+    assert checksum(columns) == checksum(values)
+    assert checksum(columns, by_columns=True) == checksum(values, by_columns=True)
+    assert checksum(values, by_columns=True) != checksum(values)
+    changed = columns.copy(order="F")
+    changed[8, 4] += 1
+    assert checksum(changed, by_columns=True) != checksum(values, by_columns=True)

@@ -78,6 +78,7 @@ def test_chunks_written_directly_are_what_zarr_itself_writes(tmp_path, mode):
             dtype=src.dtype,
             fill_value=np.nan,
             compressors=None,
+            filters=src.filters,  # factors: stored column by column
         )
         full = rng.normal(size=src.shape).astype(np.float32)
         indices = (

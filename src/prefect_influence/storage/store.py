@@ -66,10 +66,19 @@ RUNS = "runs"
 SUMMARY_ARRAYS = ("top_helpful", "top_helpful_values", "top_harmful", "top_harmful_values")
 
 
-def checksum(values: np.ndarray) -> str:
-    arr = np.ascontiguousarray(values)
-    h = hashlib.sha256(f"{arr.shape}|{arr.dtype.str}|".encode())
-    h.update(memoryview(arr).cast("B"))  # no copy of the chunk
+def checksum(values: np.ndarray, by_columns: bool = False) -> str:
+    """SHA-256 of the array's shape, dtype and bytes in C order, or (``by_columns``, a 2-d
+    chunk stored column by column) of its transpose's: the order the chunk's file holds them,
+    so that verifying a stored chunk hashes its bytes as they were read."""
+    h = hashlib.sha256(f"{values.shape}|{values.dtype.str}|".encode())
+    ordered = values.T if by_columns else values
+    if ordered.flags.c_contiguous or ordered.ndim == 0:
+        h.update(memoryview(np.ascontiguousarray(ordered)).cast("B"))  # no copy of the chunk
+        return h.hexdigest()
+    # another memory layout: the bytes in slabs of rows of at most 16 MiB, never one copy
+    step = max(1, (16 * 2**20) // max(1, ordered[0].nbytes))
+    for s in range(0, ordered.shape[0], step):
+        h.update(memoryview(np.ascontiguousarray(ordered[s : s + step])).cast("B"))
     return h.hexdigest()
 
 
@@ -88,6 +97,7 @@ class InfluenceStore:
             raise StorageError(f"Cannot open output location {self.url!r}: {exc}") from exc
         self._group = None
         self._plain: dict[str, Optional[PlainChunks]] = {}
+        self._columns: dict[str, bool] = {}
         self._manifest_id: Optional[str] = None
         self._accepted: tuple[str, ...] = ()
         self._manifest_id_known = False
@@ -171,6 +181,7 @@ class InfluenceStore:
                     self.fs.rm(entry, recursive=True)
         self._group = None
         self._plain = {}
+        self._columns = {}
         self._manifest_id_known = False
 
     # -- manifest --------------------------------------------------------------------------------
@@ -220,6 +231,7 @@ class InfluenceStore:
                 if _grows_along_rows(name, tuple(arr.shape), shape, arr.chunks, chunks):
                     arr.resize(shape)
                     self._plain.pop(name, None)
+                    self._columns.pop(name, None)
                     continue
                 if tuple(arr.shape) != tuple(shape) or tuple(arr.chunks) != tuple(chunks):
                     raise StorageError(
@@ -229,7 +241,13 @@ class InfluenceStore:
                 continue
             # float scores barely compress: a compressor would cost far more than it saves
             self.group.create_array(
-                name, shape=shape, chunks=chunks, dtype=dt, fill_value=np.nan, compressors=None
+                name,
+                shape=shape,
+                chunks=chunks,
+                dtype=dt,
+                fill_value=np.nan,
+                compressors=None,
+                filters=_layout(name),
             )
 
     def create_features_array(self, grid: Grid, description: dict[str, Any]) -> None:
@@ -263,6 +281,7 @@ class InfluenceStore:
                 self.fs.rm(path, recursive=True)
         self._group = None
         self._plain.pop(name, None)
+        self._columns.pop(name, None)
 
     def _array_or_none(self, name: str):
         try:
@@ -293,7 +312,7 @@ class InfluenceStore:
         plain = self._plain_chunks(name)
         # hashing and writing both release the GIL: the checksum runs beside the write
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefect-influence-hash") as pool:
-            digest = pool.submit(checksum, values)
+            digest = pool.submit(checksum, values, self._by_columns(name))
             if plain is None:
                 self.group[name][self._chunk_slices(name, grid, index)] = values
             else:
@@ -345,7 +364,21 @@ class InfluenceStore:
             values = self.read_chunk(name, grid, index)
         except Exception:
             return None  # unreadable (e.g. truncated, undecodable) chunk
-        return values if checksum(values) == record.get("sha256") else None
+        matches = checksum(values, self._by_columns(name)) == record.get("sha256")
+        return values if matches else None
+
+    def _by_columns(self, name: str) -> bool:
+        """Whether the array's chunks are stored column by column (see :func:`_layout`)."""
+        if name not in self._columns:
+            from zarr.codecs import TransposeCodec
+
+            codecs = tuple(getattr(self.group[name].metadata, "codecs", ()))
+            self._columns[name] = bool(
+                codecs
+                and isinstance(codecs[0], TransposeCodec)
+                and tuple(codecs[0].order) == (1, 0)
+            )
+        return self._columns[name]
 
     def recorded(self, name: str) -> set[tuple[int, ...]]:
         """Indices that have a completion record (not verified; see :meth:`chunk_done`)."""
@@ -491,6 +524,14 @@ class InfluenceStore:
         out["fitted"] = self._read_json("records/fitted.json") is not None
         out["summary"] = self._read_json("records/summary.json") is not None
         return out
+
+
+def _layout(name: str) -> list:
+    """Factor chunks are stored column by column: a layer-wise column reads a few columns of
+    every row of a chunk, which is then one contiguous range instead of one per row."""
+    from zarr.codecs import TransposeCodec
+
+    return [TransposeCodec(order=(1, 0))] if name == FACTORS else []
 
 
 def _grows_along_rows(name: str, old: tuple, new: tuple, old_chunks, new_chunks) -> bool:
