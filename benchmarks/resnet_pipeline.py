@@ -91,13 +91,17 @@ def write_inputs(root: Path, n_train: int, n_test: int, width: int) -> dict:
     return paths
 
 
+def chunk_size(value: str):
+    return value if value == "auto" else int(value)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n-test", type=int, default=100)
     parser.add_argument("--n-train", type=int, default=1000)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--train-chunk", type=int, default=125)
-    parser.add_argument("--test-chunk", type=int, default=25)
+    parser.add_argument("--train-chunk", type=chunk_size, default=125, help="rows, or auto")
+    parser.add_argument("--test-chunk", type=chunk_size, default=25, help="rows, or auto")
     parser.add_argument("--width", type=int, default=64, help="first-stage channels (64: 11.2M)")
     parser.add_argument("--fit-batch", type=int, default=64, help="method.fit_batch_size")
     parser.add_argument("--quick", action="store_true", help="width 16, 20 test × 100 train")
@@ -169,6 +173,10 @@ def main() -> None:
         rerun_s = time.perf_counter() - start
         wait_for_closing_clusters()
         reused = (rerun["blocks_computed"], rerun["blocks_reused"])
+        from prefect_influence.storage import InfluenceStore
+
+        grid = InfluenceStore(config.output).read_manifest().grid
+        print(f"   grid: chunks of {grid.train_chunk} train × {grid.test_chunk} test", flush=True)
         print(f"   rerun: {rerun_s:.1f} s, blocks computed/reused {reused}", flush=True)
         if args.keep:
             print(f"   output kept at {root / 'out'}")
@@ -178,7 +186,8 @@ def main() -> None:
 
     seconds = result["seconds"]
     print(
-        f"time flow: {elapsed:.1f} s for {args.n_test} test × {args.n_train} train, p = {p:,} "
+        f"time flow: {elapsed:.1f} s for {args.n_test} test × {args.n_train} train "
+        f"(chunks {grid.train_chunk} × {grid.test_chunk}), p = {p:,} "
         f"(phases: {', '.join(f'{k} {v:.1f} s' for k, v in seconds.items())}); rerun on the "
         f"finished output {rerun_s:.1f} s ({reused[0]} blocks computed, {reused[1]} reused)"
     )

@@ -1,7 +1,8 @@
 """Run every benchmark one after the other and print the last lines of each (figures and ratios).
 
     python benchmarks/run_all.py            # default sizes: ~1 h on 2 cores (load)
-    python benchmarks/run_all.py --full     # also the judged 4 GB memory grid: ~1.5 h
+    python benchmarks/run_all.py --full     # also the judged 4 GB memory grid and a
+                                            # ResNet job of 1,000 test rows: ~2 h
     python benchmarks/run_all.py --quick    # smoke run: a few minutes, targets not judged
     python benchmarks/run_all.py --only roofline,scaling
 
@@ -45,8 +46,16 @@ BENCHMARKS = {
     "incremental": ([], ["--quick"], 5),
     "resnet_pipeline": ([], ["--quick"], 2),
 }
-#: arguments that replace the default ones with --full: the judged memory grid
-FULL = {"memory": []}
+#: arguments that replace the default ones with --full: the judged memory grid, and the ResNet
+#: job with every test row of its judged size (1,000; 45 GB of factors) against 2,000 train,
+#: chunked as `auto` chunks it
+FULL = {
+    "memory": [],
+    "resnet_pipeline": [
+        *("--n-test", "1000", "--n-train", "2000", "--fit-batch", "16"),
+        *("--train-chunk", "auto", "--test-chunk", "auto"),
+    ],
+}
 
 
 def main() -> int:
