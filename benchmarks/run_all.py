@@ -82,9 +82,9 @@ def main() -> int:
         start = time.perf_counter()
         log = logs / f"{name}{'' if size == 'default' else '-' + size}.log"
         with open(log, "w") as f:
-            proc = subprocess.Popen(
-                cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-            )
+            # closing lines come from stdout alone: a library's log or a traceback at exit
+            # (stderr) goes to the log file and never ends up in RESULTS.md
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=f, text=True)
             lines = []
             for line in proc.stdout:
                 f.write(line)
