@@ -68,19 +68,23 @@ def test_compressed_arrays_have_no_plain_layout(location):
     assert PlainChunks.of(compressed, fs, f"{root}/c") is None
 
 
-@pytest.mark.parametrize("transposed", [False, True], ids=["rows", "columns"])
-def test_parts_of_a_chunk_read_only_their_rows_and_columns(location, transposed):
-    url, fs, root = location
-    filters = [zarr.codecs.TransposeCodec(order=(1, 0))] if transposed else []
-    array = open_group(url).create_array(
-        "f",
+def _rows_array(url, name: str, transposed: bool):
+    """A 5 × 7 array in chunks of whole rows (3 × 7), stored row-major or column by column."""
+    return open_group(url).create_array(
+        name,
         shape=(5, 7),
         chunks=(3, 7),
         dtype="float32",
         fill_value=np.nan,
         compressors=None,
-        filters=filters,
+        filters=[zarr.codecs.TransposeCodec(order=(1, 0))] if transposed else [],
     )
+
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["rows", "columns"])
+def test_parts_of_a_chunk_read_only_their_rows_and_columns(location, transposed):
+    url, fs, root = location
+    array = _rows_array(url, "f", transposed)
     values = np.random.default_rng(1).standard_normal((5, 7)).astype(np.float32)
     array[...] = values
     plain = PlainChunks.of(array, fs, f"{root}/f")
@@ -110,15 +114,7 @@ def test_transposed_chunks_written_as_files_read_back_through_zarr(location, mon
 
     monkeypatch.setattr(plain_chunks, "SLAB_BYTES", 2 * 3 * 4)
     url, fs, root = location
-    array = open_group(url).create_array(
-        "t",
-        shape=(5, 7),
-        chunks=(3, 7),
-        dtype="float32",
-        fill_value=np.nan,
-        compressors=None,
-        filters=[zarr.codecs.TransposeCodec(order=(1, 0))],
-    )
+    array = _rows_array(url, "t", transposed=True)
     plain = PlainChunks.of(array, fs, f"{root}/t")
     values = np.arange(35, dtype=np.float32).reshape(5, 7)
     plain.write((0,), values[:3])

@@ -477,6 +477,14 @@ def test_ekfac_columns_score_layer_by_layer_as_the_library_does(inputs, tmp_path
     config = job_config(inputs, str(tmp_path / "out"), method={"name": "ekfac"})
     run_tasks(config)
     got = read_outputs(config.output)
+    model, x, y = _assert_library_influences(config, got["influences"])
+    own = model.self_influences(x, y).numpy()
+    np.testing.assert_allclose(got["self_influence"], own, rtol=1e-4, atol=1e-4 * own.max())
+
+
+def _assert_library_influences(config, got: np.ndarray):
+    """The job's influences equal the library's on the same fit; returns the fitted model and
+    the training data."""
     network, _ = load_network(config)
     model = build_influence_model(config, network)
     x, y = (torch.from_numpy(a) for a in open_source(config.data.train).rows(0, 240))
@@ -484,39 +492,32 @@ def test_ekfac_columns_score_layer_by_layer_as_the_library_does(inputs, tmp_path
     model.fit([(x, y)])
     want = model.influences(xt, yt, x, y).numpy()
     # float32; the factors' and scores' sums run in another order than the library's
-    np.testing.assert_allclose(got["influences"], want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
-    own = model.self_influences(x, y).numpy()
-    np.testing.assert_allclose(got["self_influence"], own, rtol=1e-4, atol=1e-4 * own.max())
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    return model, x, y
+
+
+def _conv_ekfac_config(inputs, tmp_path):
+    """An EK-FAC job on ``jobs_models.small_conv`` (two convolutions and a Linear layer)."""
+    import jobs_models
+
+    checkpoint = tmp_path / "conv.pt"
+    torch.save(jobs_models.small_conv().state_dict(), checkpoint)
+    model = {
+        "factory": "jobs_models:small_conv",
+        "factory_kwargs": {},
+        "checkpoint": str(checkpoint),
+    }
+    return job_config(inputs, str(tmp_path / "out"), model=model, method={"name": "ekfac"})
 
 
 def test_ekfac_conv_columns_match_the_library_and_resume_bit_identically(inputs, tmp_path):
     """A convolutional network's column scores every missing block in one pass over its train
     chunk, reading the stored factors in tiles: the blocks equal the library's, and a block
     recomputed alone is the same bytes as when its whole column was computed."""
-    import jobs_models
-
-    checkpoint = tmp_path / "conv.pt"
-    torch.save(jobs_models.small_conv().state_dict(), checkpoint)
-    config = job_config(
-        inputs,
-        str(tmp_path / "out"),
-        model={
-            "factory": "jobs_models:small_conv",
-            "factory_kwargs": {},
-            "checkpoint": str(checkpoint),
-        },
-        method={"name": "ekfac"},
-    )
+    config = _conv_ekfac_config(inputs, tmp_path)
     run_tasks(config)
     first = read_outputs(config.output)
-    network, _ = load_network(config)
-    model = build_influence_model(config, network)
-    x, y = (torch.from_numpy(a) for a in open_source(config.data.train).rows(0, 240))
-    xt, yt = (torch.from_numpy(a) for a in open_source(config.data.test).rows(0, 40))
-    model.fit([(x, y)])
-    want = model.influences(xt, yt, x, y).numpy()
-    # float32; the factors' and scores' sums run in another order than the library's
-    np.testing.assert_allclose(first["influences"], want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    _assert_library_influences(config, first["influences"])
     store = InfluenceStore(config.output)
     store._remove(store._record_path("influences", (1, 3)))
     assert run_tasks(config) == {"computed": 1, "reused": 11}
@@ -558,18 +559,9 @@ def test_layer_wise_jobs_size_their_train_chunks_by_layer_terms(inputs, tmp_path
 def test_the_estimate_of_layer_wise_columns_probes_layer_terms(inputs, tmp_path):
     """``plan``'s estimate of an EK-FAC job probes what its columns do (layer terms, scores
     from them) and counts their memory (terms, the model's budget of tiles), not gradients."""
-    import jobs_models
-
     from prefect_influence.pipeline.estimate import WORKER_BASE_BYTES, estimate_job
 
-    checkpoint = tmp_path / "conv.pt"
-    torch.save(jobs_models.small_conv().state_dict(), checkpoint)
-    model = {
-        "factory": "jobs_models:small_conv",
-        "factory_kwargs": {},
-        "checkpoint": str(checkpoint),
-    }
-    config = job_config(inputs, str(tmp_path / "out"), model=model, method={"name": "ekfac"})
+    config = _conv_ekfac_config(inputs, tmp_path)
     estimate = estimate_job(pipeline.survey_job(config, 2), 2, api_running=True)
     assert estimate.probe["train_operand"] == "layer terms"
     budget = build_influence_model(config, load_network(config)[0]).memory_budget_bytes
