@@ -116,8 +116,8 @@ def _sync_calculator(model):
 class Counting:
     """Counts the calls of a model's gradient and factor methods (synchronous use only)."""
 
-    def __init__(self, model):
-        self.counts = {"per_sample_grads": 0, "influence_factors": 0}
+    def __init__(self, model, train_pass: str = "per_sample_grads"):
+        self.counts = {train_pass: 0, "influence_factors": 0}
         for name in self.counts:
             method = getattr(model, name)
 
@@ -161,25 +161,28 @@ def test_sequential_factors_and_from_factors(problem, mode):
 
 @pytest.mark.parametrize(
     "cache_bytes, cached_chunks",
-    [(2**30, len(TRAIN_CHUNKS)), (0, 0), (sum(TRAIN_CHUNKS[:3]) * 43 * 8, 3)],
+    [(2**30, len(TRAIN_CHUNKS)), (0, 0), (sum(TRAIN_CHUNKS[:3]) * 17 * 8, 3)],
 )
-def test_sequential_is_lazy_and_does_each_gradient_pass_once(problem, cache_bytes, cached_chunks):
-    assert problem.model.n_parameters == 43  # float64 gradients: 43 · 8 bytes per sample
+def test_sequential_is_lazy_and_does_each_train_pass_once(problem, cache_bytes, cached_chunks):
+    # the train chunks' layer terms (no per-sample gradients) in float64: the layers' inputs and
+    # output gradients, (6 + 4) + (4 + 3) numbers per sample
+    assert problem.model.scores_layer_by_layer
     model = problem.fresh_model()
     model.load_fitted_state(problem.model.fitted_state())
-    counter = Counting(model)
+    counter = Counting(model, "layer_terms")
     calc = SequentialInfluenceCalculator(model, train_cache_bytes=cache_bytes)
     lazy = calc.influences(problem.test_batches(), problem.train_batches())
-    assert counter.counts == {"per_sample_grads": 0, "influence_factors": 0}
+    assert counter.counts == {"layer_terms": 0, "influence_factors": 0}
     values = lazy.compute(NestedTorchCatAggregator()).numpy()
     np.testing.assert_allclose(values, problem.expected[InfluenceMode.Up], rtol=RTOL, atol=ATOL)
-    # one solve per test chunk; train gradients once, except those beyond the cache budget,
-    # which are recomputed in every further row
+    # one solve per test chunk; train terms once, except those beyond the cache budget, which
+    # are recomputed in every further row
     recomputed = (len(TEST_CHUNKS) - 1) * (len(TRAIN_CHUNKS) - cached_chunks)
     assert counter.counts == {
         "influence_factors": len(TEST_CHUNKS),
-        "per_sample_grads": len(TRAIN_CHUNKS) + recomputed,
+        "layer_terms": len(TRAIN_CHUNKS) + recomputed,
     }
+    assert model.layer_terms(problem.x[:1], problem.y[:1]).nbytes == 17 * 8
 
 
 def test_non_finite_factors_are_refused(problem):

@@ -5,9 +5,10 @@ Every calculator (sequential, Dask, Prefect tasks) builds its result from these 
 * :func:`train_operand` prepares a train chunk once. In Up mode, for a model that exposes
   ``per_sample_grads(x, y)`` (every :class:`~prefect_influence.torch.TorchInfluenceFunctionModel`),
   that is the chunk's ``n_j × p`` gradient matrix, computed once and reused by every block of
-  the train chunk; for a model that scores layer by layer (``layer_terms(x, y)``, EK-FAC), on
-  request, the chunk's layer inputs and output gradients instead (``Σ(d_in + d_out)`` numbers
-  per sample instead of ``p``); otherwise it is the chunk itself.
+  the train chunk; for a model that scores layer by layer (``scores_layer_by_layer``: made of
+  ``nn.Linear`` and ``nn.Conv2d`` layers), on request, the chunk's layer inputs and output
+  gradients instead (``layer_terms(x, y)``: ``Σ(d_in + d_out)`` numbers per sample instead of
+  ``p``); otherwise it is the chunk itself.
 * :func:`influence_block` turns test factors (``n_i × p``) and an operand into a block:
   ``factors @ grads.T`` (``n_i × n_j``) when gradients are there, else
   ``model.influences_from_factors(factors, x, y, mode)`` (Perturbation mode:
@@ -25,7 +26,7 @@ import sys
 from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 from .base import InfluenceFunctionModel, InfluenceMode, check_factors_shape, require_fitted
-from .errors import InfluenceInputError, NonFiniteError
+from .errors import InfluenceInputError, NonFiniteError, UnsupportedLayerError
 
 __all__ = [
     "TrainOperand",
@@ -64,8 +65,8 @@ def reuses_gradients(model: InfluenceFunctionModel, mode: InfluenceMode) -> bool
 
 def scores_by_layer(model: InfluenceFunctionModel, mode: InfluenceMode) -> bool:
     """Whether Up-mode blocks can come from a train chunk's layer terms (no gradients)."""
-    return InfluenceMode.parse(mode) is InfluenceMode.Up and callable(
-        getattr(model, "layer_terms", None)
+    return InfluenceMode.parse(mode) is InfluenceMode.Up and bool(
+        getattr(model, "scores_layer_by_layer", False)
     )
 
 
@@ -77,7 +78,11 @@ def train_operand(
     the model scores layer by layer."""
     require_fitted(model)
     if by_layer and scores_by_layer(model, mode):
-        return TrainOperand(terms=model.layer_terms(x, y))
+        try:
+            return TrainOperand(terms=model.layer_terms(x, y))
+        except UnsupportedLayerError:
+            if not reuses_gradients(model, mode):
+                raise  # else a layer called twice per forward pass: gradients serve instead
     if reuses_gradients(model, mode):
         return TrainOperand(grads=model.per_sample_grads(x, y))
     return TrainOperand(x=x, y=y)

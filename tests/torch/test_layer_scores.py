@@ -8,8 +8,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from prefect_influence.blocks import train_operand
 from prefect_influence.errors import InvalidParameterError, UnsupportedLayerError
-from prefect_influence.torch import EkfacInfluence
+from prefect_influence.torch import (
+    ArnoldiInfluence,
+    CgInfluence,
+    DirectInfluence,
+    EkfacInfluence,
+    InverseHarmonicMeanInfluence,
+    NystroemSketchInfluence,
+)
 from prefect_influence.torch.functional import ModelFunctions
 from prefect_influence.torch.layers import (
     TensorColumns,
@@ -156,6 +164,68 @@ def test_ekfac_layerwise_paths_equal_the_flat_solve(fisher, budget):
     assert terms.nbytes < grads.nbytes  # fewer numbers per sample than p
     torch.testing.assert_close(model.influences_from_terms(flat[:5], terms), flat[:5] @ grads.T)
     torch.testing.assert_close(model.self_influences_from_terms(terms), (flat * grads).sum(1))
+
+
+# -- every method's layer-wise scores -------------------------------------------------------------
+METHODS = {
+    "direct": lambda net: DirectInfluence(net, F.cross_entropy, 0.1),
+    "cg": lambda net: CgInfluence(net, F.cross_entropy, 0.1, rtol=1e-12, atol=0.0, maxiter=500),
+    "arnoldi": lambda net: ArnoldiInfluence(net, F.cross_entropy, 0.1, rank=8),
+    "nystroem": lambda net: NystroemSketchInfluence(net, F.cross_entropy, 0.1, rank=8),
+    "datainf": lambda net: InverseHarmonicMeanInfluence(net, F.cross_entropy, 0.1),
+}
+
+
+@pytest.mark.parametrize("budget", [1, 256 * 2**20], ids=["one-row-chunks", "default"])
+@pytest.mark.parametrize("name", list(METHODS))
+def test_every_method_scores_layer_by_layer_as_from_gradients(name, budget):
+    """Any method's factors score against a batch's layer terms (no per-sample gradients) as
+    against its gradients, and its self-influences follow from the terms; float64, so the
+    sums in another order agree to rounding."""
+    net, x, y = cnn()
+    model = METHODS[name](net).fit([(x, y)])
+    model.memory_budget_bytes = budget
+    assert model.scores_layer_by_layer
+    factors = model.influence_factors(x[:5], y[:5])
+    terms = model.layer_terms(x, y)
+    want = model.influences_from_factors(factors, x, y)
+    torch.testing.assert_close(model.influences_from_terms(factors, terms), want, **TIGHT)
+    tiles = TensorColumns(factors)  # as the pipeline hands stored factors, in tiles
+    torch.testing.assert_close(model.influences_from_terms(tiles, terms), want, **TIGHT)
+    self_want = model.self_influences(x, y)
+    # CG solves the assembled gradients, which differ from vmap's in the last bits
+    tol = dict(rtol=1e-9, atol=1e-12) if name == "cg" else TIGHT
+    torch.testing.assert_close(model.self_influences_from_terms(terms), self_want, **tol)
+
+
+def test_models_of_other_layers_form_gradients_instead():
+    """A trainable layer of another kind, or a layer called twice per forward pass, cannot be
+    scored layer by layer: the model says so, ``layer_terms`` names the layer, and a train
+    operand asked for layer terms holds gradients instead."""
+    torch.manual_seed(0)
+    x, y = torch.randn(6, 3, dtype=DTYPE), torch.randint(0, 2, (6,))
+    norm = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2)).to(DTYPE).eval()
+    model = DirectInfluence(norm, F.cross_entropy, 0.1).fit([(x, y)])
+    assert not model.scores_layer_by_layer
+    with pytest.raises(UnsupportedLayerError, match=r"'1' \(LayerNorm\)"):
+        model.layer_terms(x, y)
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.shared, self.head = nn.Linear(3, 3), nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.head(self.shared(self.shared(x).tanh()))
+
+    model = DirectInfluence(Twice().to(DTYPE).eval(), F.cross_entropy, 0.1).fit([(x, y)])
+    assert model.scores_layer_by_layer  # known only once a forward pass calls the layer twice
+    operand = train_operand(model, x, y, "up", by_layer=True)
+    assert operand.terms is None
+    torch.testing.assert_close(operand.grads, model.per_sample_grads(x, y), **TIGHT)
+    assert not model.scores_layer_by_layer
+    with pytest.raises(UnsupportedLayerError, match="'shared' .* called 2 times"):
+        model.layer_terms(x, y)
 
 
 # -- sampled Fisher -------------------------------------------------------------------------------

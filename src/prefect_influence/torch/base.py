@@ -1,5 +1,6 @@
 """The shared body of every PyTorch influence model: input checks, device/dtype handling,
-per-sample gradients, Up/Perturbation products and fitted-state export.
+per-sample gradients, Up/Perturbation products, scores from layer terms (networks of
+``nn.Linear`` and ``nn.Conv2d`` layers) and fitted-state export.
 
 A concrete method only implements ``_fit(data)`` (build its inverse-Hessian approximation) and
 ``_solve(rhs)`` (apply it to the rows of a ``k × p`` matrix), plus its state keys.
@@ -27,6 +28,7 @@ from ..errors import (
     InputRankError,
     InvalidParameterError,
     ShapeMismatchError,
+    UnsupportedLayerError,
 )
 from .curvature import (
     BlockMode,
@@ -42,6 +44,8 @@ from .functional import (
     check_finite,
     rows_within,
 )
+from .layers import FactorColumns, Layer, LayerTerms, capture, find_layers, flat_grads
+from .layers import scores as layer_scores
 from .operator import HessianOperator, buffers_kept, product_batch_size
 from .util import native_array
 
@@ -213,6 +217,16 @@ class TorchInfluenceFunctionModel(InfluenceFunctionModel[Tensor, Batches]):
         self._fitted = False
         self._x_shape: Optional[tuple[int, ...]] = None
         self._y_shape: Optional[tuple[int, ...]] = None
+        #: the layers of :meth:`layer_terms`, or why the model cannot be scored layer by layer
+        self._layers: list[Layer] = []
+        self._layer_error: Optional[UnsupportedLayerError] = None
+        try:
+            self._layers = self._find_layers()
+        except UnsupportedLayerError as exc:
+            self._layer_error = exc
+        #: per sample shape, numbers per sample: recorded terms (with the graph), the largest
+        #: layer's unfolded inputs, every layer's (an EK-FAC fit holds them all)
+        self._row_bytes: dict[tuple[int, ...], tuple[int, int, int]] = {}
         if model.training:
             warnings.warn(
                 "The model is in training mode; dropout and batch statistics make influences "
@@ -288,7 +302,8 @@ class TorchInfluenceFunctionModel(InfluenceFunctionModel[Tensor, Batches]):
         self._blocks = None
         models = {}
         for name, names in self.parameter_blocks.items():
-            memo = {id(self.model): self.model, id(self.loss): self.loss, id(self._fn): None}
+            memo = {id(m): m for m in self.model.modules()}  # the layers refer to modules
+            memo.update({id(self.loss): self.loss, id(self._fn): None})
             block = copy.deepcopy(self, memo)
             block._fn = self._fn.restricted(names)
             block.parameter_blocks = OrderedDict([(name, names)])
@@ -506,6 +521,120 @@ class TorchInfluenceFunctionModel(InfluenceFunctionModel[Tensor, Batches]):
             grads = self._fn.per_sample_grads(x[start : start + step], y[start : start + step])
             parts.append((self._apply(grads) * grads).sum(dim=1))
         return torch.cat(parts)
+
+    # -- layer by layer -------------------------------------------------------------------------
+    @property
+    def scores_layer_by_layer(self) -> bool:
+        """Whether Up-mode influences on a training batch can come from its :meth:`layer_terms`
+        (:meth:`influences_from_terms`, no per-sample gradients): every trainable parameter sits
+        in an ``nn.Linear`` or ``nn.Conv2d`` layer. Turns false once :meth:`layer_terms` finds a
+        layer called other than once per forward pass."""
+        return self._layer_error is None
+
+    def _find_layers(self) -> list[Layer]:
+        """The layers :meth:`layer_terms` records; raises :class:`UnsupportedLayerError`."""
+        return find_layers(self.model, self._fn.names, self._fn.numels)
+
+    def _checked_layers(self) -> list[Layer]:
+        if self._layer_error is not None:
+            raise UnsupportedLayerError(str(self._layer_error))
+        return self._layers
+
+    @property
+    def _budget(self) -> int:
+        return int(self.memory_budget_bytes)
+
+    def _capture(self, x: Tensor, y: Tensor) -> LayerTerms:
+        """:func:`~prefect_influence.torch.layers.capture` of a prepared batch; a layer found
+        unsupported only now (called twice) turns :attr:`scores_layer_by_layer` off."""
+        try:
+            return capture(self.model, self._checked_layers(), self.loss, x, y)
+        except UnsupportedLayerError as exc:
+            self._layer_error = exc
+            raise
+
+    def layer_terms(self, x: Tensor, y: Tensor) -> LayerTerms:
+        """Every layer's inputs and per-sample output gradients for the batch ``(x, y)``: what
+        :meth:`influences_from_terms` needs of a training batch, ``Σ(d_in + d_out)`` numbers per
+        sample instead of ``p``. Raises :class:`UnsupportedLayerError` unless
+        :attr:`scores_layer_by_layer`."""
+        self._checked_layers()
+        x, y = self._prepare(x, y, "input")
+        step = self._chunk_rows(x, y)
+        n = x.shape[0]
+        first = self._capture(x[:step], y[:step])
+        if n <= step:
+            return first
+        # filled chunk by chunk: concatenating the chunks would hold the terms twice
+        whole = LayerTerms(
+            [t.new_empty((n, *t.shape[1:])) for t in first.inputs],
+            [t.new_empty((n, *t.shape[1:])) for t in first.out_grads],
+        )
+        for s in range(0, n, step):
+            part = first if s == 0 else self._capture(x[s : s + step], y[s : s + step])
+            for target, source in zip(
+                (*whole.inputs, *whole.out_grads), (*part.inputs, *part.out_grads)
+            ):
+                target[s : s + step] = source
+        return whole
+
+    def influences_from_terms(
+        self, z_test_factors: Union[Tensor, FactorColumns], terms: LayerTerms
+    ) -> Tensor:
+        """Up-weighting influences (``k × n``) of test factors on a batch given by its
+        :meth:`layer_terms`: :meth:`influences_from_factors` without per-sample gradients (equal
+        up to rounding).
+
+        The factors may be a :class:`~prefect_influence.torch.layers.FactorColumns` (e.g.
+        stored chunks read in tiles, in this model's dtype): then only tiles of them are in
+        memory at a time, and each sample's gradient blocks are formed once for all rows."""
+        self._require_fitted()
+        layers = self._checked_layers()
+        if isinstance(z_test_factors, Tensor) or not hasattr(z_test_factors, "row_tiles"):
+            z_test_factors = self._prepare_factors(z_test_factors)
+        check_finite_terms(terms)
+        return layer_scores(layers, z_test_factors, terms, self._budget)
+
+    def self_influences_from_terms(self, terms: LayerTerms) -> Tensor:
+        """:meth:`self_influences` of a batch given by its :meth:`layer_terms`: each sample's
+        gradient is assembled from its terms, in chunks of rows whose gradients and solve fit
+        :attr:`memory_budget_bytes` (equal up to rounding)."""
+        self._require_fitted()
+        layers = self._checked_layers()
+        check_finite_terms(terms)
+        # as many rows per chunk as :meth:`self_influences`, so the solves see the same chunks
+        step = self._rows_per_chunk(max(_GRADIENT_COPIES, 1.0 + max(self._apply_row_copies(), 2.0)))
+        parts = []
+        for start in range(0, terms.n, step):
+            grads = flat_grads(layers, terms.rows(start, start + step), self.n_parameters)
+            parts.append((self._apply(grads) * grads).sum(dim=1))
+        return torch.cat(parts)
+
+    def _chunk_rows(
+        self, x: Tensor, y: Tensor, factors: bool = False, fitting: bool = False
+    ) -> int:
+        """Samples per chunk of the layer-wise paths: their recorded terms (and the forward
+        graph, counted as twice as much again) plus the largest layer's unfolded inputs within
+        the memory budget; with ``factors`` their ``p`` factors a few times over (the rotated
+        gradients and the result); while ``fitting`` (EK-FAC), every layer's unfolded inputs
+        twice (as they are and rotated) instead of the largest's, since a fit holds them all.
+        Gradient matrices of the layers are sub-chunked where they are formed. Measured once
+        per sample shape from one sample."""
+        key = tuple(x.shape[1:])
+        if key not in self._row_bytes:
+            terms = self._capture(x[:1], y[:1])
+            stored = largest = every = 0
+            for layer, inputs, out_grads in zip(self._layers, terms.inputs, terms.out_grads):
+                positions = layer.positions(inputs, out_grads)
+                stored += inputs[0].numel() + out_grads[0].numel()
+                width = positions * (layer.n_in * layer.groups + 2 * layer.n_out)
+                largest, every = max(largest, width), every + width
+            self._row_bytes[key] = (3 * stored, largest, 2 * every)
+        stored, largest, every = self._row_bytes[key]
+        per_sample = stored + (every if fitting else largest)
+        if factors:
+            per_sample += 3 * self.n_parameters
+        return max(1, self._budget // (per_sample * self.dtype.itemsize))
 
     # -- by block -------------------------------------------------------------------------------
     def influence_factors_by_block(self, x: Tensor, y: Tensor) -> "OrderedDict[str, Tensor]":
@@ -770,6 +899,12 @@ class TorchInfluenceFunctionModel(InfluenceFunctionModel[Tensor, Batches]):
         x, y = data.tensors()
         batch = product_batch_size(self._fn, x, y, data.batch_size)
         return HessianOperator(self._fn, (x, y), batch, self.regularization)
+
+
+def check_finite_terms(terms: LayerTerms) -> None:
+    """Refuse layer terms whose output gradients are not finite (the loss overflowed)."""
+    for grads in terms.out_grads:
+        check_finite(grads, "per-sample gradients of the loss")
 
 
 def _shown(regs: list[float]) -> Any:

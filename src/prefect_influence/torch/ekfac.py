@@ -21,16 +21,14 @@ from ..errors import (
     ShapeMismatchError,
     UnsupportedLayerError,
 )
-from .base import TorchInfluenceFunctionModel, TrainingData, positive_int
+from .base import TorchInfluenceFunctionModel, TrainingData, check_finite_terms, positive_int
 from .curvature import checked_regularization
 from .functional import LossFunction, check_finite
 from .layers import (
-    FactorColumns,
     Layer,
     LayerTerms,
     TensorColumns,
     add_layer_scores,
-    capture,
     find_layers,
     forward_recorded,
     output_grads_of,
@@ -158,19 +156,10 @@ class EkfacInfluence(TorchInfluenceFunctionModel):
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
             raise InvalidParameterError(f"seed must be an integer, got {seed!r}.")
         self.seed = int(seed)
-        self._layers: list[Layer] = []
-        self._layer_error: Optional[UnsupportedLayerError] = None
-        try:
-            self._layers = _ekfac_layers(model, self._fn.names, self._fn.numels)
-        except UnsupportedLayerError as exc:
-            self._layer_error = exc
         self._qa: list[Tensor] = []
         self._qg: list[Tensor] = []
         self._lambda: list[Tensor] = []
         self._extremes = (0.0, 0.0)
-        #: per sample shape, numbers per sample: recorded terms (with the graph), the largest
-        #: layer's unfolded inputs, every layer's (for the fit)
-        self._row_bytes: dict[tuple[int, ...], tuple[int, int, int]] = {}
 
     @property
     def hessian_regularization(self) -> float:
@@ -196,10 +185,8 @@ class EkfacInfluence(TorchInfluenceFunctionModel):
         layers; nothing when every trainable layer is supported."""
         self._checked_layers()
 
-    def _checked_layers(self) -> list[Layer]:
-        if self._layer_error is not None:
-            raise UnsupportedLayerError(str(self._layer_error))
-        return self._layers
+    def _find_layers(self) -> list[Layer]:
+        return _ekfac_layers(self.model, self._fn.names, self._fn.numels)
 
     @property
     def _state_keys(self) -> tuple[str, ...]:  # type: ignore[override]
@@ -269,10 +256,6 @@ class EkfacInfluence(TorchInfluenceFunctionModel):
                 n,
                 time.perf_counter() - started,
             )
-
-    @property
-    def _budget(self) -> int:
-        return int(self.memory_budget_bytes)
 
     def _pseudo_gradients(self, data: TrainingData):
         """Per batch: every layer's activations (``n × T × n_in``), and an iterator over the
@@ -390,49 +373,6 @@ class EkfacInfluence(TorchInfluenceFunctionModel):
         return out
 
     # -- layer-wise fast paths ------------------------------------------------------------------
-    def layer_terms(self, x: Tensor, y: Tensor) -> LayerTerms:
-        """Every layer's inputs and per-sample output gradients for the batch ``(x, y)``: what
-        :meth:`influences_from_terms` and :meth:`self_influences_from_terms` need of a training
-        batch, ``Σ(d_in + d_out)`` numbers per sample instead of ``p``."""
-        layers = self._checked_layers()
-        x, y = self._prepare(x, y, "input")
-        step = self._chunk_rows(x, y)
-        n = x.shape[0]
-        first = capture(self.model, layers, self.loss, x[:step], y[:step])
-        if n <= step:
-            return first
-        # filled chunk by chunk: concatenating the chunks would hold the terms twice
-        whole = LayerTerms(
-            [t.new_empty((n, *t.shape[1:])) for t in first.inputs],
-            [t.new_empty((n, *t.shape[1:])) for t in first.out_grads],
-        )
-        for s in range(0, n, step):
-            part = (
-                first
-                if s == 0
-                else capture(self.model, layers, self.loss, x[s : s + step], y[s : s + step])
-            )
-            for target, source in zip(
-                (*whole.inputs, *whole.out_grads), (*part.inputs, *part.out_grads)
-            ):
-                target[s : s + step] = source
-        return whole
-
-    def influences_from_terms(
-        self, z_test_factors: Union[Tensor, FactorColumns], terms: LayerTerms
-    ) -> Tensor:
-        """Up-weighting influences (``k × n``) of test factors on a batch given by its
-        :meth:`layer_terms`: :meth:`influences_from_factors` without per-sample gradients.
-
-        The factors may be a :class:`~prefect_influence.torch.layers.FactorColumns` (e.g.
-        stored chunks read in tiles, in this model's dtype): then only tiles of them are in
-        memory at a time, and each sample's gradient blocks are formed once for all rows."""
-        self._require_fitted()
-        if isinstance(z_test_factors, Tensor) or not hasattr(z_test_factors, "row_tiles"):
-            z_test_factors = self._prepare_factors(z_test_factors)
-        _check_finite_terms(terms)
-        return layer_scores(self._layers, z_test_factors, terms, self._budget)
-
     def self_influences_from_terms(self, terms: LayerTerms) -> Tensor:
         """:meth:`self_influences` of a batch given by its :meth:`layer_terms`."""
         self._require_fitted()
@@ -465,8 +405,8 @@ class EkfacInfluence(TorchInfluenceFunctionModel):
         """The batch's layer terms, chunk by chunk within the memory budget."""
         step = self._chunk_rows(x, y, factors=factors)
         for s in range(0, x.shape[0], step):
-            terms = capture(self.model, self._layers, self.loss, x[s : s + step], y[s : s + step])
-            _check_finite_terms(terms)
+            terms = self._capture(x[s : s + step], y[s : s + step])
+            check_finite_terms(terms)
             yield slice(s, s + step), terms
 
     def _preconditioned(
@@ -567,32 +507,6 @@ class EkfacInfluence(TorchInfluenceFunctionModel):
         return torch.cat(
             [self.self_influences_from_terms(terms) for _, terms in self._term_chunks(x, y)]
         )
-
-    def _chunk_rows(
-        self, x: Tensor, y: Tensor, factors: bool = False, fitting: bool = False
-    ) -> int:
-        """Samples per chunk of the layer-wise paths: their recorded terms (and the forward
-        graph, counted as twice as much again) plus the largest layer's unfolded inputs within
-        the memory budget; with ``factors`` their ``p`` factors a few times over (the rotated
-        gradients and the result); while ``fitting``, every layer's unfolded inputs twice (as
-        they are and rotated) instead of the largest's, since a fit holds them all. Gradient
-        matrices of the layers are sub-chunked where they are formed. Measured once per sample
-        shape from one sample."""
-        key = tuple(x.shape[1:])
-        if key not in self._row_bytes:
-            terms = capture(self.model, self._layers, self.loss, x[:1], y[:1])
-            stored = largest = every = 0
-            for layer, inputs, out_grads in zip(self._layers, terms.inputs, terms.out_grads):
-                positions = layer.positions(inputs, out_grads)
-                stored += inputs[0].numel() + out_grads[0].numel()
-                width = positions * (layer.n_in * layer.groups + 2 * layer.n_out)
-                largest, every = max(largest, width), every + width
-            self._row_bytes[key] = (3 * stored, largest, 2 * every)
-        stored, largest, every = self._row_bytes[key]
-        per_sample = stored + (every if fitting else largest)
-        if factors:
-            per_sample += 3 * self.n_parameters
-        return max(1, self._budget // (per_sample * self.dtype.itemsize))
 
     # -- results by layer -----------------------------------------------------------------------
     def influence_factors_by_layer(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
@@ -893,11 +807,6 @@ def _flat_layout(
         parts.append(side[:, :, w])
         b_cols = slice(width, width + layer.n_out)
     return TensorColumns(torch.cat(parts, dim=1)), w_cols, b_cols
-
-
-def _check_finite_terms(terms: LayerTerms) -> None:
-    for grads in terms.out_grads:
-        check_finite(grads, "per-sample gradients of the loss")
 
 
 def _add_rank_one_scores(side: Tensor, gq: Tensor, aq: Tensor, budget: int, result: Tensor) -> None:
