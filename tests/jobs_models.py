@@ -25,3 +25,22 @@ def small_conv(seed: int = 0) -> nn.Module:
         nn.Flatten(),
         nn.Linear(16, 10),
     ).eval()
+
+
+class _SharedLayer(nn.Module):
+    """A Linear layer applied twice per forward pass (its gradient sums both uses)."""
+
+    def __init__(self):
+        super().__init__()
+        self.shared = nn.Linear(64, 64)
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x):
+        return self.head(self.shared(self.shared(x).tanh()).tanh())
+
+
+def shared_layer(seed: int = 0) -> nn.Module:
+    import torch
+
+    torch.manual_seed(seed)
+    return _SharedLayer().eval()

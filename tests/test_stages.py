@@ -496,18 +496,23 @@ def _assert_library_influences(config, got: np.ndarray):
     return model, x, y
 
 
-def _conv_ekfac_config(inputs, tmp_path):
-    """An EK-FAC job on ``jobs_models.small_conv`` (two convolutions and a Linear layer)."""
+def _factory_config(inputs, tmp_path, factory: str = "small_conv", **method):
+    """A job on a network of ``jobs_models`` (by default ``small_conv``: two convolutions and a
+    Linear layer) with its initial weights, output ``tmp_path / "out"``."""
     import jobs_models
 
-    checkpoint = tmp_path / "conv.pt"
-    torch.save(jobs_models.small_conv().state_dict(), checkpoint)
+    checkpoint = tmp_path / f"{factory}.pt"
+    torch.save(getattr(jobs_models, factory)().state_dict(), checkpoint)
     model = {
-        "factory": "jobs_models:small_conv",
+        "factory": f"jobs_models:{factory}",
         "factory_kwargs": {},
         "checkpoint": str(checkpoint),
     }
-    return job_config(inputs, str(tmp_path / "out"), model=model, method={"name": "ekfac"})
+    return job_config(inputs, str(tmp_path / "out"), model=model, method=method)
+
+
+def _conv_ekfac_config(inputs, tmp_path):
+    return _factory_config(inputs, tmp_path, name="ekfac")
 
 
 def test_ekfac_conv_columns_match_the_library_and_resume_bit_identically(inputs, tmp_path):
@@ -552,8 +557,17 @@ def test_layer_wise_jobs_size_their_train_chunks_by_layer_terms(inputs, tmp_path
         inputs, str(tmp_path / "c"), method={"name": "ekfac"}, train_features="exact"
     )
     assert layer_terms_bytes(with_features, model, train) is None
+    # any method's columns score from the layer terms of such a network
     arnoldi = job_config(inputs, str(tmp_path / "b"))
-    assert layer_terms_bytes(arnoldi, build_influence_model(arnoldi, network), train) is None
+    arnoldi_model = build_influence_model(arnoldi, network)
+    assert layer_terms_bytes(arnoldi, arnoldi_model, train) == (64 + 8 + 8 + 10) * 4
+    # not in Perturbation mode, with a trainable layer of another kind, or a layer called twice
+    perturbation = job_config(inputs, str(tmp_path / "d"), mode="perturbation")
+    assert layer_terms_bytes(perturbation, arnoldi_model, train) is None
+    for factory in ("with_layer_norm", "shared_layer"):
+        config = _factory_config(inputs, tmp_path, factory)
+        other = build_influence_model(config, load_network(config)[0])
+        assert layer_terms_bytes(config, other, train) is None, factory
 
 
 def test_the_estimate_of_layer_wise_columns_probes_layer_terms(inputs, tmp_path):
@@ -566,3 +580,62 @@ def test_the_estimate_of_layer_wise_columns_probes_layer_terms(inputs, tmp_path)
     assert estimate.probe["train_operand"] == "layer terms"
     budget = build_influence_model(config, load_network(config)[0]).memory_budget_bytes
     assert estimate.worker_bytes > WORKER_BASE_BYTES + budget
+
+
+@pytest.mark.parametrize(
+    "method", [{"name": "cg", "regularization": 1.0}, {"name": "arnoldi", "rank": 8}]
+)
+def test_columns_of_every_method_score_layer_by_layer(inputs, tmp_path, method):
+    """Not only EK-FAC: any method's columns on a network of Linear and Conv2d layers score
+    from layer terms (the manifest records it), equal the library's influences and
+    self-influences, and a block recomputed alone is the same bytes."""
+    config = _factory_config(inputs, tmp_path, **method)
+    run_tasks(config)
+    store = InfluenceStore(config.output)
+    assert store.planned_manifest().fingerprint["columns"] == "layer terms"
+    first = read_outputs(config.output)
+    model, x, y = _assert_library_influences(config, first["influences"])
+    own = model.self_influences(x, y).numpy()
+    np.testing.assert_allclose(first["self_influence"], own, rtol=1e-4, atol=1e-4 * own.max())
+    store._remove(store._record_path("influences", (1, 3)))
+    store._remove(store._record_path("self_influence", (3,)))
+    assert run_tasks(config) == {"computed": 1, "reused": 11}
+    again = read_outputs(config.output)
+    for name in ("influences", "self_influence"):
+        assert np.array_equal(again[name], first[name]), name
+
+
+def test_an_output_whose_columns_formed_gradients_resumes_forming_them(inputs, tmp_path):
+    """An output planned before other methods' columns scored layer by layer (no ``columns``
+    entry in its fingerprint) resumes as it began: its missing blocks come from gradients, so
+    they round like the blocks already stored."""
+    from prefect_influence.blocks import TrainOperand, influence_block
+    from prefect_influence.pipeline.context import job_context
+    from prefect_influence.pipeline.estimate import estimate_job
+    from prefect_influence.pipeline.resources import torch_threads
+
+    config = _factory_config(inputs, tmp_path, name="arnoldi", rank=8)
+    plan = pipeline.plan_job(config, n_workers=1)
+    store = InfluenceStore(config.output)
+    old = dict(plan.manifest.fingerprint)
+    del old["columns"]  # as such an output's manifest reads
+    store.write_manifest(dataclasses.replace(plan.manifest, fingerprint=old))
+    run_tasks(config)
+    first = read_outputs(config.output)
+    _assert_library_influences(config, first["influences"])
+    store._remove(store._record_path("influences", (1, 3)))
+    assert pipeline.plan_job(config, n_workers=1).action == "resume"
+    assert run_tasks(config) == {"computed": 1, "reused": 11}
+    assert np.array_equal(read_outputs(config.output)["influences"], first["influences"])
+    assert "columns" not in store.planned_manifest().fingerprint
+    estimate = estimate_job(pipeline.survey_job(config, 1), 1, api_running=True)
+    assert estimate.probe["train_operand"] == "gradients"
+    # the block is the product of the stored factors with the train chunk's gradients
+    ctx = job_context(config)
+    (t0, t1), (s0, s1) = ctx.grid.test_ranges[1], ctx.grid.train_ranges[3]
+    x, y = ctx.rows("train", s0, s1)
+    with torch_threads(1):
+        grads = ctx.model.per_sample_grads(x, y)
+        factors = torch.from_numpy(store.read_chunk(FACTORS, ctx.grid, (1,)).copy())
+        block = influence_block(ctx.model, factors, TrainOperand(grads=grads), "up").numpy()
+    assert np.array_equal(first["influences"][t0:t1, s0:s1], block)

@@ -20,7 +20,7 @@ from .context import tensors
 from .data import open_source
 from .inputs import torch_dtype
 from .network import build_influence_model, layer_terms_bytes, load_network
-from .planning import TASK_OVERHEAD_S, Survey
+from .planning import TASK_OVERHEAD_S, Survey, columns_by_layer
 from .resources import torch_threads
 
 __all__ = ["JobEstimate", "estimate_job", "stored_progress"]
@@ -101,7 +101,9 @@ def estimate_job(
     train = open_source(config.data.train, options, "train")
     test = open_source(config.data.test, options, "test")
     m = min(len(train), PROBE_TRAIN_ROWS)
-    sample_bytes = layer_terms_bytes(config, model, train)  # None: columns hold gradients
+    sample_bytes = None  # columns hold gradients, unless the output's columns score by layer
+    if columns_by_layer(config, survey.fingerprint):
+        sample_bytes = layer_terms_bytes(config, model, train)
     x, y = tensors(train.rows(0, m))
     xt, yt = tensors(test.rows(0, min(len(test), PROBE_TEST_ROWS)))
     dtype = torch_dtype(config.dtype)

@@ -17,7 +17,13 @@ import torch
 from torch import nn
 
 from ..config import BUILTIN, LossName, Method, PipelineConfig, PreconditionerName
-from ..errors import ConfigurationError, InfluenceInputError, InputRankError, ShapeMismatchError
+from ..errors import (
+    ConfigurationError,
+    InfluenceInputError,
+    InputRankError,
+    ShapeMismatchError,
+    UnsupportedLayerError,
+)
 from ..storage import storage_options
 from .data import HASH_ROWS, DataSource
 from .inputs import read_bytes, resolve_import, torch_dtype
@@ -262,8 +268,9 @@ def build_influence_model(config: PipelineConfig, network: nn.Module):
 
 
 def layer_terms_bytes(config, model, source: DataSource) -> Optional[int]:
-    """Bytes of one train sample's layer terms when the job's columns score layer by layer
-    (EK-FAC without stored train features: they hold those instead of gradients), else ``None``."""
+    """Bytes of one train sample's layer terms when the job's columns can score layer by layer
+    (Up mode, a model of ``nn.Linear`` and ``nn.Conv2d`` layers, no stored train features: the
+    columns hold those terms instead of gradients), else ``None``."""
     from ..base import InfluenceMode
     from ..blocks import scores_by_layer
 
@@ -272,4 +279,9 @@ def layer_terms_bytes(config, model, source: DataSource) -> Optional[int]:
     ):
         return None
     x, y = (torch.from_numpy(np.ascontiguousarray(a)) for a in source.rows(0, 1))
-    return int(model.layer_terms(x, y).nbytes)  # the model moves them to its dtype and device
+    try:
+        return int(model.layer_terms(x, y).nbytes)  # the model moves them to its dtype and device
+    except UnsupportedLayerError:
+        if config.method.name is Method.ekfac:
+            raise  # EK-FAC has no other way: refused when planning, not when fitting
+        return None  # a layer called twice per forward pass: the columns form gradients

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from .. import __version__
-from ..config import JobSpec, PipelineConfig
+from ..config import JobSpec, Method, PipelineConfig
 from ..errors import ConfigMismatchError, ConfigurationError, ShapeMismatchError
 from ..locations import location_key
 from ..storage import Grid, InfluenceStore, Manifest, storage_options
@@ -32,6 +32,7 @@ __all__ = [
     "check_output_still_ours",
     "check_output_apart_from_inputs",
     "fingerprint",
+    "columns_by_layer",
 ]
 
 #: per-task overhead of a Prefect task on Dask (40–90 ms), and the target share of it
@@ -152,6 +153,29 @@ def auto_chunk_sizes(
     return train_chunk, test_chunk
 
 
+#: the fingerprint entry of a job whose columns score layer by layer (from each train chunk's
+#: layer terms) with a method whose columns formed gradients before (every one but EK-FAC):
+#: its numbers round differently, and an output written before resumes the way it began
+LAYER_COLUMNS = {"columns": "layer terms"}
+
+
+def columns_entry(config: PipelineConfig, by_layer: bool) -> dict[str, str]:
+    """The fingerprint entry that records how the job's columns score (see
+    :data:`LAYER_COLUMNS`); empty for EK-FAC, whose columns always scored layer by layer."""
+    return dict(LAYER_COLUMNS) if by_layer and config.method.name is not Method.ekfac else {}
+
+
+def columns_by_layer(config: PipelineConfig, fingerprint: dict[str, Any]) -> bool:
+    """Whether the columns of the job with this (planned) fingerprint score from layer terms:
+    as planning decided and the manifest records it, so every column of an output computes the
+    same way."""
+    if config.train_features.value != "none" or config.mode.value != "up":
+        return False  # stored train features are gradients: the column forms them anyway
+    if config.method.name is Method.ekfac:
+        return True
+    return all(fingerprint.get(k) == v for k, v in LAYER_COLUMNS.items())
+
+
 def _settings(job: JobSpec) -> dict[str, Any]:
     """The fingerprint entries that the configuration alone determines."""
     return {
@@ -164,9 +188,15 @@ def _settings(job: JobSpec) -> dict[str, Any]:
 
 
 def fingerprint(
-    job: JobSpec, model_fp: str, train_fp: str, test_fp: str, grid: Grid
+    job: JobSpec,
+    model_fp: str,
+    train_fp: str,
+    test_fp: str,
+    grid: Grid,
+    columns: Optional[dict[str, str]] = None,
 ) -> dict[str, Any]:
-    """Everything that determines the stored numbers (see :data:`FINGERPRINTED`)."""
+    """Everything that determines the stored numbers (see :data:`FINGERPRINTED`), and how the
+    columns score (:func:`columns_entry`)."""
     return {
         "model": model_fp,
         "train": train_fp,
@@ -174,6 +204,7 @@ def fingerprint(
         **_settings(job),
         "test_chunk": grid.test_chunk,
         "train_chunk": grid.train_chunk,
+        **(columns or {}),
     }
 
 
@@ -308,6 +339,7 @@ def survey_job(config: PipelineConfig, n_workers: int = 1, check_lease: bool = F
         )
 
     grid = grid_of(test_chunk, train_chunk)
+    columns = columns_entry(config, sample_bytes is not None)
     action = None
     if existing is not None:
         # auto chunking adopts the stored chunk sizes: a resume or an append never re-chunks
@@ -317,15 +349,18 @@ def survey_job(config: PipelineConfig, n_workers: int = 1, check_lease: bool = F
             old.get("test_chunk", test_chunk) if auto["test"] else test_chunk,
             old.get("train_chunk", train_chunk) if auto["train"] else train_chunk,
         )
-        stored_fp = fingerprint(job, model_fp, *data_fps, stored)
+        # an output whose columns formed gradients (written before they could score layer by
+        # layer) goes on forming them: its blocks keep their rounding
+        stored_columns = {k: old[k] for k in LAYER_COLUMNS if k in old}
+        stored_fp = fingerprint(job, model_fp, *data_fps, stored, stored_columns)
         if stored_fp == old:
-            grid, action = stored, "resume"  # with or without overwrite
+            grid, columns, action = stored, stored_columns, "resume"  # with or without overwrite
         elif _appends_to(existing, stored_fp, test):
             # with or without overwrite: replacing would compute the same bytes again
-            grid, action = stored, "append"
+            grid, columns, action = stored, stored_columns, "append"
         elif not config.overwrite:
             grid = stored
-    fp = fingerprint(job, model_fp, *data_fps, grid)
+    fp = fingerprint(job, model_fp, *data_fps, grid, columns)
     if action is not None:
         pass
     elif existing is not None and not config.overwrite:

@@ -25,6 +25,7 @@ from .context import job_context, planned_store, tensors
 from .data import open_source
 from .features import features_description, features_of
 from .network import build_influence_model, load_network
+from .planning import columns_by_layer
 from .ranking import ColumnTop, kept_rows, merge_top_k, stack_rows
 from .resources import BackgroundWriter, release_free_memory, torch_threads
 
@@ -115,9 +116,10 @@ def column_stage(
             operand = _stored_gradients(ctx, features, stored_features)
             if operand is None:
                 x, y = ctx.rows("train", start, stop)
-                # without train features a layer-wise model needs no gradients; decided by the
-                # configuration alone, so a resumed column computes its blocks the same way
-                operand = train_operand(ctx.model, x, y, mode, by_layer=features is None)
+                # layer terms instead of gradients as planning decided and the manifest records,
+                # so a resumed column computes its blocks the same way
+                layer_wise = columns_by_layer(config, ctx.manifest.fingerprint)
+                operand = train_operand(ctx.model, x, y, mode, by_layer=layer_wise)
         if want_features:
             values = _numpy(features_of(features, operand.grads))
             writer.submit(store.write_chunk, TRAIN_FEATURES, grid, (j,), values)
