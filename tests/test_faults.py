@@ -27,7 +27,7 @@ class FlakyFileSystem(LocalFileSystem):
 
     * the first write of every influence chunk of test row 0 is torn: half its bytes land,
       then ``OSError``;
-    * the first read of factors chunk 1 times out;
+    * the first read of factors chunk 1 (whole, or a range of it) times out;
     * paths listed in ``always_fail`` fail on every write.
     """
 
@@ -68,8 +68,7 @@ class FlakyFileSystem(LocalFileSystem):
             raise OSError(f"injected fault: connection reset while writing {path}")
         return super().pipe_file(path, value, **kwargs)
 
-    def cat_file(self, path, start=None, end=None, **kwargs):
-        path = self._strip_protocol(path)
+    def _first_factor_read_times_out(self, path):
         with self.lock:
             first = "/factors/c/1/" in path and path not in self.seen_reads
             self.seen_reads.add(path)
@@ -77,7 +76,17 @@ class FlakyFileSystem(LocalFileSystem):
                 type(self).injected += 1
         if first:
             raise TimeoutError(f"injected fault: read timeout on {path}")
+
+    def cat_file(self, path, start=None, end=None, **kwargs):
+        path = self._strip_protocol(path)
+        self._first_factor_read_times_out(path)
         return super().cat_file(path, start, end, **kwargs)
+
+    def _open(self, path, mode="rb", *args, **kwargs):
+        # a column that scores layer by layer reads ranges of factor chunks through open()
+        if "r" in mode:
+            self._first_factor_read_times_out(self._strip_protocol(path))
+        return super()._open(path, mode, *args, **kwargs)
 
 
 fsspec.register_implementation("flaky", FlakyFileSystem, clobber=True)
