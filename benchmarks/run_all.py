@@ -47,12 +47,12 @@ BENCHMARKS = {
     "resnet_pipeline": ([], ["--quick"], 2),
 }
 #: arguments that replace the default ones with --full: the judged memory grid, and the ResNet
-#: job with every test row of its judged size (1,000; 45 GB of factors) against 2,000 train,
+#: job at its judged size (1,000 test rows, 45 GB of factors, against 10,000 train),
 #: chunked as `auto` chunks it
 FULL = {
     "memory": [],
     "resnet_pipeline": [
-        *("--n-test", "1000", "--n-train", "2000", "--fit-batch", "16"),
+        *("--n-test", "1000", "--n-train", "10000", "--fit-batch", "16"),
         *("--train-chunk", "auto", "--test-chunk", "auto"),
     ],
 }
