@@ -325,10 +325,16 @@ class Prefect:
     def artifacts(self, run_id: str) -> list[dict]:
         return self.post("/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [run_id]}}})
 
-    def wait_state(self, run_id: str, states: set[str], timeout: float, worker=None) -> dict:
+    def wait_state(
+        self, run_id: str, states: set[str], timeout: float, worker=None, passing=frozenset()
+    ) -> dict:
+        """Wait for one of ``states``; another final state ends the wait too (and fails), except
+        those in ``passing``, which the run is expected to go through on its way."""
+        final = {"FAILED", "CRASHED", "CANCELLED"} - set(passing)
+
         def reached():
             run = self.flow_run(run_id)
-            return run if run["state_type"] in states | {"FAILED", "CRASHED", "CANCELLED"} else None
+            return run if run["state_type"] in set(states) | final else None
 
         run = _wait(
             f"flow run {run_id} reaching {states}",
