@@ -170,7 +170,7 @@ def columns_by_layer(config: PipelineConfig, fingerprint: dict[str, Any]) -> boo
     as planning decided and the manifest records it, so every column of an output computes the
     same way."""
     if config.train_features.value != "none" or config.mode.value != "up":
-        return False  # stored train features are gradients: the column forms them anyway
+        return False  # Perturbation mode, and stored train features, need the gradients
     if config.method.name is Method.ekfac:
         return True
     return all(fingerprint.get(k) == v for k, v in LAYER_COLUMNS.items())
