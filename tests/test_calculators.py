@@ -312,18 +312,37 @@ def test_dask_without_train_data_uses_the_test_data(problem):
     np.testing.assert_allclose(values, expected, rtol=RTOL, atol=ATOL)
 
 
-def test_dask_computes_factors_and_gradients_once_per_chunk(problem):
+def test_dask_computes_factors_and_train_terms_once_per_chunk(problem):
     model = problem.fresh_model()
     model.load_fitted_state(problem.model.fitted_state())
-    counter = Counting(model)
+    counter = Counting(model, "layer_terms")
     lazy = _sync_calculator(model).influences(*problem.dask_test(), *problem.dask_train())
-    assert counter.counts == {"per_sample_grads": 0, "influence_factors": 0}  # lazy
+    assert counter.counts == {"layer_terms": 0, "influence_factors": 0}  # lazy
     lazy.compute(scheduler="synchronous")
     # pyDVL's calculator would solve 3 × 7 times and take gradients 3 × 7 times here
     assert counter.counts == {
         "influence_factors": len(TEST_CHUNKS),
+        "layer_terms": len(TRAIN_CHUNKS),
+    }
+
+
+def test_dask_takes_gradients_once_per_chunk_where_layers_are_not_supported(problem):
+    """A trainable layer of another kind: each train chunk's gradients, once."""
+    torch.manual_seed(1)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(6, 4), nn.LayerNorm(4), nn.Linear(4, 3))
+    net = net.to(torch.float64).eval()
+    model = DirectInfluence(net, F.cross_entropy, regularization=0.1)
+    model.fit([(problem.x, problem.y)])
+    assert not model.scores_layer_by_layer
+    counter = Counting(model)
+    lazy = _sync_calculator(model).influences(*problem.dask_test(), *problem.dask_train())
+    values = lazy.compute(scheduler="synchronous")
+    assert counter.counts == {
+        "influence_factors": len(TEST_CHUNKS),
         "per_sample_grads": len(TRAIN_CHUNKS),
     }
+    expected = model.influences(problem.x_test, problem.y_test, problem.x, problem.y).numpy()
+    np.testing.assert_allclose(values, expected, rtol=RTOL, atol=ATOL)
 
 
 def test_dask_blocks_depend_on_the_factor_solves_themselves(problem):

@@ -74,8 +74,8 @@ def train_operand(
     model: InfluenceFunctionModel, x: Any, y: Any, mode: InfluenceMode, *, by_layer: bool = False
 ) -> TrainOperand:
     """Prepare one train chunk for all its blocks: gradients in Up mode when the model has them,
-    or (``by_layer=True``, for callers that keep the operand in process) its layer terms when
-    the model scores layer by layer."""
+    or (``by_layer=True``, for callers that can hold the model's own tensors) its layer terms
+    when the model scores layer by layer."""
     require_fitted(model)
     if by_layer and scores_by_layer(model, mode):
         try:

@@ -17,6 +17,7 @@ from .blocks import (
     TrainOperand,
     influence_block,
     reuses_gradients,
+    scores_by_layer,
     train_operand,
 )
 from .errors import (
@@ -246,19 +247,15 @@ class DaskInfluenceCalculator:
 
         model, converter = self.influence_function_model, self.numpy_converter
         tag = uuid.uuid4().hex[:12]
-        if reuses_gradients(model, mode):
+        if reuses_gradients(model, mode) or scores_by_layer(model, mode):
             operands = [
-                (
-                    None,
-                    None,
-                    dask.delayed(_gradients_task)(
-                        self._model_ref,
-                        xd,
-                        yd,
-                        converter,
-                        mode,
-                        dask_key_name=f"train-gradients-{tag}-{j}",
-                    ),
+                dask.delayed(_operand_task)(
+                    self._model_ref,
+                    xd,
+                    yd,
+                    converter,
+                    mode,
+                    dask_key_name=f"train-operand-{tag}-{j}",
                 )
                 for j, (xd, yd) in enumerate(zip(_chunks(x), _chunks(y)))
             ]
@@ -291,14 +288,17 @@ def _factors_task(model, x, y, converter: NumpyConverter, dtype) -> np.ndarray:
     return np.asarray(converter.to_numpy(factors), dtype=dtype)
 
 
-def _gradients_task(model, x, y, converter: NumpyConverter, mode) -> np.ndarray:
-    operand = train_operand(model, converter.from_numpy(x), converter.from_numpy(y), mode)
-    return converter.to_numpy(operand.grads)
+def _operand_task(model, x, y, converter: NumpyConverter, mode) -> TrainOperand:
+    """A train chunk's operand, prepared once for all its blocks: its gradients (numpy), or its
+    layer terms (the model's own tensors, which Dask pickles) when the model scores layer by
+    layer."""
+    x, y = converter.from_numpy(x), converter.from_numpy(y)
+    return train_operand(model, x, y, mode, by_layer=True).convert(converter.to_numpy)
 
 
 def _block_task(model, factors, operand: tuple, converter: NumpyConverter, mode, dtype):
     operand = TrainOperand(*operand).convert(converter.from_numpy)
-    if operand.grads is None:  # Perturbation, or a model without per-sample gradients
+    if operand.grads is None and operand.terms is None:  # Perturbation, or no gradients
         operand = train_operand(model, operand.x, operand.y, mode)
     block = influence_block(model, converter.from_numpy(factors), operand, mode)
     return np.asarray(converter.to_numpy(block), dtype=dtype)
