@@ -1,8 +1,8 @@
 """Run every benchmark one after the other and print the last lines of each (figures and ratios).
 
     python benchmarks/run_all.py            # default sizes: ~1 h on 2 cores (load)
-    python benchmarks/run_all.py --full     # also the judged 4 GB memory grid and a
-                                            # ResNet job of 1,000 test rows: ~2 h
+    python benchmarks/run_all.py --full     # also the judged 4 GB memory grid and the
+                                            # ResNet job, 1,000 test × 10,000 train: ~4 h
     python benchmarks/run_all.py --quick    # smoke run: a few minutes, targets not judged
     python benchmarks/run_all.py --only roofline,scaling
 
@@ -37,6 +37,7 @@ BENCHMARKS = {
     # the README's EK-FAC table; 2 lines per network (Pearson, relative error), 1 for float64
     "ekfac_accuracy": (["--write-readme"], ["--quick"], 5),
     "roofline": ([], ["--quick"], 8),  # 5 lines without a GPU, 8 with one
+    "layer_terms": ([], ["--quick"], 2),
     "overhead": ([], ["--quick"], 4),
     # the judged 4 GB grid (memory.py's default) runs with --full only; by default the suite
     # runs 1,000 × 50,000 (not judged)
