@@ -326,6 +326,17 @@ def test_dask_computes_factors_and_train_terms_once_per_chunk(problem):
     }
 
 
+def test_dask_counts_the_memory_of_a_train_chunks_layer_terms(problem):
+    """Dask's memory accounting sees the terms a train operand holds between tasks."""
+    from dask.sizeof import sizeof
+
+    from prefect_influence.blocks import train_operand
+
+    operand = train_operand(problem.model, problem.x, problem.y, "up", by_layer=True)
+    assert operand.terms is not None
+    assert sizeof(operand) >= operand.terms.nbytes == len(problem.x) * 17 * 8
+
+
 def test_dask_takes_gradients_once_per_chunk_where_layers_are_not_supported(problem):
     """A trainable layer of another kind: each train chunk's gradients, once."""
     torch.manual_seed(1)

@@ -174,6 +174,11 @@ class LayerTerms:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (*self.inputs, *self.out_grads))
 
+    def __sizeof__(self) -> int:
+        # what Dask's memory accounting (``dask.sizeof``, falling back to ``sys.getsizeof``)
+        # counts for a train operand held between tasks
+        return object.__sizeof__(self) + self.nbytes
+
     def rows(self, start: int, stop: int) -> "LayerTerms":
         return LayerTerms(
             [t[start:stop] for t in self.inputs], [t[start:stop] for t in self.out_grads]
