@@ -70,11 +70,22 @@ def build_resnet(width: int = 64, n_classes: int = 10, seed: int = 0):
 
 
 def write_inputs(root: Path, n_train: int, n_test: int, width: int) -> dict:
-    """Seeded images (class patterns + noise) as zarr groups, and the network's checkpoint."""
+    """Seeded images (class patterns + noise) as zarr groups, and the network's checkpoint.
+
+    Inputs already in ``root`` (a kept work directory) are reused when their sizes match.
+    """
     import numpy as np
     import torch
     import zarr
 
+    paths = {name: str(root / f"{name}.zarr") for name in ("train", "test")}
+    paths["checkpoint"] = str(root / "model.pt")
+    if (root / "model.pt").exists():
+        for name, n in (("train", n_train), ("test", n_test)):
+            rows = zarr.open_group(paths[name], mode="r")["x"].shape[0]
+            if rows != n:
+                raise SystemExit(f"{paths[name]} holds {rows} rows, not {n}: another job's inputs")
+        return paths
     root.mkdir(parents=True, exist_ok=True)
     patterns = np.random.default_rng(12345).normal(0, 1, (10, 3, 32, 32)).astype(np.float32)
     paths = {}
@@ -106,6 +117,9 @@ def main() -> None:
     parser.add_argument("--fit-batch", type=int, default=64, help="method.fit_batch_size")
     parser.add_argument("--quick", action="store_true", help="width 16, 20 test × 100 train")
     parser.add_argument("--keep", action="store_true", help="keep the output (printed path)")
+    parser.add_argument(
+        "--workdir", type=Path, help="keep inputs and output here; resume a stopped job there"
+    )
     args = parser.parse_args()
     if args.quick:
         args.n_test, args.n_train, args.width = 20, 100, 16
@@ -124,7 +138,11 @@ def main() -> None:
     p = sum(t.numel() for t in net.parameters() if t.requires_grad)
     frozen = sum(t.numel() for t in net.parameters() if not t.requires_grad)
     factors_bytes = args.n_test * p * 4
-    root = Path(tempfile.mkdtemp(prefix="bench-resnet-"))
+    if args.workdir is not None:
+        args.workdir.mkdir(parents=True, exist_ok=True)
+        args.keep = True
+    root = args.workdir or Path(tempfile.mkdtemp(prefix="bench-resnet-"))
+    resuming = (root / "out" / "manifest.json").exists()
     try:
         paths = write_inputs(root / "data", args.n_train, args.n_test, args.width)
         common.header(
@@ -151,7 +169,7 @@ def main() -> None:
                 "test_chunk_size": args.test_chunk,
                 "n_workers": args.workers,
                 "output": str(root / "out"),
-                "overwrite": True,
+                "overwrite": not resuming,
             }
         )
         t_api = common.start_prefect_api()
@@ -161,7 +179,9 @@ def main() -> None:
             result = influence_pipeline(config)
             elapsed = time.perf_counter() - start
             wait_for_closing_clusters()
+        done = (result["blocks_computed"], result["blocks_reused"])
         print(f"   flow: {elapsed:.1f} s, phases {result['seconds']}", flush=True)
+        print(f"   blocks computed/reused {done}{' (resumed)' if resuming else ''}", flush=True)
         print(
             "   peak RSS by role: "
             + ", ".join(f"{k} {common.gib(v)}" for k, v in sorted(mem.peak_by_role.items())),
@@ -185,9 +205,12 @@ def main() -> None:
             shutil.rmtree(root, ignore_errors=True)
 
     seconds = result["seconds"]
+    resumed = (
+        f", resuming a stopped job: {done[0]} blocks computed, {done[1]} reused" if resuming else ""
+    )
     print(
         f"time flow: {elapsed:.1f} s for {args.n_test} test × {args.n_train} train "
-        f"(chunks {grid.train_chunk} × {grid.test_chunk}), p = {p:,} "
+        f"(chunks {grid.train_chunk} × {grid.test_chunk}{resumed}), p = {p:,} "
         f"(phases: {', '.join(f'{k} {v:.1f} s' for k, v in seconds.items())}); rerun on the "
         f"finished output {rerun_s:.1f} s ({reused[0]} blocks computed, {reused[1]} reused)"
     )

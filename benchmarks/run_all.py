@@ -5,6 +5,7 @@
                                             # ResNet job, 1,000 test × 10,000 train: ~4 h
     python benchmarks/run_all.py --quick    # smoke run: a few minutes, targets not judged
     python benchmarks/run_all.py --only roofline,scaling
+    python benchmarks/run_all.py --full --only resnet_pipeline --extra "--workdir /data/resnet"
 
 Each benchmark runs in its own process (``sys.executable``); its full output goes to
 ``benchmarks/results/<name>.log`` and its closing lines are repeated in a summary at the end and
@@ -19,6 +20,7 @@ import argparse
 import os
 import platform
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -66,6 +68,9 @@ def main() -> int:
         "--full", action="store_true", help="judge every target: the 4 GB memory grid too"
     )
     parser.add_argument("--only", default="", help="comma-separated subset, e.g. roofline,scaling")
+    parser.add_argument(
+        "--extra", default="", help="arguments appended to each chosen benchmark's own"
+    )
     args = parser.parse_args()
     if args.quick and args.full:
         parser.error("--quick and --full exclude each other")
@@ -78,6 +83,7 @@ def main() -> int:
     for name in names:
         default, quick, tail = BENCHMARKS[name]
         chosen = quick if args.quick else FULL.get(name, default) if args.full else default
+        chosen = [*chosen, *shlex.split(args.extra)]
         cmd = [sys.executable, str(BENCH_DIR / f"{name}.py"), *chosen]
         print(f"\n### {name}: {' '.join(cmd[1:])}", flush=True)
         start = time.perf_counter()
