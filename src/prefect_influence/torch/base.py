@@ -374,6 +374,15 @@ class TorchInfluenceFunctionModel(InfluenceFunctionModel[Tensor, Batches]):
         floor = min(self._min_chunk_rows, fitting)
         return rows_within(p, itemsize, self.memory_budget_bytes, copies=copies, minimum=floor)
 
+    def _factor_rows(self) -> int:
+        """Rows per chunk of gradients turned into factors: forming them, or they and the solve."""
+        return self._rows_per_chunk(max(_GRADIENT_COPIES, 1.0 + self._apply_row_copies()))
+
+    def _self_influence_rows(self) -> int:
+        """Rows per chunk of a self-influence: forming the gradients, or they, the solve, the
+        solution and its product with them."""
+        return self._rows_per_chunk(max(_GRADIENT_COPIES, 1.0 + max(self._apply_row_copies(), 2.0)))
+
     def _mixed_products(self, fn: ModelFunctions, factors: Tensor, x: Tensor, y: Tensor) -> Tensor:
         """``fn.mixed_products`` in chunks of factor and training rows that fit the budget."""
         k, n = factors.shape[0], x.shape[0]
@@ -411,7 +420,7 @@ class TorchInfluenceFunctionModel(InfluenceFunctionModel[Tensor, Batches]):
         gradients and solve fit :attr:`memory_budget_bytes`."""
         self._require_fitted()
         x, y = self._prepare(x, y, "input")
-        step = self._rows_per_chunk(max(_GRADIENT_COPIES, 1.0 + self._apply_row_copies()))
+        step = self._factor_rows()
         if x.shape[0] <= step:
             return self._apply(self._fn.per_sample_grads(x, y))
         out = torch.empty(x.shape[0], self.n_parameters, dtype=self.dtype, device=self.device)
@@ -514,8 +523,7 @@ class TorchInfluenceFunctionModel(InfluenceFunctionModel[Tensor, Batches]):
         large input needs memory for one chunk, not ``n × p`` gradients and their solve."""
         self._require_fitted()
         x, y = self._prepare(x, y, "input")
-        # forming the gradients; then they, the solve, the solution and its product with them
-        step = self._rows_per_chunk(max(_GRADIENT_COPIES, 1.0 + max(self._apply_row_copies(), 2.0)))
+        step = self._self_influence_rows()
         parts = []
         for start in range(0, x.shape[0], step):
             grads = self._fn.per_sample_grads(x[start : start + step], y[start : start + step])
@@ -603,7 +611,7 @@ class TorchInfluenceFunctionModel(InfluenceFunctionModel[Tensor, Batches]):
         layers = self._checked_layers()
         check_finite_terms(terms)
         # as many rows per chunk as :meth:`self_influences`, so the solves see the same chunks
-        step = self._rows_per_chunk(max(_GRADIENT_COPIES, 1.0 + max(self._apply_row_copies(), 2.0)))
+        step = self._self_influence_rows()
         parts = []
         for start in range(0, terms.n, step):
             grads = flat_grads(layers, terms.rows(start, start + step), self.n_parameters)
@@ -642,7 +650,7 @@ class TorchInfluenceFunctionModel(InfluenceFunctionModel[Tensor, Batches]):
         block structure was given). Samples go in chunks, as for :meth:`influence_factors`."""
         self._require_fitted()
         x, y = self._prepare(x, y, "input")
-        step = self._rows_per_chunk(max(_GRADIENT_COPIES, 1.0 + self._apply_row_copies()))
+        step = self._factor_rows()
         if x.shape[0] <= step:
             return self._split(self.influence_factors(x, y))
         slices = self._block_slices()
