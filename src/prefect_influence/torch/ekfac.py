@@ -379,14 +379,29 @@ class EkfacInfluence(TorchInfluenceFunctionModel):
         reg = self.regularization
         self._check_regularization(reg)
         result = torch.zeros(terms.n, dtype=self.dtype, device=self.device)
-        for layer, inputs, out_grads, qa, qg, lam in zip(
-            self._layers, terms.inputs, terms.out_grads, self._qa, self._qg, self._lambda
-        ):
-            rotation = _Rotation(layer.activations(inputs), qa, qg)
-            result += rotation.weighted_squares(
-                layer.output_grads(out_grads), 1.0 / (lam + reg), self._budget
-            )
+        # a layer's unfolded inputs of every row at once can exceed the terms themselves (a
+        # 3 × 3 convolution: nine times its inputs), so rows go in chunks: half the budget for
+        # those copies, half for the rotated gradients formed from them
+        step = self._rotation_rows(terms, self._budget // 2)
+        for s in range(0, terms.n, step):
+            part = terms.rows(s, s + step)
+            for layer, inputs, out_grads, qa, qg, lam in zip(
+                self._layers, part.inputs, part.out_grads, self._qa, self._qg, self._lambda
+            ):
+                rotation = _Rotation(layer.activations(inputs), qa, qg)
+                result[s : s + step] += rotation.weighted_squares(
+                    layer.output_grads(out_grads), 1.0 / (lam + reg), self._budget // 2
+                )
         return result
+
+    def _rotation_rows(self, terms: LayerTerms, budget: int) -> int:
+        """Rows whose largest layer's unfolded inputs and output gradients, each as they are
+        and rotated, fit ``budget`` bytes."""
+        per_sample = max(
+            layer.positions(inputs, out_grads) * 2 * (layer.n_in * layer.groups + layer.n_out)
+            for layer, inputs, out_grads in zip(self._layers, terms.inputs, terms.out_grads)
+        )
+        return max(1, budget // (per_sample * self.dtype.itemsize))
 
     def influence_factors(self, x: Tensor, y: Tensor) -> Tensor:
         self._require_fitted()
