@@ -174,7 +174,9 @@ def main() -> None:
         )
         t_api = common.start_prefect_api()
         print(f"   Prefect API start: {t_api:.1f} s", flush=True)
-        with common.TreeMemorySampler(interval=0.5, apart=(SERVER,)) as mem:
+        # RSS alone: PSS reads each process's page tables (smaps), which at a worker's
+        # gigabytes every half second takes CPU time from the job it measures
+        with common.TreeMemorySampler(interval=0.5, apart=(SERVER,), pss=False) as mem:
             start = time.perf_counter()
             result = influence_pipeline(config)
             elapsed = time.perf_counter() - start
