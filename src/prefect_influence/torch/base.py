@@ -631,18 +631,22 @@ class TorchInfluenceFunctionModel(InfluenceFunctionModel[Tensor, Batches]):
         key = tuple(x.shape[1:])
         if key not in self._row_bytes:
             terms = self._capture(x[:1], y[:1])
-            stored = largest = every = 0
-            for layer, inputs, out_grads in zip(self._layers, terms.inputs, terms.out_grads):
-                positions = layer.positions(inputs, out_grads)
-                stored += inputs[0].numel() + out_grads[0].numel()
-                width = positions * (layer.n_in * layer.groups + 2 * layer.n_out)
-                largest, every = max(largest, width), every + width
-            self._row_bytes[key] = (3 * stored, largest, 2 * every)
+            stored = sum(t[0].numel() for t in (*terms.inputs, *terms.out_grads))
+            widths = self._unfolded_widths(terms)
+            self._row_bytes[key] = (3 * stored, max(widths), 2 * sum(widths))
         stored, largest, every = self._row_bytes[key]
         per_sample = stored + (every if fitting else largest)
         if factors:
             per_sample += 3 * self.n_parameters
         return max(1, self._budget // (per_sample * self.dtype.itemsize))
+
+    def _unfolded_widths(self, terms: LayerTerms) -> list[int]:
+        """Per layer, the numbers one sample takes as unfolded inputs (``T × n_in``) and output
+        gradients (``T × out``, counted twice: as recorded and reshaped or rotated)."""
+        return [
+            layer.positions(inputs, out_grads) * (layer.n_in * layer.groups + 2 * layer.n_out)
+            for layer, inputs, out_grads in zip(self._layers, terms.inputs, terms.out_grads)
+        ]
 
     # -- by block -------------------------------------------------------------------------------
     def influence_factors_by_block(self, x: Tensor, y: Tensor) -> "OrderedDict[str, Tensor]":

@@ -382,7 +382,8 @@ class EkfacInfluence(TorchInfluenceFunctionModel):
         # a layer's unfolded inputs of every row at once can exceed the terms themselves (a
         # 3 × 3 convolution: nine times its inputs), so rows go in chunks: half the budget for
         # those copies, half for the rotated gradients formed from them
-        step = self._rotation_rows(terms, self._budget // 2)
+        largest = max(self._unfolded_widths(terms))
+        step = max(1, self._budget // 2 // (2 * largest * self.dtype.itemsize))  # and rotated
         for s in range(0, terms.n, step):
             part = terms.rows(s, s + step)
             for layer, inputs, out_grads, qa, qg, lam in zip(
@@ -393,15 +394,6 @@ class EkfacInfluence(TorchInfluenceFunctionModel):
                     layer.output_grads(out_grads), 1.0 / (lam + reg), self._budget // 2
                 )
         return result
-
-    def _rotation_rows(self, terms: LayerTerms, budget: int) -> int:
-        """Rows whose largest layer's unfolded inputs and output gradients, each as they are
-        and rotated, fit ``budget`` bytes."""
-        per_sample = max(
-            layer.positions(inputs, out_grads) * 2 * (layer.n_in * layer.groups + layer.n_out)
-            for layer, inputs, out_grads in zip(self._layers, terms.inputs, terms.out_grads)
-        )
-        return max(1, budget // (per_sample * self.dtype.itemsize))
 
     def influence_factors(self, x: Tensor, y: Tensor) -> Tensor:
         self._require_fitted()
