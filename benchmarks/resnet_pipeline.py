@@ -88,17 +88,14 @@ def write_inputs(root: Path, n_train: int, n_test: int, width: int) -> dict:
         return paths
     root.mkdir(parents=True, exist_ok=True)
     patterns = np.random.default_rng(12345).normal(0, 1, (10, 3, 32, 32)).astype(np.float32)
-    paths = {}
     for name, n, seed in (("train", n_train, 0), ("test", n_test, 1)):
         rng = np.random.default_rng(seed)
         y = rng.integers(0, 10, n).astype(np.int64)
         x = (patterns[y] + rng.normal(0, 1, (n, 3, 32, 32))).astype(np.float32)
-        group = zarr.open_group(str(root / f"{name}.zarr"), mode="w")
+        group = zarr.open_group(paths[name], mode="w")
         group.create_array("x", data=x, chunks=(min(n, 1000), 3, 32, 32))
         group.create_array("y", data=y, chunks=(min(n, 1000),))
-        paths[name] = str(root / f"{name}.zarr")
-    torch.save(build_resnet(width).state_dict(), root / "model.pt")
-    paths["checkpoint"] = str(root / "model.pt")
+    torch.save(build_resnet(width).state_dict(), paths["checkpoint"])
     return paths
 
 
